@@ -1,0 +1,39 @@
+# `make demo` and `make test` each create or refresh .venv first, so both work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Pinned to the releases this project is tested with; `make TORCH_SPEC="torch torchvision" ...` takes newer ones.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DIR := outputs/demo
+
+.PHONY: venv demo test lint bench clean
+
+# The stamp is rebuilt when pyproject.toml changes or the environment no longer imports.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv:
+	@$(PY) -c "import segx, torch, torchvision, pytorch_lightning, hydra" 2>/dev/null || rm -f $(VENV)/.installed
+	@$(MAKE) --no-print-directory $(VENV)/.installed
+
+demo: venv
+	rm -rf $(DEMO_DIR)
+	$(PY) train.py experiment=demo hydra.run.dir=$(DEMO_DIR)
+	$(PY) evaluate.py ckpt=$(DEMO_DIR)/checkpoints/best.ckpt hydra.run.dir=$(DEMO_DIR)/evaluate
+	@echo ""
+	@echo "Run directory:   $(DEMO_DIR)  (metrics.json, checkpoints/best.ckpt, checkpoints/last.ckpt)"
+	@echo "Evaluation:      $(DEMO_DIR)/evaluate/metrics.json"
+	@echo "TensorBoard:     $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/tensorboard"
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf outputs multirun data/shapes .pytest_cache

@@ -1,0 +1,1 @@
+"""segx: semantic segmentation experiments on Pascal VOC."""

@@ -1,0 +1,124 @@
+"""Lightning callbacks: the prediction picture for TensorBoard and the run summary (`metrics.json`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from segx.runfiles import write_json_atomic
+from segx.visualize import prediction_grid
+
+
+class PredictionGridLogger(pl.Callback):
+    """Each validation epoch, logs image | ground truth | prediction for the first `num_images` val images.
+
+    The same images every epoch, so the TensorBoard slider shows the network learning them.
+    """
+
+    def __init__(self, num_images: int = 4, tag: str = "val/predictions") -> None:
+        self.num_images = int(num_images)
+        self.tag = tag
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.num_images <= 0 or not trainer.is_global_zero:
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        datamodule = trainer.datamodule
+        if not loggers or datamodule is None:
+            return
+        split = datamodule.load_split(datamodule.val_split)
+        images = split.images[: self.num_images].to(pl_module.device)
+        masks = split.masks[: self.num_images]
+        with torch.no_grad():
+            preds = pl_module(datamodule.normalize(images)).argmax(1)
+        grid = prediction_grid(datamodule.denormalize(datamodule.normalize(images)), masks, preds)
+        for logger in loggers:
+            logger.experiment.add_image(self.tag, grid, global_step=trainer.global_step)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if "/" in k and torch.as_tensor(v).numel() == 1}
+
+
+class RunSummary(pl.Callback):
+    """Keeps `metrics.json` in the run directory: per-epoch metrics and wall time, best and final scores.
+
+    The file is rewritten (atomically) after every epoch, so a run killed at epoch 40 of 50 still
+    leaves its history. An epoch's train scores are logged in the module's `on_train_epoch_end`,
+    which Lightning calls after callbacks' hook of that name, so each epoch is recorded when the next
+    one starts (and the last when training ends); `callback_metrics` holds the values until then.
+    At the end the run's choices and scores also go to TensorBoard's hparams tab.
+    """
+
+    def __init__(self, path: str | Path, parameters: dict[str, int], hparams: dict[str, Any] | None = None,
+                 monitor: str = "val/miou") -> None:
+        self.path = Path(path)
+        self.parameters = parameters
+        self.hparams = hparams or {}
+        self.monitor = monitor
+        self.history: list[dict[str, float]] = []
+        self.epoch_seconds: list[float] = []
+        self.total_seconds = 0.0
+        self._fit_start = 0.0
+        self._epoch_start: float | None = None
+        self._epoch = 0
+
+    def best(self) -> dict[str, float]:
+        """The first epoch with the highest monitored score (the one ModelCheckpoint keeps)."""
+        scored = [h for h in self.history if self.monitor in h]
+        return max(scored, key=lambda h: h[self.monitor]) if scored else {}
+
+    def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
+        checkpoint = trainer.checkpoint_callback
+        seconds = self.epoch_seconds
+        return {
+            "final": self.history[-1] if self.history else {},
+            "best": self.best(),
+            "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
+            "last_checkpoint": str(Path(checkpoint.dirpath) / "last.ckpt")
+            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath else None,
+            "parameters": self.parameters,
+            "epochs": len(self.history),
+            "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
+            "epoch_seconds": seconds,
+            "total_seconds": self.total_seconds or time.perf_counter() - self._fit_start,
+            "history": self.history,
+        }
+
+    def _close_epoch(self, trainer: pl.Trainer) -> None:
+        if self._epoch_start is None:
+            return
+        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
+        self.history.append({"epoch": float(self._epoch), **_scalars(trainer.callback_metrics)})
+        self._epoch_start = None
+        if trainer.is_global_zero:
+            write_json_atomic(self.path, self.summary(trainer))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_epoch(trainer)
+        self._epoch = trainer.current_epoch
+        self._epoch_start = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.total_seconds = time.perf_counter() - self._fit_start
+        self._close_epoch(trainer)
+        if not trainer.is_global_zero:
+            return
+        write_json_atomic(self.path, self.summary(trainer))
+        final = self.history[-1] if self.history else {}
+        scores = {f"hp/final_{k.replace('/', '_')}": v for k, v in final.items()
+                  if k.startswith("val/") and not k.startswith("val/iou/")}
+        if self.best():
+            scores["hp/best_val_miou"] = self.best()[self.monitor]
+        for logger in trainer.loggers:  # written before Lightning closes the loggers
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(self.hparams, metrics=scores)

@@ -1,0 +1,57 @@
+"""Augmentation on whole batches of tensors, on whatever device the batch lives on.
+
+Working per batch after the transfer keeps the data loader a plain index into the cached tensors
+(no per-image Python work, no worker processes) and lets a GPU do the resampling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from segx.data.voc import IGNORE_INDEX
+
+
+class BatchAugment:
+    """Random horizontal flip per image and an optional random scale-then-crop per batch.
+
+    Random numbers come from a CPU generator seeded by the run's seed, so the same `seed` gives the
+    same augmented batches on any device.
+    """
+
+    def __init__(self, hflip: bool = True, scale_min: float = 1.0, scale_max: float = 1.0, seed: int = 0) -> None:
+        if not 0 < scale_min <= scale_max:
+            raise ValueError(
+                f"data.augment needs 0 < scale_min <= scale_max, got scale_min={scale_min}, scale_max={scale_max}."
+            )
+        self.hflip = hflip
+        self.scale_min, self.scale_max = float(scale_min), float(scale_max)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`images` float [N,C,H,W], `masks` integer [N,H,W]; returns tensors of the same shapes."""
+        n, _, h, w = images.shape
+        if self.hflip:
+            flip = (torch.rand(n, generator=self.generator) < 0.5).to(images.device)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
+        if self.scale_max > self.scale_min or self.scale_min != 1.0:
+            images, masks = self._scale_crop(images, masks, h, w)
+        return images, masks
+
+    def _scale_crop(
+        self, images: torch.Tensor, masks: torch.Tensor, h: int, w: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        u = torch.rand(1, generator=self.generator).item()
+        scale = self.scale_min + u * (self.scale_max - self.scale_min)
+        sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+        images = F.interpolate(images, size=(sh, sw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        masks = F.interpolate(masks[:, None].float(), size=(sh, sw), mode="nearest-exact")[:, 0].to(masks.dtype)
+        if sh < h or sw < w:  # pad bottom/right: padded pixels are ignored by loss and metrics
+            pad = (0, max(0, w - sw), 0, max(0, h - sh))
+            images = F.pad(images, pad, value=0.0)
+            masks = F.pad(masks, pad, value=IGNORE_INDEX)
+            sh, sw = images.shape[-2:]
+        top = int(torch.randint(0, sh - h + 1, (1,), generator=self.generator))
+        left = int(torch.randint(0, sw - w + 1, (1,), generator=self.generator))
+        return images[..., top:top + h, left:left + w], masks[..., top:top + h, left:left + w]

@@ -1,0 +1,204 @@
+"""`VOCDataModule`: Pascal VOC 2012 through torchvision's reader and the cached tensor store."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import VOCSegmentation
+
+from segx.data.augment import BatchAugment
+from segx.data.cache import CachedSplit, load_or_build
+from segx.data.voc import IGNORE_INDEX, NUM_CLASSES, SPLITS, VOC_CLASSES
+from segx.errors import SegxError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CachedSplitDataset(Dataset):
+    """Indexes the cached uint8 tensors; `__getitems__` slices a whole batch at once."""
+
+    def __init__(self, split: CachedSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split.images[index], self.split.masks[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.split.images[index], self.split.masks[index]
+
+
+def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch  # __getitems__ already returns stacked tensors
+
+
+def voc_split_files(root: Path, split: str, download: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """(ids, image files, mask files) of a split, read through torchvision's VOCSegmentation."""
+    if split not in SPLITS:
+        raise SegxError(f"Unknown VOC split {split!r}; choose one of {', '.join(SPLITS)}.")
+    voc_dir = root / "VOCdevkit" / "VOC2012"
+    try:
+        dataset = VOCSegmentation(str(root), year="2012", image_set=split, download=download)
+    except (OSError, RuntimeError) as error:
+        if download:
+            raise SegxError(
+                f"Downloading Pascal VOC 2012 into data.root={root} failed ({error}). This machine may have no "
+                "internet access: fetch VOCtrainval_11-May-2012.tar elsewhere, extract it so that "
+                f"{voc_dir}/JPEGImages exists, and run again with data.download=false."
+            ) from error
+        raise SegxError(
+            f"Pascal VOC 2012 was not found under data.root={root} (expected {voc_dir} with JPEGImages, "
+            f"SegmentationClass and ImageSets/Segmentation/{split}.txt; the reader said: {error}). Point "
+            "data.root at the folder that holds VOCdevkit, set data.download=true to fetch it (about 2 GB, needs "
+            "internet), or use data=shapes for the embedded dataset."
+        ) from error
+    missing = [f for f in (*dataset.images, *dataset.masks) if not os.path.isfile(f)]
+    if missing:
+        raise SegxError(
+            f"The VOC {split} split under data.root={root} lists {len(missing)} file(s) that do not exist, e.g. "
+            f"{missing[0]}. The copy is incomplete: re-extract the VOC archive or fix "
+            f"{voc_dir}/ImageSets/Segmentation/{split}.txt."
+        )
+    ids = [Path(f).stem for f in dataset.images]
+    return ids, list(dataset.images), list(dataset.masks)
+
+
+def class_frequencies(masks: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Fraction of labelled (non-255) pixels in each class, float64 [num_classes]."""
+    counts = torch.bincount(masks.flatten().long(), minlength=256)[:num_classes].double()
+    total = counts.sum()
+    if total == 0:
+        raise SegxError("The training masks hold no labelled pixel (all 255); class weights cannot be computed.")
+    return counts / total
+
+
+class VOCDataModule(pl.LightningDataModule):
+    """Pascal VOC 2012 segmentation at a fixed square size, served from the cached tensor store.
+
+    Batches leave the loader as uint8; `on_after_batch_transfer` converts, augments (training only)
+    and normalises them on the training device, so the same code path feeds CPU and GPU runs.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/voc",
+        download: bool = False,
+        image_size: int = 128,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_split: str = "train",
+        val_split: str = "val",
+        cache_dir: str | None = None,
+        augment: dict[str, Any] | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        num_classes: int = NUM_CLASSES,
+        class_names: Sequence[str] = VOC_CLASSES,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if int(image_size) < 16:
+            raise SegxError(f"data.image_size={image_size} is too small; use 16 or more (the study used 128).")
+        if int(batch_size) < 1:
+            raise SegxError(f"data.batch_size={batch_size} must be at least 1.")
+        if len(class_names) != num_classes:
+            raise SegxError(
+                f"data.class_names has {len(class_names)} names but data.num_classes={num_classes}; make them agree."
+            )
+        self.root = Path(root).expanduser().resolve()
+        self.download = bool(download)
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.train_split, self.val_split = train_split, val_split
+        self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else self.root / "segx-cache"
+        self.augment = BatchAugment(**dict(augment or {}), seed=int(seed) + 1)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names)
+        self.seed = int(seed)
+        self._splits: dict[str, CachedSplit] = {}
+
+    # -- data on disk -------------------------------------------------------------------------------
+    def prepare_source(self) -> None:
+        """Make sure the VOC tree exists (downloads when asked); subclasses generate theirs."""
+
+    def prepare_data(self) -> None:
+        self.prepare_source()
+        if self.download:
+            voc_split_files(self.root, self.train_split, download=True)
+
+    def split_files(self, split: str) -> tuple[list[str], list[str], list[str]]:
+        self.prepare_source()
+        return voc_split_files(self.root, split, download=False)
+
+    def load_split(self, split: str) -> CachedSplit:
+        """The split as cached uint8 tensors at `image_size` (built on first use)."""
+        if split not in self._splits:
+            ids, images, masks = self.split_files(split)
+            if not ids:
+                raise SegxError(f"The VOC {split} split under data.root={self.root} is empty; check its split file.")
+            self._splits[split] = load_or_build(self.cache_dir, split, ids, images, masks, self.image_size)
+        return self._splits[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.load_split(self.train_split)
+        if stage in (None, "fit", "validate"):
+            self.load_split(self.val_split)
+
+    def class_frequencies(self) -> torch.Tensor:
+        """Pixel frequencies of the training split, for class-weighted losses."""
+        return class_frequencies(self.load_split(self.train_split).masks, self.num_classes)
+
+    # -- loaders ------------------------------------------------------------------------------------
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            CachedSplitDataset(self.load_split(split)), batch_size=batch_size, shuffle=shuffle,
+            generator=generator, num_workers=self.num_workers, collate_fn=_keep_batch,
+            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_split, self.val_batch_size, shuffle=False)
+
+    # -- tensors on the device ----------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,3,H,W] → float, scaled to [0,1] and standardised with `mean`/`std`."""
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float().div_(255.0) - mean) / std
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Back to [0,1] floats, for pictures of what the network saw."""
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float() * std + mean).clamp_(0, 1)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = batch
+        images, masks = self.normalize(images), masks.long()
+        if self.trainer is not None and self.trainer.training:
+            images, masks = self.augment(images, masks)
+        return images, masks
+
+
+__all__ = ["VOCDataModule", "CachedSplitDataset", "voc_split_files", "class_frequencies", "IGNORE_INDEX"]

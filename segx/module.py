@@ -1,0 +1,93 @@
+"""`SegmentationModule`: the LightningModule that trains any network under the segx contract."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from segx.data.voc import IGNORE_INDEX, VOC_CLASSES
+from segx.metrics import confusion_matrix_metric, segmentation_scores
+from segx.optim import build_optimizer
+
+CHECKPOINT_KEY = "segx"
+
+
+class SegmentationModule(pl.LightningModule):
+    """Wraps a network mapping [N,3,H,W] to logits [N,C,H,W] with a loss, an optimizer and the metrics.
+
+    Metrics are confusion matrices accumulated over the whole epoch and reduced once at its end (see
+    `segx.metrics`). `run_config` (the resolved Hydra config) is stored in every checkpoint so that
+    `evaluate.py ckpt=...` can rebuild the network and its data without any other file.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module,
+        optimizer: Mapping[str, Any],
+        class_names: Sequence[str] = VOC_CLASSES,
+        ignore_index: int = IGNORE_INDEX,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.loss = loss
+        self.optimizer_cfg = dict(optimizer)
+        self.class_names = list(class_names)
+        self.run_config = dict(run_config or {})
+        num_classes = len(self.class_names)
+        self.train_confmat = confusion_matrix_metric(num_classes, ignore_index)
+        self.val_confmat = confusion_matrix_metric(num_classes, ignore_index)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, masks = batch
+        logits = self(images)
+        loss = self.loss(logits, masks)
+        confmat = self.train_confmat if stage == "train" else self.val_confmat
+        confmat.update(logits.detach().argmax(1), masks)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0], sync_dist=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        self.log("loss", loss, prog_bar=True, logger=False)  # the live per-batch value in the progress bar
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def _log_scores(self, stage: str) -> None:
+        confmat = self.train_confmat if stage == "train" else self.val_confmat
+        scores = segmentation_scores(confmat.compute(), self.class_names)
+        confmat.reset()
+        metrics = {f"{stage}/acc": scores["pixel_acc"], f"{stage}/miou": scores["miou"]}
+        if stage == "val":
+            metrics["val/miou_no_bg"] = scores["miou_no_bg"]
+            # Classes absent from both prediction and ground truth have no IoU; they are not logged.
+            metrics.update({f"val/iou/{k}": v for k, v in scores["per_class_iou"].items() if v is not None})
+        self.log_dict(metrics, prog_bar=False)
+        self.log(f"{stage}_miou", scores["miou"], prog_bar=True, logger=False)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_scores("train")
+        optimizer = self.optimizers()
+        if not isinstance(optimizer, list):  # the decayed learning rate at the end of the epoch
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer, scheduler = build_optimizer(self.parameters(), self.optimizer_cfg)
+        # Keras applied `decay` per batch, so the scheduler steps every batch, not every epoch.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"format": 1, "config": self.run_config, "class_names": self.class_names}

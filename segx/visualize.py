@@ -1,0 +1,20 @@
+"""Pictures of predictions: label maps in the VOC palette, and image | ground truth | prediction grids."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.utils import make_grid
+
+from segx.data.voc import VOC_PALETTE
+
+
+def colorize(labels: torch.Tensor) -> torch.Tensor:
+    """Integer labels [N,H,W] (0..255) → float RGB [N,3,H,W] in [0,1], VOC colours (255 is cream void)."""
+    palette = torch.as_tensor(VOC_PALETTE, device=labels.device, dtype=torch.float32) / 255.0
+    return palette[labels.long().clamp(0, 255)].permute(0, 3, 1, 2)
+
+
+def prediction_grid(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
+    """One row per image: the image ([0,1] floats), its ground truth, the prediction. Returns [3,H',W']."""
+    rows = torch.stack([images.float().cpu(), colorize(masks).cpu(), colorize(preds).cpu()], dim=1)
+    return make_grid(rows.flatten(0, 1), nrow=3, padding=2, pad_value=1.0)

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small shapes dataset and helpers that run the real entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Narrow network and small data: the whole suite must stay fast on 2 CPU cores.
+TINY_MODEL = ["model=unet_small", "model.encoder_widths=[16,32]", "model.bottleneck_width=64"]
+TINY_SHAPES = ["data=shapes", "data.num_train=96", "data.num_val=16", "data.min_size=48", "data.max_size=80",
+               "data.image_size=32", "data.batch_size=8"]
+QUIET = ["trainer.enable_progress_bar=false", "callbacks.progress=null"]
+
+
+def run_entry_point(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py / evaluate.py exactly as a user would, in a subprocess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        output = f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{output}")
+    return result
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shapes tree matching TINY_SHAPES, generated once per session."""
+    from segx.data.shapes import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(root, num_train=96, num_val=16, seed=0, min_size=48, max_size=80)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> Path:
+    """One short real training run on shapes, shared by the tests that inspect its outputs."""
+    run_dir = tmp_path_factory.mktemp("run")
+    run_entry_point(
+        "train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "optimizer.lr=3e-3",
+        "optimizer.decay=1e-3", "trainer.max_epochs=10", "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}",
+    )
+    return run_dir

@@ -1,0 +1,134 @@
+"""train.py and evaluate.py end to end, through Hydra, on the shapes dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from segx.checkpoint import load_checkpoint, network_from_checkpoint
+from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
+
+CHANCE_MIOU = 0.05  # all-background on shapes: ~0.7 IoU for one class out of 21 present
+
+
+def test_fast_dev_run_through_hydra(shapes_root: Path, tmp_path: Path) -> None:
+    run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+                    "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path}")
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    assert read_json(tmp_path / "metrics.json")["parameters"]["trainable"] > 0
+
+
+def test_training_learns_and_leaves_a_complete_run_dir(trained_run: Path) -> None:
+    metrics = read_json(trained_run / "metrics.json")
+    assert metrics["epochs"] == 10 and len(metrics["history"]) == 10
+    best = metrics["best"]["val/miou"]
+    assert best > 3 * CHANCE_MIOU, f"val mIoU {best:.3f} does not clearly beat chance"
+    assert best == max(h["val/miou"] for h in metrics["history"])
+    final = metrics["final"]
+    for key in ("train/loss", "train/acc", "train/miou", "val/loss", "val/acc", "val/miou", "val/miou_no_bg",
+                "val/iou/background"):
+        assert key in final, key
+    assert metrics["history"][-1]["val/loss"] < metrics["history"][0]["val/loss"]
+    assert metrics["seconds_per_epoch"] > 0 and metrics["total_seconds"] >= sum(metrics["epoch_seconds"]) * 0.9
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    assert Path(metrics["best_checkpoint"]) == trained_run / "checkpoints" / "best.ckpt"
+    assert (trained_run / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_learning_rate_decays_per_batch(trained_run: Path) -> None:
+    metrics = read_json(trained_run / "metrics.json")
+    steps_per_epoch = 96 // 8
+    for entry in metrics["history"]:
+        steps = (int(entry["epoch"]) + 1) * steps_per_epoch
+        assert entry["train/lr"] == pytest.approx(3e-3 / (1 + 1e-3 * steps), rel=1e-6)
+
+
+def test_evaluate_reproduces_the_logged_val_miou(trained_run: Path, tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    result = run_entry_point("evaluate.py", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path}")
+    scores = read_json(tmp_path / "metrics.json")
+    logged = read_json(trained_run / "metrics.json")["best"]
+    assert scores["miou"] == pytest.approx(logged["val/miou"], abs=1e-4)
+    assert scores["pixel_acc"] == pytest.approx(logged["val/acc"], abs=1e-4)
+    assert scores["miou_no_bg"] == pytest.approx(logged["val/miou_no_bg"], abs=1e-4)
+    assert scores["n_images"] == 16 and scores["seconds"] > 0
+    assert set(scores["per_class_iou"]) >= {"background", "aeroplane", "tvmonitor"}
+    assert "IoU per class" in result.stdout
+
+
+def test_full_resolution_evaluation_and_saved_predictions(trained_run: Path, shapes_root: Path,
+                                                          tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    run_entry_point("evaluate.py", f"ckpt={ckpt}", "full_res=true", "save_predictions=true",
+                    f"hydra.run.dir={tmp_path}")
+    scores = read_json(tmp_path / "metrics.json")
+    assert scores["full_res"] is True and 3 * CHANCE_MIOU < scores["miou"] <= 1
+    predictions = sorted((tmp_path / "predictions").glob("*.png"))
+    assert len(predictions) == 16
+    voc = shapes_root / "VOCdevkit" / "VOC2012"
+    for path in predictions[:4]:
+        pred = Image.open(path)
+        assert pred.mode == "P"
+        assert pred.size == Image.open(voc / "SegmentationClass" / path.name).size
+
+
+def test_checkpoint_loads_with_weights_only_and_rebuilds_the_network(trained_run: Path) -> None:
+    checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+    net = network_from_checkpoint(checkpoint).eval()
+    assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 21, 32, 32)
+    assert checkpoint["segx"]["config"]["model"]["encoder_widths"] == [16, 32]
+
+
+def test_tensorboard_holds_val_scalars_and_the_prediction_grid(trained_run: Path) -> None:
+    [event_file] = (trained_run / "tensorboard").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"val/miou", "val/acc", "val/loss", "val/miou_no_bg", "train/loss", "train/miou"} <= scalars
+    assert len(events.Scalars("val/miou")) == 10
+    assert "val/predictions" in events.Tags()["images"]
+    image = events.Images("val/predictions")[-1]
+    assert image.width > 3 * 32 and image.height > 4 * 32  # 4 rows of image | truth | prediction
+
+
+def test_resume_from_last_checkpoint_continues_training(trained_run: Path, shapes_root: Path,
+                                                        tmp_path: Path) -> None:
+    run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+                    "optimizer.lr=3e-3", "optimizer.decay=1e-3", "trainer.max_epochs=11", "logger=csv",
+                    f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}")
+    metrics = read_json(tmp_path / "metrics.json")
+    assert [int(h["epoch"]) for h in metrics["history"]] == [10]  # only the missing epoch ran
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def test_two_job_multirun_leaves_two_run_dirs(shapes_root: Path, tmp_path: Path) -> None:
+    run_entry_point("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+                    "trainer.max_epochs=1", "trainer.limit_train_batches=2", "seed=1,2",
+                    f"hydra.sweep.dir={tmp_path}")
+    runs = sorted(p.parent for p in tmp_path.glob("*/metrics.json"))
+    assert len(runs) == 2
+    seeds = {OmegaConf.load(r / ".hydra" / "config.yaml").seed for r in runs}
+    assert seeds == {1, 2}
+    assert all((r / "checkpoints" / "last.ckpt").is_file() for r in runs)
+
+
+def test_bad_checkpoint_path_is_one_clear_error(tmp_path: Path) -> None:
+    result = run_entry_point("evaluate.py", f"ckpt={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path}",
+                             check=False)
+    assert result.returncode == 2
+    assert "missing.ckpt does not exist" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_voc_is_one_clear_error(tmp_path: Path) -> None:
+    result = run_entry_point("train.py", *TINY_MODEL, *QUIET, f"data.root={tmp_path / 'voc'}",
+                             f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert result.returncode == 2
+    output = result.stderr + result.stdout
+    assert "Pascal VOC 2012 was not found" in output and "data=shapes" in output
+    assert "Traceback" not in output
