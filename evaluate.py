@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from segx.errors import SegxError
+from segx.errors import exit_on_user_error
 from segx.evaluation import evaluate_checkpoint
 from segx.report import print_scores
 from segx.runfiles import write_json_atomic
@@ -19,15 +17,12 @@ from segx.runfiles import write_json_atomic
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
+    with exit_on_user_error():
         result = evaluate_checkpoint(
             cfg.ckpt, split=cfg.split, data_overrides=OmegaConf.to_container(cfg.data),
             full_res=cfg.full_res, save_predictions=cfg.save_predictions, out_dir=out_dir,
             batch_size=cfg.batch_size, device=cfg.device,
         )
-    except SegxError as error:
-        logging.getLogger("segx").error("%s", error)
-        sys.exit(2)
     write_json_atomic(out_dir / "metrics.json", result)
     print_scores(result)
     print(f"metrics.json: {out_dir / 'metrics.json'}")

@@ -52,7 +52,11 @@ def run_config(checkpoint: dict[str, Any]) -> DictConfig:
 
 def network_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     """Rebuild the network from the stored model config and load its weights (strictly)."""
-    net = instantiate(run_config(checkpoint).model)
+    model_cfg = run_config(checkpoint).model
+    if model_cfg.get("encoder_weights") is not None:
+        # The checkpoint holds every weight: fetching the pretrained encoder again would only fail offline.
+        model_cfg.encoder_weights = None
+    net = instantiate(model_cfg)
     prefix = "net."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state, strict=True)

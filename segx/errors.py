@@ -1,5 +1,45 @@
 """One exception type for input a user can fix, so entry points print it as a paragraph, not a trace."""
 
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class SegxError(RuntimeError):
     """A problem with the user's data, config or files; the message names the culprit and the fix."""
+
+
+def find_user_error(error: BaseException) -> SegxError | None:
+    """The SegxError behind `error`, if any: Hydra's `instantiate` wraps constructor errors in its own."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, SegxError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextmanager
+def exit_on_user_error(exit_code: int = 2) -> Iterator[None]:
+    """Turn a user-fixable error into one logged paragraph and a non-zero exit; let real bugs trace."""
+    try:
+        yield
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None:
+            raise
+        logging.getLogger("segx").error("%s", user_error)
+        sys.exit(exit_code)
+
+
+class ConfigError(SegxError, ValueError):
+    """A config value out of range (a width, a size, a name); still a ValueError for library callers."""
+
+
+class DataRootTakenError(SegxError, FileExistsError):
+    """A generated dataset would overwrite a folder that is not ours."""

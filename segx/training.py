@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
 from segx.callbacks import RunSummary
 from segx.losses import build_loss
@@ -32,16 +33,31 @@ def _flat_choices(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
-    """Instantiate `cfg.callbacks`; checkpoints go to `<run dir>/checkpoints` unless a dirpath is set."""
+    """Instantiate `cfg.callbacks`; checkpoints go to `<run dir>/checkpoints` unless a dirpath is set.
+
+    `trainer.enable_progress_bar=false` drops the configured progress bar instead of making Lightning
+    refuse the combination.
+    """
     callbacks = []
+    show_progress = cfg.trainer.get("enable_progress_bar", True) is not False
     for node in (cfg.get("callbacks") or {}).values():
         if node is None:
             continue
         callback = instantiate(node)
+        if isinstance(callback, ProgressBar) and not show_progress:
+            continue
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(run_dir / "checkpoints")
         callbacks.append(callback)
     return callbacks
+
+
+def _quiet_lightning() -> None:
+    """Drop Lightning's advertising tips and a deprecation warning it raises from its own code."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip")
+    )
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
@@ -50,6 +66,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     `run_dir` receives `checkpoints/`, the logger's files and `metrics.json`.
     """
     run_dir = Path(run_dir)
+    _quiet_lightning()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)

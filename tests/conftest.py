@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model=unet_small", "model.encoder_widths=[16,32]", "model.bottleneck_width=64"]
 TINY_SHAPES = ["data=shapes", "data.num_train=96", "data.num_val=16", "data.min_size=48", "data.max_size=80",
                "data.image_size=32", "data.batch_size=8"]
-QUIET = ["trainer.enable_progress_bar=false", "callbacks.progress=null"]
+QUIET = ["trainer.enable_progress_bar=false"]
 
 
 def run_entry_point(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:

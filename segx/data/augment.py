@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from segx.data.voc import IGNORE_INDEX
+from segx.errors import ConfigError
 
 
 class BatchAugment:
@@ -21,7 +22,7 @@ class BatchAugment:
 
     def __init__(self, hflip: bool = True, scale_min: float = 1.0, scale_max: float = 1.0, seed: int = 0) -> None:
         if not 0 < scale_min <= scale_max:
-            raise ValueError(
+            raise ConfigError(
                 f"data.augment needs 0 < scale_min <= scale_max, got scale_min={scale_min}, scale_max={scale_max}."
             )
         self.hflip = hflip

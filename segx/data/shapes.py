@@ -22,6 +22,7 @@ from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from segx.data.voc import IGNORE_INDEX, NUM_CLASSES, VOC_PALETTE
+from segx.errors import ConfigError, DataRootTakenError
 
 # Bump whenever the drawing changes, so trees written by an older version are regenerated, not reused.
 FORMAT_VERSION = 1
@@ -64,9 +65,9 @@ def _check_count(name: str, value: object, minimum: int, fix: str) -> int:
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}; {fix}.") from None
+        raise ConfigError(f"{name} must be an integer, got {value!r}; {fix}.") from None
     if number < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {number}; {fix}.")
+        raise ConfigError(f"{name} must be at least {minimum}, got {number}; {fix}.")
     return number
 
 
@@ -82,7 +83,7 @@ def _validated(num_train: object, num_val: object, seed: object, min_size: objec
         "max_size": _check_count("max_size", max_size, 16, _TOO_SMALL),
     }
     if params["min_size"] > params["max_size"]:
-        raise ValueError(
+        raise ConfigError(
             f"min_size ({params['min_size']}) is larger than max_size ({params['max_size']}); "
             "set min_size <= max_size."
         )
@@ -235,7 +236,7 @@ def _read_marker(voc_dir: Path) -> dict | None:
 
 
 def _refuse_foreign(voc_dir: Path) -> None:
-    raise FileExistsError(
+    raise DataRootTakenError(
         f"{voc_dir} already exists and was not written by the shapes generator (it has no {MARKER_NAME} "
         "marker), so it is probably a real Pascal VOC 2012 copy or other data; refusing to overwrite it. "
         "Choose another data.root for data=shapes (for example data/shapes), or use data=voc to train on "

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segx.errors import ConfigError
+
 UPSAMPLE_MODES = ("bilinear", "nearest")
 
 
@@ -56,25 +58,25 @@ class FCN(nn.Module):
         widths = [int(w) for w in widths]
         convs_per_block = [int(n) for n in convs_per_block]
         if upsample_mode not in UPSAMPLE_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"FCN upsample_mode must be one of {list(UPSAMPLE_MODES)}, got {upsample_mode!r} "
                 "('nearest' is Keras' UpSampling2D default, 'bilinear' gives smoother boundaries)."
             )
         if not widths or len(widths) != len(convs_per_block):
-            raise ValueError(
+            raise ConfigError(
                 f"FCN needs one entry of convs_per_block per entry of widths, got widths={widths} and "
                 f"convs_per_block={convs_per_block}"
             )
         if min(widths) < 1 or min(convs_per_block) < 1 or fc_width < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"FCN widths, convs_per_block and fc_width must be positive, got widths={widths}, "
                 f"convs_per_block={convs_per_block}, fc_width={fc_width}"
             )
         if fc_kernel < 1 or fc_kernel % 2 == 0:
             # An even kernel has no symmetric 'same' padding in PyTorch; Keras pads it asymmetrically.
-            raise ValueError(f"FCN fc_kernel must be a positive odd number, got {fc_kernel}")
+            raise ConfigError(f"FCN fc_kernel must be a positive odd number, got {fc_kernel}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"FCN dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"FCN dropout must be in [0, 1), got {dropout}")
 
         self.upsample_mode = upsample_mode
         self.downsample = 2 ** len(widths)
@@ -105,7 +107,7 @@ class FCN(nn.Module):
         """Logits at the input's exact size (the interpolation targets H, W, not a fixed ×16)."""
         height, width = x.shape[-2:]
         if height % self.downsample or width % self.downsample:
-            raise ValueError(
+            raise ConfigError(
                 f"FCN with {len(self.features)} pooling blocks needs height and width divisible by "
                 f"{self.downsample}, got {(height, width)}; choose data.image_size accordingly."
             )

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segx.errors import ConfigError
+
 OUTPUT_STRIDES = (8, 16)
 
 
@@ -104,18 +106,18 @@ class PSPNet(nn.Module):
         widths = [int(w) for w in widths]
         bins = [int(b) for b in bins]
         if output_stride not in OUTPUT_STRIDES:
-            raise ValueError(
+            raise ConfigError(
                 f"PSPNet output_stride must be one of {list(OUTPUT_STRIDES)}, got {output_stride} "
                 "(8 is the paper's choice; 16 is cheaper but gives the pyramid a coarser map)."
             )
         if len(widths) < 2 or min(widths) < 1:
-            raise ValueError(f"PSPNet needs a stem width and at least one stage width, got widths={widths}")
+            raise ConfigError(f"PSPNet needs a stem width and at least one stage width, got widths={widths}")
         if blocks_per_stage < 1:
-            raise ValueError(f"PSPNet blocks_per_stage must be at least 1, got {blocks_per_stage}")
+            raise ConfigError(f"PSPNet blocks_per_stage must be at least 1, got {blocks_per_stage}")
         if not bins or min(bins) < 1:
-            raise ValueError(f"PSPNet bins must be positive pooled-grid sizes, got bins={bins}")
+            raise ConfigError(f"PSPNet bins must be positive pooled-grid sizes, got bins={bins}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"PSPNet dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"PSPNet dropout must be in [0, 1), got {dropout}")
 
         # Stem at 1/2: a strided 3×3 conv then a plain one, cheaper than ResNet's 7×7 + max-pool at
         # 128 px and without discarding the first 1/4 of the resolution before any feature is learned.

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from segx.errors import ConfigError
+
 
 def _init(module: nn.Module) -> None:
     """He-normal convs (every conv here feeds a ReLU via BN), zero biases, unit BN scale."""
@@ -79,7 +81,7 @@ class ResUNet(nn.Module):
         super().__init__()
         widths = [int(w) for w in widths]
         if len(widths) < 2 or min(widths) < 1:
-            raise ValueError(
+            raise ConfigError(
                 "ResUNet needs at least two positive widths (encoder levels + bottleneck), "
                 f"got widths={widths}"
             )
@@ -110,7 +112,7 @@ class ResUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % self.downsample or x.shape[-1] % self.downsample:
-            raise ValueError(
+            raise ConfigError(
                 f"ResUNet with {len(self.encoder)} pooling levels needs height and width divisible by "
                 f"{self.downsample}, got {tuple(x.shape[-2:])}; choose data.image_size accordingly."
             )

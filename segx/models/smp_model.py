@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from segx.errors import ConfigError, SegxError
+
 #: Lower-case architecture names `smp.create_model` accepts (read from the installed smp, so a newer
 #: release's additions work without a change here). smp 0.6.0: unet, unetplusplus, manet, linknet, fpn,
 #: pspnet, deeplabv3, deeplabv3plus, pan, upernet, segformer, dpt.
@@ -56,7 +58,7 @@ _ENCODER_LIST_HINT = (
 )
 
 
-class ModelWeightsUnavailableError(RuntimeError):
+class ModelWeightsUnavailableError(SegxError):
     """Pretrained encoder weights were requested but are neither cached locally nor downloadable."""
 
 
@@ -121,6 +123,9 @@ def _plain(value: Any) -> Any:
 class SMPModel(nn.Module):
     """Any smp architecture/encoder pair, mapping [N, in_channels, H, W] to logits [N, num_classes, H, W].
 
+    Any H, W: the input is padded on the bottom/right to a multiple of `size_divisor` and the logits are
+    cropped back.
+
     `encoder_weights=None` (the default) trains from scratch and needs no network; "imagenet" (or any
     name smp lists for the encoder; for 'tu-' timm encoders any non-null value) loads pretrained
     weights from the local caches or downloads them. `arch_kwargs` go to the smp architecture (e.g.
@@ -142,12 +147,12 @@ class SMPModel(nn.Module):
         super().__init__()
         arch_key = str(arch).lower()
         if arch_key not in smp.MODEL_ARCHITECTURES_MAPPING:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown smp architecture {arch!r}; valid names (segmentation-models-pytorch "
                 f"{smp.__version__}): {', '.join(ARCHITECTURES)}."
             )
         if pad_mode not in PAD_MODES:
-            raise ValueError(f"SMPModel pad_mode must be one of {list(PAD_MODES)}, got {pad_mode!r}")
+            raise ConfigError(f"SMPModel pad_mode must be one of {list(PAD_MODES)}, got {pad_mode!r}")
         _check_encoder(encoder, encoder_weights)
         arch_kwargs = {key: _plain(value) for key, value in arch_kwargs.items()}
         _check_arch_kwargs(arch_key, encoder, arch_kwargs)
@@ -182,15 +187,15 @@ def _check_encoder(encoder: str, encoder_weights: Any) -> None:
         import timm
 
         if not timm.is_model(encoder[3:]):
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown timm model {encoder[3:]!r} in encoder {encoder!r}; {_ENCODER_LIST_HINT}."
             )
         return
     settings = smp.encoders.encoders.get(encoder)
     if settings is None:
-        raise ValueError(f"Unknown smp encoder {encoder!r}; {_ENCODER_LIST_HINT}.")
+        raise ConfigError(f"Unknown smp encoder {encoder!r}; {_ENCODER_LIST_HINT}.")
     if encoder_weights is not None and encoder_weights not in settings["pretrained_settings"]:
-        raise ValueError(
+        raise ConfigError(
             f"Encoder {encoder!r} has no {encoder_weights!r} weights; available: "
             f"{list(settings['pretrained_settings'])}, or null to train from scratch."
         )
@@ -199,9 +204,9 @@ def _check_encoder(encoder: str, encoder_weights: Any) -> None:
 def _check_arch_kwargs(arch: str, encoder: str, arch_kwargs: dict[str, Any]) -> None:
     """Reject options that would change the output contract or that smp would silently ignore."""
     if arch_kwargs.get("activation") is not None:
-        raise ValueError("SMPModel returns logits; leave `activation` unset (the loss applies the softmax).")
+        raise ConfigError("SMPModel returns logits; leave `activation` unset (the loss applies the softmax).")
     if arch_kwargs.get("aux_params") is not None:
-        raise ValueError(
+        raise ConfigError(
             "SMPModel returns one logits tensor; `aux_params` (a classification head) is unsupported."
         )
     if encoder.startswith("tu-"):
@@ -212,7 +217,7 @@ def _check_arch_kwargs(arch: str, encoder: str, arch_kwargs: dict[str, Any]) -> 
                  "activation", "aux_params"}
     unknown = sorted(set(arch_kwargs) - accepted)
     if unknown:
-        raise ValueError(f"smp {arch} does not take {unknown}; its options are {sorted(accepted)}.")
+        raise ConfigError(f"smp {arch} does not take {unknown}; its options are {sorted(accepted)}.")
 
 
 def _create(arch: str, encoder: str, encoder_weights: Any, kwargs: dict[str, Any]) -> nn.Module:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from segx.errors import ConfigError
+
 
 def _glorot(module: nn.Module) -> None:
     nn.init.xavier_uniform_(module.weight)
@@ -71,7 +73,7 @@ class UNet(nn.Module):
         super().__init__()
         widths = [int(w) for w in encoder_widths]
         if not widths or min(widths + [bottleneck_width]) < 1:
-            raise ValueError(f"UNet needs at least one positive encoder width, got encoder_widths={widths}")
+            raise ConfigError(f"UNet needs at least one positive encoder width, got encoder_widths={widths}")
         self.downsample = 2 ** len(widths)
         self.encoder = nn.ModuleList()
         c_in = in_channels
@@ -91,7 +93,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % self.downsample or x.shape[-1] % self.downsample:
-            raise ValueError(
+            raise ConfigError(
                 f"UNet with {len(self.encoder)} pooling levels needs height and width divisible by "
                 f"{self.downsample}, got {tuple(x.shape[-2:])}; choose data.image_size accordingly."
             )
