@@ -68,6 +68,7 @@ class RunSummary(pl.Callback):
         self._fit_start = 0.0
         self._epoch_start: float | None = None
         self._epoch = 0
+        self._trainer: pl.Trainer | None = None
 
     def best(self) -> dict[str, float]:
         """The first epoch with the highest monitored score (the one ModelCheckpoint keeps)."""
@@ -91,14 +92,37 @@ class RunSummary(pl.Callback):
             "history": self.history,
         }
 
+    def _pending(self) -> dict[str, float]:
+        assert self._trainer is not None
+        return {"epoch": float(self._epoch), **_scalars(self._trainer.callback_metrics)}
+
     def _close_epoch(self, trainer: pl.Trainer) -> None:
         if self._epoch_start is None:
             return
         self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
-        self.history.append({"epoch": float(self._epoch), **_scalars(trainer.callback_metrics)})
+        self.history.append(self._pending())
         self._epoch_start = None
         if trainer.is_global_zero:
             write_json_atomic(self.path, self.summary(trainer))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint, so a resumed run's metrics.json keeps the epochs before the resume.
+
+        Checkpoints are written at the end of an epoch, before this callback records it, so the open
+        epoch is included as it stands (its metrics are final by then).
+        """
+        history, seconds = list(self.history), list(self.epoch_seconds)
+        if self._epoch_start is not None and self._trainer is not None:
+            history.append(self._pending())
+            seconds.append(time.perf_counter() - self._epoch_start)
+        return {"history": history, "epoch_seconds": seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self.epoch_seconds = list(state_dict.get("epoch_seconds", []))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()

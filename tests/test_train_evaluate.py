@@ -102,7 +102,11 @@ def test_resume_from_last_checkpoint_continues_training(trained_run: Path, shape
                     "optimizer.lr=3e-3", "optimizer.decay=1e-3", "trainer.max_epochs=11", "logger=csv",
                     f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}")
     metrics = read_json(tmp_path / "metrics.json")
-    assert [int(h["epoch"]) for h in metrics["history"]] == [10]  # only the missing epoch ran
+    # only the missing epoch ran, and the history before the resume came back from the checkpoint
+    assert [int(h["epoch"]) for h in metrics["history"]] == list(range(11))
+    before = read_json(trained_run / "metrics.json")["history"]
+    assert metrics["history"][:10] == before
+    assert len(metrics["epoch_seconds"]) == 11
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
