@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if unknown:
         parser.error(f"unknown model config(s) {unknown}; choose from {model_names()}")
     rows = []
-    print(f"{'model':<16}{'params':>14}{'train step s':>14}{'infer s':>10}{'img/s':>9}   "
+    print(f"{'model':<16}{'trainable':>14}{'train step s':>14}{'infer s':>10}{'img/s':>9}   "
           f"(batch {args.batch}, {args.size}px, {args.device})", flush=True)
     for name in names:
         row = time_model(name, args.batch, args.size, args.device, args.repeats, args.channels_last,

@@ -29,6 +29,8 @@ def _flat_choices(cfg: DictConfig) -> dict[str, Any]:
         for key, value in node.items():
             if isinstance(value, str | int | float | bool):
                 flat[f"{group}.{key}"] = value
+            elif isinstance(value, list) and len(value) <= 8:  # widths and the like; class names are skipped
+                flat[f"{group}.{key}"] = str(value)
     return flat
 
 

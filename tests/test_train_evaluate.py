@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from segx.checkpoint import load_checkpoint, network_from_checkpoint
 from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
@@ -94,6 +95,12 @@ def test_tensorboard_holds_val_scalars_and_the_prediction_grid(trained_run: Path
     assert "val/predictions" in events.Tags()["images"]
     image = events.Images("val/predictions")[-1]
     assert image.width > 3 * 32 and image.height > 4 * 32  # 4 rows of image | truth | prediction
+    hparams = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["model.encoder_widths"].string_value == "[16, 32]"
+    assert start.session_start_info.hparams["optimizer.lr"].number_value == pytest.approx(3e-3)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert {"hp/best_val_miou", "hp/final_val_miou"} <= {m.name.tag for m in experiment.metric_infos}
 
 
 def test_resume_from_last_checkpoint_continues_training(trained_run: Path, shapes_root: Path,
