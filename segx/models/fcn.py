@@ -25,14 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from segx.errors import ConfigError
+from segx.models.keras_init import check_input_size, glorot
 
 UPSAMPLE_MODES = ("bilinear", "nearest")
 
-
-def _glorot(conv: nn.Conv2d) -> nn.Conv2d:
-    nn.init.xavier_uniform_(conv.weight)
-    nn.init.zeros_(conv.bias)
-    return conv
 
 
 class FCN(nn.Module):
@@ -86,31 +82,27 @@ class FCN(nn.Module):
         for width, n_convs in zip(widths, convs_per_block, strict=True):
             layers: list[nn.Module] = []
             for _ in range(n_convs):
-                layers += [_glorot(nn.Conv2d(c_in, width, 3, padding=1)), nn.ReLU(inplace=True)]
+                layers += [glorot(nn.Conv2d(c_in, width, 3, padding=1)), nn.ReLU(inplace=True)]
                 c_in = width
             layers.append(nn.MaxPool2d(2))
             blocks.append(nn.Sequential(*layers))
         self.features = nn.Sequential(*blocks)
         self.fc1 = nn.Sequential(
-            _glorot(nn.Conv2d(c_in, int(fc_width), int(fc_kernel), padding=int(fc_kernel) // 2)),
+            glorot(nn.Conv2d(c_in, int(fc_width), int(fc_kernel), padding=int(fc_kernel) // 2)),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),  # element-wise, as Keras' Dropout (not channel-wise Dropout2d)
         )
         self.fc2 = nn.Sequential(
-            _glorot(nn.Conv2d(int(fc_width), int(fc_width), 1)),
+            glorot(nn.Conv2d(int(fc_width), int(fc_width), 1)),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
         )
-        self.classifier = _glorot(nn.Conv2d(int(fc_width), int(num_classes), 1))
+        self.classifier = glorot(nn.Conv2d(int(fc_width), int(num_classes), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input's exact size (the interpolation targets H, W, not a fixed ×16)."""
         height, width = x.shape[-2:]
-        if height % self.downsample or width % self.downsample:
-            raise ConfigError(
-                f"FCN with {len(self.features)} pooling blocks needs height and width divisible by "
-                f"{self.downsample}, got {(height, width)}; choose data.image_size accordingly."
-            )
+        check_input_size(x, self.downsample, f"FCN with {len(self.features)} pooling blocks")
         logits = self.classifier(self.fc2(self.fc1(self.features(x))))
         if self.upsample_mode == "bilinear":
             return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from segx.errors import ConfigError
+from segx.models.keras_init import check_input_size
 
 
 def _init(module: nn.Module) -> None:
@@ -111,11 +112,7 @@ class ResUNet(nn.Module):
         _init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] % self.downsample or x.shape[-1] % self.downsample:
-            raise ConfigError(
-                f"ResUNet with {len(self.encoder)} pooling levels needs height and width divisible by "
-                f"{self.downsample}, got {tuple(x.shape[-2:])}; choose data.image_size accordingly."
-            )
+        check_input_size(x, self.downsample, f"ResUNet with {len(self.encoder)} pooling levels")
         skips = []
         for block in self.encoder:
             x = block(x)

@@ -14,16 +14,7 @@ import torch
 from torch import nn
 
 from segx.errors import ConfigError
-
-
-def _glorot(module: nn.Module) -> None:
-    nn.init.xavier_uniform_(module.weight)
-    nn.init.zeros_(module.bias)
-
-
-def _he_normal(module: nn.Module) -> None:
-    nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-    nn.init.zeros_(module.bias)
+from segx.models.keras_init import check_input_size, glorot, he_normal
 
 
 class EncoderBlock(nn.Sequential):
@@ -33,7 +24,7 @@ class EncoderBlock(nn.Sequential):
         layers: list[nn.Module] = []
         for c_in in (in_channels, out_channels):
             conv = nn.Conv2d(c_in, out_channels, 3, padding=1)
-            (_he_normal if he_init else _glorot)(conv)
+            (he_normal if he_init else glorot)(conv)
             layers += [conv, nn.ReLU(inplace=True), nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.01)]
         super().__init__(*layers)
 
@@ -47,7 +38,7 @@ class DecoderBlock(nn.Module):
         self.conv1 = nn.Conv2d(2 * skip_channels, out_channels, 3, padding=1)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         for module in (self.up, self.conv1, self.conv2):
-            _glorot(module)
+            glorot(module)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -89,14 +80,10 @@ class UNet(nn.Module):
             self.decoder.append(DecoderBlock(c_in, width, width))
             c_in = width
         self.head = nn.Conv2d(c_in, num_classes, 1)
-        _glorot(self.head)
+        glorot(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] % self.downsample or x.shape[-1] % self.downsample:
-            raise ConfigError(
-                f"UNet with {len(self.encoder)} pooling levels needs height and width divisible by "
-                f"{self.downsample}, got {tuple(x.shape[-2:])}; choose data.image_size accordingly."
-            )
+        check_input_size(x, self.downsample, f"UNet with {len(self.encoder)} pooling levels")
         skips = []
         for block in self.encoder:
             x = block(x)
