@@ -84,14 +84,3 @@ def test_build_loss_gives_frequencies_only_to_losses_that_take_them() -> None:
     assert isinstance(loss, WeightedCrossEntropyLoss) and calls == [1]
     assert torch.allclose(loss.weight, torch.tensor([1.0, 1.0]))
 
-
-def test_every_trainer_argument_is_settable_from_the_command_line() -> None:
-    import inspect
-
-    import pytorch_lightning as pl
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train")
-    supplied_by_code = {"self", "logger", "callbacks", "default_root_dir"}
-    arguments = set(inspect.signature(pl.Trainer.__init__).parameters) - supplied_by_code
-    assert arguments <= set(cfg.trainer), sorted(arguments - set(cfg.trainer))

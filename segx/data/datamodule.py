@@ -10,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import VOCSegmentation
 
@@ -137,12 +138,21 @@ class VOCDataModule(pl.LightningDataModule):
 
     # -- data on disk -------------------------------------------------------------------------------
     def prepare_source(self) -> None:
-        """Make sure the VOC tree exists (downloads when asked); subclasses generate theirs."""
+        """Download VOC when asked and it is missing (once, under a lock shared by parallel sweep jobs).
+
+        Called before any split is read, not only from Lightning's `prepare_data`, because the class
+        weights of the loss need the training split before the Trainer exists. Subclasses generate theirs.
+        """
+        if not self.download or (self.root / "VOCdevkit" / "VOC2012").is_dir():
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / ".segx-download.lock")):
+            if not (self.root / "VOCdevkit" / "VOC2012").is_dir():
+                log.info("Downloading Pascal VOC 2012 (about 2 GB) into %s", self.root)
+                voc_split_files(self.root, self.train_split, download=True)
 
     def prepare_data(self) -> None:
         self.prepare_source()
-        if self.download:
-            voc_split_files(self.root, self.train_split, download=True)
 
     def split_files(self, split: str) -> tuple[list[str], list[str], list[str]]:
         self.prepare_source()
