@@ -35,9 +35,10 @@ class PredictionGridLogger(pl.Callback):
         split = datamodule.load_split(datamodule.val_split)
         images = split.images[: self.num_images].to(pl_module.device)
         masks = split.masks[: self.num_images]
+        dtype = next(pl_module.parameters()).dtype  # bf16-true precision keeps bf16 weights
         with torch.no_grad():
-            preds = pl_module(datamodule.normalize(images)).argmax(1)
-        grid = prediction_grid(datamodule.denormalize(datamodule.normalize(images)), masks, preds)
+            preds = pl_module(datamodule.normalize(images).to(dtype)).argmax(1)
+        grid = prediction_grid(images.float() / 255, masks, preds)
         for logger in loggers:
             logger.experiment.add_image(self.tag, grid, global_step=trainer.global_step)
 
