@@ -17,6 +17,7 @@ from PIL import Image
 
 from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
 from segx.data.voc import VOC_PALETTE
+from segx.errors import SegxError
 from segx.metrics import confusion_matrix_metric, segmentation_scores
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     """`auto` means the first CUDA GPU when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except RuntimeError as error:
+        raise SegxError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:<index>.") from error
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise SegxError(f"device={device!r} was asked for but this machine has no CUDA GPU; use device=cpu or auto.")
+    return target
 
 
 def save_palette_png(labels: np.ndarray, path: Path) -> None:

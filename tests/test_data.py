@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +50,7 @@ def test_second_load_reuses_the_cache(voc_copy: Path) -> None:
     first = VOCDataModule(root=str(voc_copy), image_size=32).load_split("train")
     [path] = cache_files(voc_copy)
     mtime = path.stat().st_mtime_ns
-    start = time.perf_counter()
     second = VOCDataModule(root=str(voc_copy), image_size=32).load_split("train")
-    assert time.perf_counter() - start < 5
     assert path.stat().st_mtime_ns == mtime  # not rewritten
     assert torch.equal(first.images, second.images) and torch.equal(first.masks, second.masks)
 

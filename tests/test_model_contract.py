@@ -83,7 +83,7 @@ def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch(name: str) -> Non
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0], losses
 
 

@@ -143,3 +143,11 @@ def test_missing_voc_is_one_clear_error(tmp_path: Path) -> None:
     output = result.stderr + result.stdout
     assert "Pascal VOC 2012 was not found" in output and "data=shapes" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")
+def test_asking_for_a_missing_gpu_is_one_clear_error(trained_run: Path, tmp_path: Path) -> None:
+    result = run_entry_point("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", "device=cuda",
+                             f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode == 2 and "no CUDA GPU" in result.stderr + result.stdout
+    assert not (tmp_path / "metrics.json").exists()

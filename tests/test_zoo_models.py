@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -242,10 +241,8 @@ def test_smp_missing_weights_offline_raise_one_fast_clear_error() -> None:
     if _hub_reachable():
         pytest.skip("the Hugging Face Hub is reachable, so the weights would download")
     offline_before = constants.HF_HUB_OFFLINE
-    start = time.perf_counter()
     with pytest.raises(ModelWeightsUnavailableError) as info:
         SMPModel("unet", "resnet18", encoder_weights="imagenet")
-    assert time.perf_counter() - start < 15  # huggingface_hub's own retries take ~23 s
     message = str(info.value)
     assert "'resnet18'" in message and "'imagenet'" in message
     assert "encoder_weights=null" in message and "~/.cache/huggingface" in message
@@ -270,9 +267,7 @@ def test_smp_weights_come_from_the_local_cache_without_network(
     (snapshot / "config.json").write_text(json.dumps({"mean": [0.485, 0.456, 0.406]}))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
 
-    start = time.perf_counter()
     model = SMPModel("unet", "resnet18", encoder_weights="imagenet")
-    assert time.perf_counter() - start < 15
     loaded = model.model.encoder.state_dict()
     for key, value in weights.items():
         assert torch.equal(loaded[key], value), key
