@@ -120,13 +120,13 @@ def load_or_build(
                     return CachedSplit(split, size, blob["ids"], blob["images"], blob["masks"], blob["original_sizes"])
             except Exception as error:  # an unreadable cache is rebuilt, never trusted
                 log.warning("Cache %s is unreadable (%s); rebuilding it.", path, error)
-        start = time.perf_counter()
-        last_report = [start]
+        start = last_report = time.perf_counter()
 
         def progress(done: int, total: int) -> None:
+            nonlocal last_report
             now = time.perf_counter()
-            if done == total or now - last_report[0] > 5:
-                last_report[0] = now
+            if done == total or now - last_report > 5:
+                last_report = now
                 log.info("Caching %s split at %dpx: %d/%d images (%.0fs)", split, size, done, total, now - start)
 
         log.info("Building the %s cache at %dpx from %d images into %s", split, size, len(ids), path)
