@@ -93,15 +93,14 @@ class RunSummary(pl.Callback):
             "history": self.history,
         }
 
-    def _pending(self) -> dict[str, float]:
-        assert self._trainer is not None
-        return {"epoch": float(self._epoch), **_scalars(self._trainer.callback_metrics)}
+    def _pending(self, trainer: pl.Trainer) -> dict[str, float]:
+        return {"epoch": float(self._epoch), **_scalars(trainer.callback_metrics)}
 
     def _close_epoch(self, trainer: pl.Trainer) -> None:
         if self._epoch_start is None:
             return
         self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
-        self.history.append(self._pending())
+        self.history.append(self._pending(trainer))
         self._epoch_start = None
         if trainer.is_global_zero:
             write_json_atomic(self.path, self.summary(trainer))
@@ -117,7 +116,7 @@ class RunSummary(pl.Callback):
         """
         history, seconds = list(self.history), list(self.epoch_seconds)
         if self._epoch_start is not None and self._trainer is not None:
-            history.append(self._pending())
+            history.append(self._pending(self._trainer))
             seconds.append(time.perf_counter() - self._epoch_start)
         return {"history": history, "epoch_seconds": seconds}
 

@@ -30,7 +30,6 @@ from segx.models.keras_init import check_input_size, glorot
 UPSAMPLE_MODES = ("bilinear", "nearest")
 
 
-
 class FCN(nn.Module):
     """VGG-layout FCN; one entry of `widths`/`convs_per_block` per pooled block (so 2**len(widths) stride).
 
