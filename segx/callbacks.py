@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from segx.runfiles import write_json_atomic
 from segx.visualize import prediction_grid
+
+log = logging.getLogger(__name__)
 
 
 class PredictionGridLogger(pl.Callback):
@@ -54,12 +57,14 @@ class RunSummary(pl.Callback):
     leaves its history. An epoch's train scores are logged in the module's `on_train_epoch_end`,
     which Lightning calls after callbacks' hook of that name, so each epoch is recorded when the next
     one starts (and the last when training ends); `callback_metrics` holds the values until then.
-    At the end the run's choices and scores also go to TensorBoard's hparams tab.
+    At the end the run's choices and scores also go to TensorBoard's hparams tab. `provenance` (the job's
+    status, host, devices, ...; see `segx.sweep.JobRecord`) leads every write, so no write loses it.
     """
 
     def __init__(self, path: str | Path, parameters: dict[str, int], hparams: dict[str, Any] | None = None,
-                 monitor: str = "val/miou") -> None:
+                 monitor: str = "val/miou", provenance: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
+        self.provenance = provenance if provenance is not None else {}
         self.parameters = parameters
         self.hparams = hparams or {}
         self.monitor = monitor
@@ -80,6 +85,7 @@ class RunSummary(pl.Callback):
         checkpoint = trainer.checkpoint_callback
         seconds = self.epoch_seconds
         return {
+            **self.provenance,
             "final": self.history[-1] if self.history else {},
             "best": self.best(),
             "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
@@ -104,6 +110,14 @@ class RunSummary(pl.Callback):
         self._epoch_start = None
         if trainer.is_global_zero:
             write_json_atomic(self.path, self.summary(trainer))
+            self._log_epoch(trainer)
+
+    def _log_epoch(self, trainer: pl.Trainer) -> None:
+        """One line per epoch: the progress a sweep job shows where no progress bar is drawn."""
+        entry = self.history[-1]
+        scores = " · ".join(f"{k} {entry[k]:.4f}" for k in ("train/loss", "val/loss", "val/miou") if k in entry)
+        log.info("Epoch %d/%s · %s · %.1fs", int(entry["epoch"]) + 1, trainer.max_epochs, scores,
+                 self.epoch_seconds[-1])
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer

@@ -30,7 +30,8 @@ def per_class_iou(confmat: torch.Tensor) -> torch.Tensor:
 
 def segmentation_scores(confmat: torch.Tensor, class_names: Sequence[str]) -> dict[str, object]:
     """`pixel_acc` (micro), `miou`, `miou_no_bg` (classes 1.., background being class 0) and
-    `per_class_iou` (name → IoU or None when the class is absent); absent classes are left out of means."""
+    `per_class_iou` (name → IoU or None when the class is absent), and `pixels` (labelled pixels counted);
+    absent classes are left out of means."""
     confmat = confmat.double()
     iou = per_class_iou(confmat)
     total = confmat.sum()
@@ -39,6 +40,7 @@ def segmentation_scores(confmat: torch.Tensor, class_names: Sequence[str]) -> di
         "pixel_acc": pixel_acc,
         "miou": float(iou.nanmean()),
         "miou_no_bg": float(iou[1:].nanmean()),
+        "pixels": int(total),
         "per_class_iou": {
             name: (None if torch.isnan(v) else float(v)) for name, v in zip(class_names, iou, strict=True)
         },

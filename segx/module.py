@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,13 @@ class SegmentationModule(pl.LightningModule):
         self.train_confmat = confusion_matrix_metric(num_classes, ignore_index)
         self.val_confmat = confusion_matrix_metric(num_classes, ignore_index)
 
+    def setup(self, stage: str) -> None:
+        # Epoch scores come from confusion matrices torchmetrics already summed over the DDP ranks, so every
+        # rank logs the same value: Lightning's advice to sync them (one warning per class) does not apply.
+        synced = r"(train|val)(/acc|/miou|/miou_no_bg|/pixels|/lr|/iou/.+|_miou)"
+        warnings.filterwarnings("ignore", message=rf".*self\.log\('{synced}',.*sync_dist")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own code
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
@@ -70,6 +78,8 @@ class SegmentationModule(pl.LightningModule):
         metrics = {f"{stage}/acc": scores["pixel_acc"], f"{stage}/miou": scores["miou"]}
         if stage == "val":
             metrics["val/miou_no_bg"] = scores["miou_no_bg"]
+            # Labelled pixels scored (over all DDP ranks): every val pixel once, none padded in twice.
+            self.log("val/pixels", float(scores["pixels"]), logger=False)
             # Classes absent from both prediction and ground truth have no IoU; they are not logged.
             metrics.update({f"val/iou/{k}": v for k, v in scores["per_class_iou"].items() if v is not None})
         self.log_dict(metrics, prog_bar=False)

@@ -17,6 +17,8 @@ from segx.losses import build_loss
 from segx.models import parameter_counts
 from segx.module import SegmentationModule
 from segx.runfiles import write_json_atomic
+from segx.runtime import precision_for, strategy_for_sweep_job, uses_cuda, visible_devices
+from segx.sweep import JobInfo, JobRecord, best_value, read_record
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +36,14 @@ def _flat_choices(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
+def build_callbacks(cfg: DictConfig, run_dir: Path, show_progress: bool = True) -> list[pl.Callback]:
     """Instantiate `cfg.callbacks`; checkpoints go to `<run dir>/checkpoints` unless a dirpath is set.
 
-    `trainer.enable_progress_bar=false` drops the configured progress bar instead of making Lightning
-    refuse the combination.
+    Without `show_progress` (`trainer.enable_progress_bar=false`, or a job in a worker beside others,
+    whose live bars would interleave) the configured progress bar is dropped instead of making
+    Lightning refuse the combination.
     """
     callbacks = []
-    show_progress = cfg.trainer.get("enable_progress_bar", True) is not False
     for node in (cfg.get("callbacks") or {}).values():
         if node is None:
             continue
@@ -58,19 +60,61 @@ def _not_a_tip(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip")
 
 
-def _quiet_lightning() -> None:
-    """Drop Lightning's advertising tips and a deprecation warning it raises from its own code."""
+def _route_lightning_logs() -> None:
+    """Lightning's messages go through the job's logging (so into its log file, with the job's prefix),
+    without its advertising tips and a deprecation warning it raises from its own code."""
+    root_has_handlers = bool(logging.getLogger().handlers)
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        lightning_log = logging.getLogger(name)
+        if root_has_handlers:  # Lightning adds its own stream handler when imported before logging is set up
+            for handler in list(lightning_log.handlers):
+                if type(handler) is logging.StreamHandler:
+                    lightning_log.removeHandler(handler)
+            lightning_log.propagate = True
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_not_a_tip)  # ignored if already there
+    logging.captureWarnings(True)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> float:
+def _runtime(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
+    """Resolved precision, devices and strategy of this run (logged once and recorded in metrics.json)."""
+    accelerator = str(cfg.trainer.accelerator)
+    strategy = cfg.trainer.strategy
+    if job.multirun:
+        spawned = strategy_for_sweep_job(strategy)
+        if spawned != strategy:
+            log.info("trainer.strategy=%s inside a multirun: starting the ranks with %s (Lightning's %s would re-run "
+                     "the command line, i.e. the whole sweep)", strategy, spawned, strategy)
+        strategy = spawned
+    sync_batchnorm = bool(cfg.trainer.get("sync_batchnorm")) and uses_cuda(accelerator)
+    if cfg.trainer.get("sync_batchnorm") and not sync_batchnorm:
+        log.info("trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm); off for this CPU run")
+    return {
+        "_sync_batchnorm": sync_batchnorm,
+        "devices": visible_devices(accelerator),
+        "accelerator": "cuda" if uses_cuda(accelerator) else accelerator if accelerator != "auto" else "cpu",
+        "precision": precision_for(cfg.trainer.precision, accelerator),
+        "strategy": strategy if isinstance(strategy, str) else type(strategy).__name__,
+        "_strategy": strategy,
+    }
+
+
+def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> float:
     """Fit the configured model and write `metrics.json`; returns the best `val/miou` (for sweepers).
 
-    `run_dir` receives `checkpoints/`, the logger's files and `metrics.json`.
+    `job.run_dir` receives `checkpoints/`, the logger's files and `metrics.json`; `record` (status and
+    provenance) is kept in `metrics.json` with every epoch.
     """
-    run_dir = Path(run_dir)
-    _quiet_lightning()
+    run_dir = job.run_dir
+    record = record or JobRecord(job)
+    _route_lightning_logs()
+    runtime = _runtime(cfg, job)
+    strategy, sync_batchnorm = runtime.pop("_strategy"), runtime.pop("_sync_batchnorm")
+    record.start(**runtime)
+    log.info("Job %s · launcher %s · host %s · devices %s · accelerator %s · precision %s · strategy %s",
+             "-" if job.num is None else job.num, job.launcher, record.fields["host"], runtime["devices"],
+             runtime["accelerator"], runtime["precision"], runtime["strategy"])
+
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
@@ -84,14 +128,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
              f"{counts['trainable']:,}")
 
     logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
-    summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=_flat_choices(cfg))
-    callbacks = [*build_callbacks(cfg, run_dir), summary]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=_flat_choices(cfg),
+                         provenance=record.fields)
+    show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker
+    callbacks = [*build_callbacks(cfg, run_dir, show_progress), summary]
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, precision=runtime["precision"], strategy=strategy, sync_batchnorm=sync_batchnorm,
+        enable_progress_bar=show_progress,
+        logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if not (run_dir / "metrics.json").exists():  # e.g. resumed past max_epochs: nothing trained
-        write_json_atomic(run_dir / "metrics.json", summary.summary(trainer))
+    written = read_record(run_dir)
+    if written is None or "history" not in written:  # e.g. resumed past max_epochs: nothing trained
+        write_json_atomic(run_dir / "metrics.json", {**record.fields, **summary.summary(trainer)})
+        written = read_record(run_dir) or {}
 
-    best = summary.best().get("val/miou")
     log.info("Run directory: %s (metrics.json, checkpoints/, %s)", run_dir,
              getattr(logger, "name", None) or "no logger")
-    return float(best) if best is not None else float("nan")
+    # Read back from the file: with a spawned DDP strategy the epochs were recorded in another process.
+    return best_value(written, summary.monitor)

@@ -29,6 +29,23 @@ class BatchAugment:
         self.scale_min, self.scale_max = float(scale_min), float(scale_max)
         self.generator = torch.Generator().manual_seed(seed)
 
+    def __getstate__(self) -> dict:
+        # The generator travels as plain bytes: torch's shared-memory pickling cannot send a Generator to the
+        # processes a spawned DDP strategy starts.
+        state = self.__dict__.copy()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        generator_state = torch.frombuffer(bytearray(state.pop("generator")), dtype=torch.uint8)
+        self.__dict__.update(state)
+        self.generator = torch.Generator()
+        self.generator.set_state(generator_state)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random stream (each DDP rank takes its own seed)."""
+        self.generator.manual_seed(seed)
+
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`images` float [N,C,H,W], `masks` integer [N,H,W]; returns tensors of the same shapes."""
         n, _, h, w = images.shape

@@ -11,7 +11,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader, Dataset
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import VOCSegmentation
 
 from segx.data.augment import BatchAugment
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENT_SEED_STRIDE = 1_000_003  # rank r augments with seed + 1 + r * stride: streams apart, rank 0 unchanged
 
 
 class CachedSplitDataset(Dataset):
@@ -168,6 +170,8 @@ class VOCDataModule(pl.LightningDataModule):
         return self._splits[split]
 
     def setup(self, stage: str | None = None) -> None:
+        # Each DDP rank augments its own shard: the same flips on every rank would halve their variety.
+        self.augment.reseed(self.seed + 1 + AUGMENT_SEED_STRIDE * self._rank_and_world()[0])
         if stage in (None, "fit"):
             self.load_split(self.train_split)
         if stage in (None, "fit", "validate"):
@@ -178,11 +182,15 @@ class VOCDataModule(pl.LightningDataModule):
         return class_frequencies(self.load_split(self.train_split).masks, self.num_classes)
 
     # -- loaders ------------------------------------------------------------------------------------
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             CachedSplitDataset(self.load_split(split)), batch_size=batch_size, shuffle=shuffle,
-            generator=generator, num_workers=self.num_workers, collate_fn=_keep_batch,
+            generator=generator, num_workers=self.num_workers, collate_fn=_keep_batch, sampler=sampler,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
         )
 
@@ -190,7 +198,14 @@ class VOCDataModule(pl.LightningDataModule):
         return self._loader(self.train_split, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_split, self.val_batch_size, shuffle=False)
+        """Under DDP each rank scores a disjoint shard without padding: Lightning's DistributedSampler would
+        repeat images to even the shards out, and the summed confusion matrix would count them twice."""
+        rank, world = self._rank_and_world()
+        sampler = None
+        if world > 1:
+            sampler = UnrepeatedDistributedSampler(CachedSplitDataset(self.load_split(self.val_split)),
+                                                   num_replicas=world, rank=rank, shuffle=False)
+        return self._loader(self.val_split, self.val_batch_size, shuffle=False, sampler=sampler)
 
     # -- tensors on the device ----------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""segx's Hydra launcher plugin (Hydra only loads launchers from the `hydra_plugins` namespace)."""

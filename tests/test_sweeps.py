@@ -1,0 +1,289 @@
+"""Sweeps: the Ray GPU launcher with simulated devices, failure isolation, re-runs, submitit, DDP in a sweep."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from segx.data.augment import BatchAugment
+from segx.runtime import resolve_precision, strategy_for_sweep_job
+from segx.sweep import COMPLETED, FAILED, read_record
+from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_entry_point
+
+SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+SIMULATED_GPUS = ["hydra/launcher=gpus", "hydra.launcher.ray.init.num_gpus=2", "hydra.launcher.ray.init.num_cpus=2"]
+# The study's U-Net pools 4 times (needs a multiple of 16); unet_small pools twice (a multiple of 4).
+FIRST_JOB_FAILS = ["model=unet,unet_small", "data.image_size=40", "data.batch_size=4", *SHORT]
+
+
+def records(sweep_dir: Path) -> list[dict]:
+    return [read_record(d) for d in sorted((p.parent for p in sweep_dir.glob("*/metrics.json")),
+                                           key=lambda d: int(d.name))]
+
+
+def interval(record: dict) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(record["started_at"]), datetime.fromisoformat(record["ended_at"])
+
+
+def overlap(a: dict, b: dict) -> bool:
+    (start_a, end_a), (start_b, end_b) = interval(a), interval(b)
+    return start_a < end_b and start_b < end_a
+
+
+def wait_until_ray_is_gone(timeout: float = 20.0) -> None:
+    """A sweep's Ray instance ends with the sweep: no raylet or worker is left behind."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(["pgrep", "-f", "raylet|ray::"], capture_output=True).returncode != 0:
+            return
+        time.sleep(0.5)
+    pytest.fail("Ray processes are still running after the sweep ended")
+
+
+# -- the GPU launcher (Ray) ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """4 jobs on 2 simulated GPUs, on a data root no job has seen yet. Shared: Ray takes seconds to start."""
+    sweep_dir = tmp_path_factory.mktemp("ray_sweep")
+    data_root = tmp_path_factory.mktemp("fresh_data") / "shapes"
+    result = run_entry_point(
+        "train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={data_root}",
+        "optimizer=sgd,adam", "seed=1,2", *SIMULATED_GPUS, f"hydra.sweep.dir={sweep_dir}",
+    )
+    wait_until_ray_is_gone()
+    return sweep_dir, result
+
+
+def test_gpus_launcher_runs_one_job_per_device_two_at_a_time(ray_sweep: tuple) -> None:
+    sweep_dir, _ = ray_sweep
+    jobs = records(sweep_dir)
+    assert len(jobs) == 4 and all(j["status"] == COMPLETED for j in jobs)
+    assert all(j["launcher"] == "gpus" and j["devices"] in ("0", "1") for j in jobs), [j["devices"] for j in jobs]
+    assert {j["devices"] for j in jobs} == {"0", "1"}
+    for i, a in enumerate(jobs):
+        for b in jobs[i + 1:]:
+            if a["devices"] == b["devices"]:
+                assert not overlap(a, b), f"jobs {a['job']} and {b['job']} shared device {a['devices']}"
+    assert any(overlap(a, b) for i, a in enumerate(jobs) for b in jobs[i + 1:]), "no two jobs ran at the same time"
+
+
+def test_every_job_records_its_provenance(ray_sweep: tuple) -> None:
+    sweep_dir, _ = ray_sweep
+    for number, job in enumerate(records(sweep_dir)):
+        assert job["job"] == number and job["host"] and job["precision"] == "32-true"  # auto on a CPU
+        start, end = interval(job)
+        assert start.tzinfo is not None and start < end
+        assert "error" not in job and job["epochs"] == 1
+        assert f"seed={1 + number % 2}" in job["overrides"]
+
+
+def test_parallel_jobs_build_the_cache_once_and_log_per_job(ray_sweep: tuple) -> None:
+    sweep_dir, result = ray_sweep
+    logs = [(sweep_dir / str(n) / "train.log").read_text() for n in range(4)]
+    assert sum(log.count("Building the train cache") for log in logs) == 1
+    assert sum(log.count("Building the val cache") for log in logs) == 1
+    assert all("Epoch 1/1" in log for log in logs)  # each job's own log file has its progress
+    output = result.stdout + result.stderr
+    for number in range(4):
+        assert f"(job {number} pid=" in output  # live lines say which job they come from
+    assert "4 jobs, 4 completed, 0 failed" in output
+
+
+def test_gpus_launcher_isolates_a_failed_job(shapes_root: Path, tmp_path: Path) -> None:
+    result = run_entry_point("train.py", "-m", *TINY_SHAPES, *QUIET, *FIRST_JOB_FAILS, f"data.root={shapes_root}",
+                             *SIMULATED_GPUS, f"hydra.sweep.dir={tmp_path}", check=False)
+    wait_until_ray_is_gone()
+    assert result.returncode == 1
+    failed, completed = records(tmp_path)
+    assert failed["status"] == FAILED and "divisible by 16" in failed["error"]
+    assert completed["status"] == COMPLETED and completed["epochs"] == 1
+    assert f"{tmp_path / '0'}: UNet with 4 pooling levels" in result.stdout + result.stderr
+
+
+def test_a_dead_worker_is_retried_and_then_isolated(shapes_root: Path, tmp_path: Path) -> None:
+    """Job 0's worker is killed once and the retry finishes it; job 1's is killed on every try."""
+    result = run_entry_point(
+        "train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}", *SIMULATED_GPUS,
+        "+callbacks.kill._target_=tests.crash.KillOwnProcess", "+callbacks.kill.every_time=false,true",
+        "hydra.launcher.ray.remote.max_retries=1", f"hydra.sweep.dir={tmp_path}", check=False,
+    )
+    wait_until_ray_is_gone()
+    assert result.returncode == 1
+    retried, dead = records(tmp_path)
+    assert retried["status"] == COMPLETED and (tmp_path / "0" / "killed-once").exists()
+    assert dead["status"] == FAILED and "worker running job 1 died" in dead["error"]
+    assert "retried 1 time(s)" in dead["error"]
+
+
+# -- the basic launcher and re-runs ------------------------------------------------------------------------------
+
+def test_basic_launcher_isolates_a_failed_job_and_a_rerun_skips_the_completed_one(shapes_root: Path,
+                                                                                  tmp_path: Path) -> None:
+    command = ["train.py", "-m", *TINY_SHAPES, *QUIET, *FIRST_JOB_FAILS, f"data.root={shapes_root}",
+               f"hydra.sweep.dir={tmp_path}"]
+    first = run_entry_point(*command, check=False)
+    assert first.returncode == 1
+    assert "Traceback" not in first.stderr
+    failed, completed = records(tmp_path)
+    assert failed["status"] == FAILED and "divisible by 16" in failed["error"]
+    assert completed["status"] == COMPLETED
+
+    again = run_entry_point(*command, check=False)
+    assert again.returncode == 1
+    assert "Job 1 completed earlier" in again.stdout + again.stderr
+    failed_again, skipped = records(tmp_path)
+    assert skipped == completed  # not retrained, not rewritten
+    assert failed_again["status"] == FAILED and failed_again["started_at"] != failed["started_at"]
+
+    other = run_entry_point(*command, "seed=3", check=False)
+    assert other.returncode == 2 and "already holds a different sweep" in other.stdout + other.stderr
+    assert records(tmp_path) == [failed_again, skipped]
+
+
+def test_a_single_run_with_a_user_error_is_one_paragraph_and_exit_2(shapes_root: Path, tmp_path: Path) -> None:
+    result = run_entry_point("train.py", *TINY_SHAPES, *QUIET, "model=unet", "data.image_size=40",
+                             f"data.root={shapes_root}", f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "divisible by 16" in result.stdout + result.stderr
+    record = read_record(tmp_path)
+    assert record["status"] == FAILED and record["job"] is None and record["devices"] == "cpu"
+
+
+def test_a_killed_sweep_resumes_its_interrupted_job_from_last_ckpt(shapes_root: Path, tmp_path: Path) -> None:
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET,
+               f"data.root={shapes_root}", "trainer.max_epochs=40", "seed=5", "logger=none",
+               f"hydra.sweep.dir={tmp_path}"]
+    last = tmp_path / "0" / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few more epochs
+        assert process.poll() is None, "the sweep ended before it could be killed"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed = read_record(tmp_path / "0")
+    assert killed["status"] == "running" and 1 <= killed["epochs"] < 40
+
+    result = run_entry_point(*command[1:])
+    assert "resuming from" in result.stdout + result.stderr
+    [resumed] = records(tmp_path)
+    assert resumed["status"] == COMPLETED
+    assert [int(h["epoch"]) for h in resumed["history"]] == list(range(40))
+    # the epochs before the kill came back from the checkpoint with their scores
+    assert [h["val/miou"] for h in resumed["history"][: killed["epochs"]]] == [h["val/miou"] for h in killed["history"]]
+
+
+# -- other launchers and configs ---------------------------------------------------------------------------------
+
+def test_submitit_local_runs_a_two_job_sweep(shapes_root: Path, tmp_path: Path) -> None:
+    result = run_entry_point("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}",
+                             "seed=1,2", "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}")
+    jobs = records(tmp_path)
+    assert [j["status"] for j in jobs] == [COMPLETED, COMPLETED]
+    assert {j["launcher"] for j in jobs} == {"submitit_local"}
+    assert "2 jobs, 2 completed, 0 failed" in result.stdout + result.stderr
+
+
+def test_launcher_configs_compose_with_their_documented_keys() -> None:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        gpus = compose("train", overrides=["hydra/launcher=gpus", "hydra.launcher.ray.init.num_gpus=4"],
+                       return_hydra_config=True).hydra.launcher
+        slurm = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                        return_hydra_config=True).hydra.launcher
+    assert gpus._target_.endswith("GpuLauncher")
+    assert gpus.ray.init.num_gpus == 4 and gpus.ray.init.address is None
+    assert gpus.ray.init.include_dashboard is False
+    assert gpus.ray.remote.num_gpus == 1 and gpus.ray.remote.max_retries >= 1
+    assert slurm._target_.endswith("SlurmLauncher")
+    assert slurm.partition == "gpu" and slurm.gpus_per_node == 1 and slurm.tasks_per_node == 1
+    assert {"timeout_min", "cpus_per_task", "mem_gb"} <= set(slurm)
+
+
+# -- DDP inside and outside sweeps -------------------------------------------------------------------------------
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def odd_val_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """13 val images: a padding sampler would give one of 2 ranks a repeated image."""
+    from segx.data.shapes import write_shapes_dataset
+    from segx.data.shapes_datamodule import ShapesDataModule
+
+    root = tmp_path_factory.mktemp("odd_val")
+    write_shapes_dataset(root, num_train=16, num_val=13, seed=0, min_size=48, max_size=80)
+    data = ShapesDataModule(root=str(root), num_train=16, num_val=13, min_size=48, max_size=80, image_size=32)
+    masks = data.load_split("val").masks
+    return root, int((masks != 255).sum())
+
+
+def ddp_overrides(root: Path) -> list[str]:
+    return [*TINY_MODEL, *QUIET, *DDP, "data=shapes", f"data.root={root}", "data.num_train=16", "data.num_val=13",
+            "data.min_size=48", "data.max_size=80", "data.image_size=32", "data.batch_size=4",
+            "data.val_batch_size=4"]
+
+
+def test_ddp_run_scores_every_val_pixel_exactly_once(odd_val_root: tuple, tmp_path: Path) -> None:
+    root, labelled = odd_val_root
+    run_entry_point("train.py", *ddp_overrides(root), f"hydra.run.dir={tmp_path}")
+    record = read_record(tmp_path)
+    assert record["status"] == COMPLETED and record["strategy"] == "ddp"
+    assert record["final"]["val/pixels"] == labelled
+    assert (tmp_path / "train_ddp_process_1.log").is_file()  # rank 1 ran, and wrote no run files of its own
+
+
+def test_ddp_job_inside_a_multirun_spawns_its_ranks(odd_val_root: tuple, tmp_path: Path) -> None:
+    root, labelled = odd_val_root
+    result = run_entry_point("train.py", "-m", *ddp_overrides(root), "seed=1,2", f"hydra.sweep.dir={tmp_path}")
+    jobs = records(tmp_path)
+    assert len(jobs) == 2, result.stdout[-2000:]  # the sweep ran once, not once per rank
+    for job in jobs:
+        assert job["status"] == COMPLETED and job["strategy"] == "ddp_spawn"
+        assert job["final"]["val/pixels"] == labelled and job["best"]["val/miou"] >= 0
+
+
+# -- units ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision, cuda, bf16, expected", [
+    ("auto", False, False, "32-true"),
+    ("auto", True, True, "bf16-mixed"),
+    ("auto", True, False, "16-mixed"),
+    ("16-mixed", True, True, "16-mixed"),
+    ("bf16-mixed", False, False, "bf16-mixed"),
+    (32, False, False, "32"),
+])
+def test_precision_auto_resolves_by_device(precision: str, cuda: bool, bf16: bool, expected: str) -> None:
+    assert resolve_precision(precision, cuda, bf16) == expected
+
+
+def test_ddp_in_a_sweep_job_spawns_its_ranks_instead_of_rerunning_the_command() -> None:
+    assert strategy_for_sweep_job("ddp") == "ddp_spawn"
+    assert strategy_for_sweep_job("ddp_find_unused_parameters_true") == "ddp_spawn_find_unused_parameters_true"
+    assert strategy_for_sweep_job("auto") == "auto" and strategy_for_sweep_job("ddp_spawn") == "ddp_spawn"
+
+
+def test_augmentation_survives_pickling_for_spawned_ranks_and_reseeds_per_rank() -> None:
+    images, masks = torch.rand(64, 3, 8, 8), torch.randint(0, 21, (64, 8, 8))
+    augment = BatchAugment(seed=3)
+    augment(images, masks)
+    copy = pickle.loads(pickle.dumps(augment))
+    assert torch.equal(copy(images, masks)[0], augment(images, masks)[0])  # same stream, same position
+    rank0, rank1 = BatchAugment(seed=3), BatchAugment(seed=3)
+    rank1.reseed(3 + 1_000_003)
+    assert not torch.equal(rank0(images, masks)[0], rank1(images, masks)[0])
