@@ -1,4 +1,5 @@
-"""GPU paths: bf16 mixed-precision training (trainer=gpu) and evaluation on CUDA. Skipped without a GPU."""
+"""GPU paths: mixed-precision training (trainer=gpu, precision auto), evaluation on CUDA, sweeps over several
+GPUs. Skipped without the GPUs they need."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (trainer=gpu uses bf16 mixed precision on cuda)")
+                                reason="needs a CUDA GPU (trainer=gpu trains in mixed precision on cuda)")
 
 
 def test_bf16_training_on_gpu_and_cuda_evaluation(shapes_root: Path, tmp_path: Path) -> None:
@@ -19,7 +20,19 @@ def test_bf16_training_on_gpu_and_cuda_evaluation(shapes_root: Path, tmp_path: P
                     "optimizer.lr=3e-3", "trainer.max_epochs=4", f"hydra.run.dir={run_dir}")
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["best"]["val/miou"] > 0.15
+    expected = "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
+    assert metrics["precision"] == expected and metrics["accelerator"] == "cuda"
     run_entry_point("evaluate.py", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", "device=cuda",
                     f"hydra.run.dir={eval_dir}")
     # evaluation runs in float32, training validated under bf16 autocast: close, not identical
     assert read_json(eval_dir / "metrics.json")["miou"] == pytest.approx(metrics["best"]["val/miou"], abs=0.05)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (one sweep job per GPU)")
+def test_sweep_jobs_get_a_gpu_each_and_the_basic_launcher_suggests_gpus(shapes_root: Path, tmp_path: Path) -> None:
+    common = [*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "trainer.max_epochs=1", "seed=1,2"]
+    result = run_entry_point("train.py", "-m", *common, f"hydra.sweep.dir={tmp_path / 'basic'}")
+    assert "hydra/launcher=gpus" in result.stdout + result.stderr
+    run_entry_point("train.py", "-m", *common, "hydra/launcher=gpus", f"hydra.sweep.dir={tmp_path / 'gpus'}")
+    devices = {read_json(tmp_path / "gpus" / str(n) / "metrics.json")["devices"] for n in range(2)}
+    assert len(devices) == 2
