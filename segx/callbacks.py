@@ -87,6 +87,7 @@ class RunSummary(pl.Callback):
         return {
             **self.provenance,
             "final": self.history[-1] if self.history else {},
+            "monitor": self.monitor,
             "best": self.best(),
             "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
             "last_checkpoint": str(Path(checkpoint.dirpath) / "last.ckpt")
@@ -155,8 +156,10 @@ class RunSummary(pl.Callback):
         final = self.history[-1] if self.history else {}
         scores = {f"hp/final_{k.replace('/', '_')}": v for k, v in final.items()
                   if k.startswith("val/") and not k.startswith("val/iou/")}
-        if self.best():
-            scores["hp/best_val_miou"] = self.best()[self.monitor]
+        best = self.best()
+        for key in ("val/miou", "val/miou_no_bg"):  # of the best epoch by the monitored metric
+            if key in best:
+                scores[f"hp/best_{key.replace('/', '_')}"] = best[key]
         for logger in trainer.loggers:  # written before Lightning closes the loggers
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(self.hparams, metrics=scores)

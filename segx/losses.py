@@ -1,20 +1,34 @@
-"""Losses. The study found plain cross entropy collapsed to 'all background' on VOC and fixed it by
-weighting classes by their rarity; both are here, with three weighting rules."""
+"""Losses of the study, on logits [N,C,H,W] and integer masks [N,H,W] whose void pixels (255) are ignored.
+
+The study found plain cross entropy collapsed to 'all background' on VOC and fixed it by weighting classes
+by their rarity; it also compared Keras' categorical hinge and the overlap losses (Dice, Jaccard, Tversky),
+focal and Lovász-Softmax. Every loss that can weigh classes takes the same switch, `weighting`
+(null | neg_log | inverse | median), with weights from the training split's class frequencies.
+
+The overlap, focal and Lovász losses are segmentation-models-pytorch's (multiclass mode); the wrappers here
+only fix their mode, store the class weights as a buffer (so a checkpoint carries the exact loss) and make
+void pixels truly ignored (see `_SmpLoss`).
+"""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
+import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
+from segmentation_models_pytorch import losses as smp_losses
 from torch import nn
 
 from segx.data.voc import IGNORE_INDEX
-from segx.errors import SegxError
+from segx.errors import ConfigError, SegxError
 
 WEIGHTINGS = ("neg_log", "inverse", "median")
+NORMALIZATIONS = ("pixels", "weights")
+WEIGHTABLE_CHOICES = "ce, hinge, dice, jaccard, tversky, focal (or their weighted_* choices)"
 
 
 def class_weights(frequencies: torch.Tensor, weighting: str = "neg_log") -> torch.Tensor:
@@ -24,7 +38,7 @@ def class_weights(frequencies: torch.Tensor, weighting: str = "neg_log") -> torc
     - `inverse`: w_c ∝ 1 / f_c, scaled so the average weight per labelled pixel is 1.
     - `median`: w_c = median(f) / f_c, median-frequency balancing (Eigen & Fergus, 2015).
     """
-    f = frequencies.double()
+    f = torch.as_tensor(frequencies).double()
     present = f > 0
     if not present.any():
         raise SegxError("No class occurs in the training masks; class weights cannot be computed.")
@@ -36,46 +50,302 @@ def class_weights(frequencies: torch.Tensor, weighting: str = "neg_log") -> torc
     elif weighting == "median":
         w[present] = f[present].median() / f[present]
     else:
-        raise SegxError(f"Unknown loss.weighting={weighting!r}; choose one of {', '.join(WEIGHTINGS)}.")
+        raise ConfigError(f"Unknown loss.weighting={weighting!r}; choose null (unweighted) or one of "
+                          f"{', '.join(WEIGHTINGS)}.")
     return w.float()
 
 
+def _weights_or_none(class_frequencies: Any, weighting: str | None, loss: str) -> torch.Tensor | None:
+    """The class weights a loss stores, or None when unweighted (frequencies are then not needed)."""
+    if weighting is None:
+        return None
+    if class_frequencies is None:
+        raise SegxError(f"loss {loss} with weighting={weighting!r} needs the training split's class frequencies "
+                        "(build it with segx.losses.build_loss, or pass class_frequencies).")
+    return class_weights(class_frequencies, weighting)
+
+
+def _check_normalize(normalize: str) -> str:
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"Unknown loss.normalize={normalize!r}; choose `pixels` (weighted sum / labelled pixels, "
+                          "Keras, the study's) or `weights` (weighted sum / sum of their weights, PyTorch's).")
+    return normalize
+
+
+def _mask_void(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Logits with every void pixel set to 0, so neither the value nor any gradient can depend on them.
+
+    `masked_fill` (not a multiplication) also stops inf/NaN logits at void pixels, e.g. an fp16 overflow:
+    `F.cross_entropy(ignore_index=...)` alone gives them NaN gradients (its log-softmax covers every pixel).
+    """
+    return logits.masked_fill(~valid.unsqueeze(1), 0.0)
+
+
+def _pixel_mean(
+    weighted_sum: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+    normalize: str,
+) -> torch.Tensor:
+    """Divide a (weighted) sum over labelled pixels by their number (`pixels`) or their weights (`weights`).
+
+    `labels` has void pixels replaced by a real class; a batch without labelled pixels gives 0, not NaN.
+    """
+    if weights is None or normalize == "pixels":
+        count = valid.sum().float()
+    else:
+        count = (weights[labels] * valid).sum().float()
+    return weighted_sum.float() / count.clamp_min(torch.finfo(torch.float32).tiny)
+
+
 class CrossEntropyLoss(nn.CrossEntropyLoss):
-    """Pixel-wise cross entropy on logits; pixels labelled 255 (VOC's object borders) are ignored."""
+    """Pixel-wise cross entropy on logits, optionally class-weighted; void pixels are ignored.
 
-    def __init__(self, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0) -> None:
-        super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing)
-
-
-class WeightedCrossEntropyLoss(nn.CrossEntropyLoss):
-    """Cross entropy with class weights from the training split's pixel frequencies.
-
-    The weights live in the module's state, so a checkpoint reproduces the exact loss it was trained with.
+    A pixel of class y counts w_y · CE (PyTorch's per-pixel term, with label smoothing weighting each smoothed
+    class term by its own weight). The weighted sum is divided by the number of labelled pixels
+    (`normalize=pixels`, Keras' sample weights as the study used them) or by the sum of their weights
+    (`normalize=weights`, `nn.CrossEntropyLoss(weight=...)`). The weights are the `weight` buffer, as in
+    `nn.CrossEntropyLoss`, so checkpoints of earlier weighted runs still load.
     """
 
     def __init__(
         self,
-        class_frequencies: torch.Tensor,
-        weighting: str = "neg_log",
         ignore_index: int = IGNORE_INDEX,
         label_smoothing: float = 0.0,
+        weighting: str | None = None,
+        normalize: str = "pixels",
+        class_frequencies: torch.Tensor | None = None,
     ) -> None:
         super().__init__(
-            weight=class_weights(torch.as_tensor(class_frequencies), weighting),
+            weight=_weights_or_none(class_frequencies, weighting, type(self).__name__),
             ignore_index=ignore_index, label_smoothing=label_smoothing,
         )
         self.weighting = weighting
+        self.normalize = _check_normalize(normalize)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != self.ignore_index
+        per_pixel = F.cross_entropy(
+            _mask_void(logits, valid), target, weight=self.weight, ignore_index=self.ignore_index,
+            reduction="none", label_smoothing=self.label_smoothing,
+        )
+        return _pixel_mean(per_pixel.sum(), valid, target.masked_fill(~valid, 0), self.weight, self.normalize)
+
+
+class WeightedCrossEntropyLoss(CrossEntropyLoss):
+    """`CrossEntropyLoss` with `weighting=neg_log` by default: the `_target_` of `loss=weighted_ce`.
+
+    Kept as its own name so configs, code and checkpoints that name it keep working.
+    """
+
+    def __init__(
+        self,
+        class_frequencies: torch.Tensor | None = None,
+        weighting: str | None = "neg_log",
+        ignore_index: int = IGNORE_INDEX,
+        label_smoothing: float = 0.0,
+        normalize: str = "pixels",
+    ) -> None:
+        super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing, weighting=weighting,
+                         normalize=normalize, class_frequencies=class_frequencies)
+
+
+class CategoricalHingeLoss(nn.Module):
+    """Keras' `categorical_hinge` on softmax probabilities, as the study used it: per labelled pixel of class y,
+    max(0, 1 + max_{c≠y} p_c − p_y), averaged over labelled pixels.
+
+    With `weighting`, a pixel of class y counts w_y times; `normalize` divides the weighted sum by the number of
+    labelled pixels (`pixels`, Keras) or by the sum of their weights (`weights`). Weights: `class_weights` buffer.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = IGNORE_INDEX,
+        weighting: str | None = None,
+        normalize: str = "pixels",
+        class_frequencies: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.weighting = weighting
+        self.normalize = _check_normalize(normalize)
+        self.register_buffer("class_weights", _weights_or_none(class_frequencies, weighting, type(self).__name__))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != self.ignore_index
+        labels = target.masked_fill(~valid, 0)
+        probs = _mask_void(logits, valid).float().softmax(dim=1)
+        index = labels.unsqueeze(1)
+        p_true = probs.gather(1, index).squeeze(1)
+        p_other = probs.scatter(1, index, 0.0).amax(dim=1)  # Keras: max((1 - y_true) * y_pred); p ≥ 0
+        per_pixel = (1.0 + p_other - p_true).clamp_min(0.0) * valid
+        if self.class_weights is not None:
+            per_pixel = per_pixel * self.class_weights[labels]
+        return _pixel_mean(per_pixel.sum(), valid, labels, self.class_weights, self.normalize)
+
+
+# -- segmentation-models-pytorch's losses ---------------------------------------------------------------------
+# Checked on smp 0.6.0: for finite logits its ignore_index makes the value independent of void pixels and
+# their gradient 0 (Dice/Jaccard/Tversky multiply probabilities and one-hot targets by the mask; Focal and
+# Lovász drop void pixels by boolean indexing). Two gaps, closed by `_SmpLoss.forward`:
+# - inf/NaN logits at void pixels still leak: Dice/Jaccard/Tversky compute NaN·0 = NaN in the value, and
+#   Lovász's softmax over the whole tensor gives NaN gradients at those pixels;
+# - a batch without labelled pixels: Focal returns NaN (mean of nothing), Lovász an empty tensor.
+
+
+def _store_class_weights(loss: nn.Module, weights: torch.Tensor | None) -> None:
+    """Replace smp's plain `class_weights` attribute by a buffer (moved with the module, saved in checkpoints).
+
+    smp's forward reads `self.class_weights` and takes the weighted mean of its per-class terms,
+    sum_c w_c·L_c / sum_c w_c; older smp releases ignore the attribute, so refuse to weigh silently there.
+    """
+    smp_class = next(c for c in type(loss).__mro__ if c.__module__.startswith("segmentation_models_pytorch"))
+    if weights is not None and "class_weights" not in inspect.signature(smp_class.__init__).parameters:
+        raise SegxError(f"Weighted {type(loss).__name__} needs segmentation-models-pytorch with per-class weights "
+                        f"(0.6 or newer; {smp.__version__} is installed). Upgrade it, or set loss.weighting=null.")
+    if hasattr(loss, "class_weights"):
+        delattr(loss, "class_weights")
+    loss.register_buffer("class_weights", weights)
+
+
+class _SmpLoss(nn.Module):
+    """Placed before an smp loss class: void logits zeroed first, and 0 for a batch without labelled pixels."""
+
+    ignore_index: int
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != self.ignore_index
+        logits = _mask_void(logits, valid)
+        if not bool(valid.any()):
+            return logits.sum() * 0.0
+        return super().forward(logits, target)
+
+
+class DiceLoss(_SmpLoss, smp_losses.DiceLoss):
+    """smp's multiclass Dice loss, 1 − soft Dice per class over the batch, averaged over classes (classes absent
+    from the batch count 0); with `weighting`, a weighted mean of the per-class terms."""
+
+    def __init__(
+        self,
+        ignore_index: int = IGNORE_INDEX,
+        weighting: str | None = None,
+        smooth: float = 0.0,
+        log_loss: bool = False,
+        class_frequencies: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
+                         smooth=smooth, log_loss=log_loss)
+        self.weighting = weighting
+        _store_class_weights(self, _weights_or_none(class_frequencies, weighting, type(self).__name__))
+
+
+class JaccardLoss(_SmpLoss, smp_losses.JaccardLoss):
+    """smp's multiclass Jaccard (soft IoU) loss, per class over the batch, averaged over classes; with
+    `weighting`, a weighted mean of the per-class terms."""
+
+    def __init__(
+        self,
+        ignore_index: int = IGNORE_INDEX,
+        weighting: str | None = None,
+        smooth: float = 0.0,
+        log_loss: bool = False,
+        class_frequencies: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
+                         smooth=smooth, log_loss=log_loss)
+        self.weighting = weighting
+        _store_class_weights(self, _weights_or_none(class_frequencies, weighting, type(self).__name__))
+
+
+class TverskyLoss(_SmpLoss, smp_losses.TverskyLoss):
+    """smp's multiclass Tversky loss: Dice with false positives weighted by `alpha` and false negatives by
+    `beta` (0.5/0.5 is Dice), the class mean raised to `gamma`; with `weighting`, a weighted class mean."""
+
+    def __init__(
+        self,
+        ignore_index: int = IGNORE_INDEX,
+        weighting: str | None = None,
+        alpha: float = 0.3,
+        beta: float = 0.7,
+        gamma: float = 1.0,
+        smooth: float = 0.0,
+        log_loss: bool = False,
+        class_frequencies: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
+                         smooth=smooth, log_loss=log_loss, alpha=alpha, beta=beta, gamma=gamma)
+        self.weighting = weighting
+        _store_class_weights(self, _weights_or_none(class_frequencies, weighting, type(self).__name__))
+
+
+class FocalLoss(_SmpLoss, smp_losses.FocalLoss):
+    """smp's multiclass focal loss: per class, a one-vs-rest sigmoid focal loss averaged over labelled pixels,
+    then averaged over classes; with `weighting`, a weighted mean of these per-class terms (not per pixel)."""
+
+    def __init__(
+        self,
+        ignore_index: int = IGNORE_INDEX,
+        weighting: str | None = None,
+        gamma: float = 2.0,
+        alpha: float | None = None,
+        normalized: bool = False,
+        class_frequencies: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
+                         gamma=gamma, alpha=alpha, normalized=normalized)
+        self.weighting = weighting
+        _store_class_weights(self, _weights_or_none(class_frequencies, weighting, type(self).__name__))
+
+
+class LovaszLoss(_SmpLoss, smp_losses.LovaszLoss):
+    """smp's Lovász-Softmax loss over the batch (classes present in it). It cannot weigh classes: smp averages
+    its per-class terms inside `_lovasz_softmax_flat`, with no weights, so `weighting` must stay null."""
+
+    unweighted_because = "smp's Lovász-Softmax averages its per-class terms internally and takes no class weights"
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, weighting: str | None = None) -> None:
+        _refuse_weighting(type(self), weighting)
+        super().__init__(mode=smp_losses.MULTICLASS_MODE, ignore_index=ignore_index)
+        self.weighting = None
+
+
+def _refuse_weighting(target: type, weighting: Any) -> None:
+    """A loss that cannot weigh classes refuses `loss.weighting` instead of silently training unweighted."""
+    if weighting is None:
+        return
+    why = getattr(target, "unweighted_because", "its constructor takes no class frequencies")
+    raise ConfigError(
+        f"loss.weighting={weighting!r} is not possible with the loss {target.__module__}.{target.__qualname__}: "
+        f"{why}. Set loss.weighting=null to train it unweighted, or choose a loss that weighs classes: "
+        f"{WEIGHTABLE_CHOICES}."
+    )
 
 
 def build_loss(cfg: DictConfig, class_frequencies: Any = None) -> nn.Module:
-    """Instantiate `cfg`; a loss whose constructor takes `class_frequencies` is given the train split's.
+    """Instantiate `cfg`; a weighted loss is given the train split's class frequencies.
 
-    Frequencies are computed lazily (pass a callable) so runs with an unweighted loss never pay for them.
+    `class_frequencies` is a tensor or a zero-argument callable returning one; it is called only when the loss
+    is actually weighted, so runs with an unweighted loss never pay for it. Invalid `loss.weighting` values
+    are refused here, before the frequencies are computed.
     """
     target = get_class(cfg._target_)
-    if "class_frequencies" in inspect.signature(target).parameters:
-        if class_frequencies is None:
-            raise SegxError(f"loss {cfg._target_} needs the training split's class frequencies.")
-        freq = class_frequencies() if callable(class_frequencies) else class_frequencies
-        return instantiate(cfg, class_frequencies=freq)
-    return instantiate(cfg)
+    parameters = inspect.signature(target).parameters
+    if cfg.get("normalize") is not None:
+        _check_normalize(cfg.normalize)
+    if "weighting" in cfg:
+        weighting = cfg.weighting
+    elif "weighting" in parameters:
+        weighting = parameters["weighting"].default
+    else:
+        weighting = None
+    if "class_frequencies" not in parameters:
+        _refuse_weighting(target, weighting)
+        return instantiate(cfg)
+    if weighting is None:
+        return instantiate(cfg)
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"Unknown loss.weighting={weighting!r} for {cfg._target_}; choose null (unweighted) or "
+                          f"one of {', '.join(WEIGHTINGS)}.")
+    if class_frequencies is None:
+        raise SegxError(f"loss {cfg._target_} with weighting={weighting!r} needs the training split's class "
+                        "frequencies.")
+    freq = class_frequencies() if callable(class_frequencies) else class_frequencies
+    return instantiate(cfg, class_frequencies=freq)

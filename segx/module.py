@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ class SegmentationModule(pl.LightningModule):
         net: nn.Module,
         loss: nn.Module,
         optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
         class_names: Sequence[str] = VOC_CLASSES,
         ignore_index: int = IGNORE_INDEX,
         run_config: Mapping[str, Any] | None = None,
@@ -38,6 +40,7 @@ class SegmentationModule(pl.LightningModule):
         self.net = net
         self.loss = loss
         self.optimizer_cfg = dict(optimizer)
+        self.scheduler_cfg = dict(scheduler) if scheduler is not None else None
         self.class_names = list(class_names)
         self.run_config = dict(run_config or {})
         num_classes = len(self.class_names)
@@ -95,8 +98,10 @@ class SegmentationModule(pl.LightningModule):
         self._log_scores("val")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer, scheduler = build_optimizer(self.parameters(), self.optimizer_cfg)
-        # Keras applied `decay` per batch, so the scheduler steps every batch, not every epoch.
+        steps = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        total_steps = int(steps) if math.isfinite(steps) else 0  # 0: unknown (no max_epochs nor max_steps)
+        optimizer, scheduler = build_optimizer(self.parameters(), self.optimizer_cfg, self.scheduler_cfg, total_steps)
+        # Keras applied `decay` per batch, so every schedule steps every batch, not every epoch.
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

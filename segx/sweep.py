@@ -104,6 +104,11 @@ class JobRecord:
         self.fields.update(fields, status=RUNNING)
         self._update(drop=("error", "ended_at"))
 
+    def note(self, **fields: Any) -> None:
+        """Add results measured outside training (e.g. prediction timing) to metrics.json."""
+        self.fields.update(fields)
+        self._update()
+
     def complete(self) -> None:
         self.fields.update(status=COMPLETED, ended_at=utc_now())
         self._update(drop=("error",))

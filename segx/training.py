@@ -8,17 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
 from segx.callbacks import RunSummary
+from segx.errors import ConfigError
 from segx.losses import build_loss
 from segx.models import parameter_counts
 from segx.module import SegmentationModule
 from segx.runfiles import write_json_atomic
 from segx.runtime import precision_for, strategy_for_sweep_job, uses_cuda, visible_devices
 from segx.sweep import JobInfo, JobRecord, best_value, read_record
+from segx.timing import time_prediction
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,8 @@ log = logging.getLogger(__name__)
 def _flat_choices(cfg: DictConfig) -> dict[str, Any]:
     """The knobs a sweep turns, flattened for TensorBoard's hparams tab."""
     flat: dict[str, Any] = {"seed": cfg.seed}
-    for group in ("model", "optimizer", "loss", "data"):
-        node = OmegaConf.to_container(cfg[group], resolve=True)
+    for group in ("model", "optimizer", "scheduler", "loss", "data"):
+        node = OmegaConf.to_container(cfg.get(group) or {}, resolve=True)
         for key, value in node.items():
             if isinstance(value, str | int | float | bool):
                 flat[f"{group}.{key}"] = value
@@ -99,6 +102,32 @@ def _runtime(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     }
 
 
+MONITORS = ("val/miou", "val/miou_no_bg", "val/acc")  # higher is better for each
+
+
+def _monitor(cfg: DictConfig) -> str:
+    monitor = str(cfg.get("monitor", "val/miou"))
+    if monitor not in MONITORS:
+        raise ConfigError(f"monitor={monitor} cannot pick the best epoch; choose one of {', '.join(MONITORS)}.")
+    return monitor
+
+
+def _time_prediction(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, runtime: dict[str, Any]) -> dict:
+    """The study's timing protocol on the trained network (`timing.predict=true`)."""
+    timing = cfg.timing
+    images = datamodule.load_split(datamodule.val_split).images
+    if timing.get("max_images"):
+        images = images[: int(timing.max_images)]
+    device = torch.device("cuda", 0) if runtime["accelerator"] == "cuda" else torch.device("cpu")
+    log.info("Timing prediction of %d val images: %d warm-up + %d timed passes on %s", len(images), timing.warmup,
+             timing.passes, device)
+    result = time_prediction(net, images, datamodule.normalize, device, runtime["precision"],
+                             batch_size=int(timing.batch_size), passes=int(timing.passes), warmup=int(timing.warmup))
+    log.info("Predicting %d val images took %.3f s (mean of %d passes), %.0f images/s", result["predict_images"],
+             result["predict_val_seconds"], timing.passes, result["predict_images_per_second"])
+    return result
+
+
 def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> float:
     """Fit the configured model and write `metrics.json`; returns the best `val/miou` (for sweepers).
 
@@ -107,6 +136,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     """
     run_dir = job.run_dir
     record = record or JobRecord(job)
+    monitor = _monitor(cfg)
     _route_lightning_logs()
     runtime = _runtime(cfg, job)
     strategy, sync_batchnorm = runtime.pop("_strategy"), runtime.pop("_sync_batchnorm")
@@ -121,6 +151,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     loss = build_loss(cfg.loss, class_frequencies=datamodule.class_frequencies)
     module = SegmentationModule(
         net, loss, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         class_names=datamodule.class_names, run_config=OmegaConf.to_container(cfg, resolve=True),
     )
     counts = parameter_counts(net)
@@ -128,7 +159,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
              f"{counts['trainable']:,}")
 
     logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
-    summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=_flat_choices(cfg),
+    summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=_flat_choices(cfg), monitor=monitor,
                          provenance=record.fields)
     show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker
     callbacks = [*build_callbacks(cfg, run_dir, show_progress), summary]
@@ -142,6 +173,8 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     if written is None or "history" not in written:  # e.g. resumed past max_epochs: nothing trained
         write_json_atomic(run_dir / "metrics.json", {**record.fields, **summary.summary(trainer)})
         written = read_record(run_dir) or {}
+    if cfg.get("timing") and cfg.timing.get("predict") and record.write:
+        record.note(**_time_prediction(cfg, net, datamodule, runtime))
 
     log.info("Run directory: %s (metrics.json, checkpoints/, %s)", run_dir,
              getattr(logger, "name", None) or "no logger")

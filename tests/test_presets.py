@@ -1,0 +1,102 @@
+"""The study's experiments as presets: their settings, exact job counts, and each one's CPU smoke sweep."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from segx import report
+from segx.sweep import COMPLETED, read_record
+from tests.conftest import QUIET, ROOT, TINY_SHAPES, run_entry_point
+
+PRESET_JOBS = {"optimizer_grid": 36, "loss_grid": 3 * len(list((ROOT / "conf" / "loss").glob("*.yaml"))),
+               "size_study": 9, "best_setting": 3, "compare_models": 45}
+SMOKE = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+         "trainer.num_sanity_val_steps=0", "logger=none", "callbacks.prediction_grid=null", "data.batch_size=4",
+         "hydra.sweeper.params.seed=1"]
+
+
+def preset(name: str, *overrides: str) -> DictConfig:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={name}", *overrides], return_hydra_config=True)
+
+
+def sweep_size(params: DictConfig) -> int:
+    """Jobs the basic sweeper makes of `hydra.sweeper.params`: the product of each parameter's values."""
+    sizes = []
+    for key, value in params.items():
+        value = str(value)
+        if value.startswith("glob("):
+            sizes.append(len(list((ROOT / "conf" / key).glob("*.yaml"))))
+        else:
+            sizes.append(len(value.split(",")))
+    return math.prod(sizes)
+
+
+@pytest.mark.parametrize("name, jobs", PRESET_JOBS.items())
+def test_preset_job_counts_are_the_studys(name: str, jobs: int) -> None:
+    params = preset(name).hydra.sweeper.params
+    assert params.seed == "1,2,3"
+    assert sweep_size(params) == jobs
+
+
+def test_the_loss_grid_has_at_least_the_36_jobs_of_the_study() -> None:
+    assert PRESET_JOBS["loss_grid"] >= 36
+
+
+def test_optimizer_grid_pairs_learning_rates_with_decay_instead_of_a_product() -> None:
+    pairs = set()
+    for choice in str(preset("optimizer_grid").hydra.sweeper.params.lr_decay).split(","):
+        cfg = preset("optimizer_grid", f"lr_decay={choice}", "optimizer=sgd")
+        pairs.add((cfg.optimizer.lr, cfg.optimizer.decay))
+    assert pairs == {(1e-3, 0.0), (1e-4, 0.0), (1e-5, 0.0), (1e-4, 1e-3)}
+    assert str(preset("optimizer_grid").hydra.sweeper.params.optimizer).split(",") == ["adam", "sgd", "adamax"]
+
+
+def test_presets_use_the_studys_settings() -> None:
+    best = preset("best_setting")
+    assert best.optimizer._target_ == "torch.optim.SGD" and (best.optimizer.lr, best.optimizer.decay) == (1e-4, 1e-3)
+    assert best.trainer.max_epochs == 100 and best.monitor == "val/miou" and best.loss.weighting == "neg_log"
+    size = preset("size_study")
+    assert size.monitor == "val/miou_no_bg" and size.timing.predict is True and size.timing.passes == 5
+    assert str(size.hydra.sweeper.params.model).split(",") == ["unet", "unet_medium", "unet_small"]
+    models = preset("compare_models")
+    assert str(models.hydra.sweeper.params.model).split(",") == ["fcn", "unet", "resunet", "pspnet", "deeplabv3plus"]
+    assert str(models.hydra.sweeper.params["optimizer.lr"]).split(",") == ["1e-3", "1e-4", "1e-5"]
+    assert models.data.augment.hflip is False and models.data.image_size == 128 and models.data.batch_size == 16
+    losses = preset("loss_grid")
+    assert (losses.optimizer._target_, losses.optimizer.lr, losses.optimizer.decay) == ("torch.optim.Adam", 1e-4, 1e-3)
+    assert losses.trainer.max_epochs == 25 and losses.model._target_ == "segx.models.UNet"
+
+
+def test_every_optimizer_starts_from_the_same_learning_rate() -> None:
+    for path in sorted((ROOT / "conf" / "optimizer").glob("*.yaml")):
+        assert OmegaConf.load(path).lr == 1e-4, path.name
+
+
+@pytest.mark.parametrize("name", PRESET_JOBS)
+def test_preset_smoke_sweep_on_shapes(name: str, shapes_root: Path, tmp_path: Path) -> None:
+    """Each preset's CPU smoke version (seed 1 only) runs every job of its grid."""
+    result = run_entry_point("train.py", "-m", f"experiment={name}", *TINY_SHAPES, *QUIET, *SMOKE,
+                             f"data.root={shapes_root}", f"hydra.sweep.dir={tmp_path}")
+    runs = sorted((p.parent for p in tmp_path.glob("*/metrics.json")), key=lambda p: int(p.name))
+    assert len(runs) == PRESET_JOBS[name] // 3, result.stdout[-3000:]
+    records = [read_record(r) for r in runs]
+    assert all(r["status"] == COMPLETED for r in records), [r.get("error") for r in records]
+    assert len({tuple(r["overrides"]) for r in records}) == len(records)  # every job a different setting
+    if name == "size_study":
+        for record in records:
+            assert record["monitor"] == "val/miou_no_bg"
+            assert record["predict_val_seconds"] > 0 and record["predict_images"] == 16
+            assert len(record["predict_pass_seconds"]) == 5
+            assert record["predict_images_per_second"] == pytest.approx(16 / record["predict_val_seconds"])
+    if name == "compare_models":  # the sweep reads back as one row per model and learning rate
+        rows = report.main([str(tmp_path), "--json", str(tmp_path / "summary.json")])
+        assert len(rows) == 15 and all(r["runs"] == 1 and 0 <= r["max"] <= 1 for r in rows)
+        settings = [dict(o.split("=") for o in r["setting"].split()) for r in rows]
+        assert {(s["model"], float(s["optimizer.lr"])) for s in settings} == {
+            (m, lr) for m in ("fcn", "unet", "resunet", "pspnet", "deeplabv3plus") for lr in (1e-3, 1e-4, 1e-5)}
