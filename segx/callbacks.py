@@ -50,6 +50,16 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if "/" in k and torch.as_tensor(v).numel() == 1}
 
 
+def _best_of(history: list[dict[str, float]], monitor: str) -> dict[str, float]:
+    scored = [h for h in history if monitor in h]
+    return max(scored, key=lambda h: h[monitor]) if scored else {}
+
+
+def _val_confusion_matrix(trainer: pl.Trainer) -> list[list[int]] | None:
+    counts = getattr(trainer.lightning_module, "val_confusion_matrix", None)
+    return counts.tolist() if counts is not None else None
+
+
 class RunSummary(pl.Callback):
     """Keeps `metrics.json` in the run directory: per-epoch metrics and wall time, best and final scores.
 
@@ -69,6 +79,7 @@ class RunSummary(pl.Callback):
         self.hparams = hparams or {}
         self.monitor = monitor
         self.history: list[dict[str, float]] = []
+        self.best_confusion_matrix: list[list[int]] | None = None  # the best epoch's, rows: ground truth
         self.epoch_seconds: list[float] = []
         self.total_seconds = 0.0
         self._fit_start = 0.0
@@ -78,8 +89,7 @@ class RunSummary(pl.Callback):
 
     def best(self) -> dict[str, float]:
         """The first epoch with the highest monitored score (the one ModelCheckpoint keeps)."""
-        scored = [h for h in self.history if self.monitor in h]
-        return max(scored, key=lambda h: h[self.monitor]) if scored else {}
+        return _best_of(self.history, self.monitor)
 
     def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         checkpoint = trainer.checkpoint_callback
@@ -89,6 +99,8 @@ class RunSummary(pl.Callback):
             "final": self.history[-1] if self.history else {},
             "monitor": self.monitor,
             "best": self.best(),
+            "class_names": list(getattr(trainer.lightning_module, "class_names", []) or []),
+            "best_confusion_matrix": self.best_confusion_matrix,
             "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
             "last_checkpoint": str(Path(checkpoint.dirpath) / "last.ckpt")
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath else None,
@@ -108,6 +120,8 @@ class RunSummary(pl.Callback):
             return
         self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
         self.history.append(self._pending(trainer))
+        if self.best() is self.history[-1]:
+            self.best_confusion_matrix = _val_confusion_matrix(trainer)
         self._epoch_start = None
         if trainer.is_global_zero:
             write_json_atomic(self.path, self.summary(trainer))
@@ -130,14 +144,19 @@ class RunSummary(pl.Callback):
         epoch is included as it stands (its metrics are final by then).
         """
         history, seconds = list(self.history), list(self.epoch_seconds)
+        confusion = self.best_confusion_matrix
         if self._epoch_start is not None and self._trainer is not None:
-            history.append(self._pending(self._trainer))
+            pending = self._pending(self._trainer)
+            history.append(pending)
             seconds.append(time.perf_counter() - self._epoch_start)
-        return {"history": history, "epoch_seconds": seconds}
+            if _best_of(history, self.monitor) is pending:
+                confusion = _val_confusion_matrix(self._trainer)
+        return {"history": history, "epoch_seconds": seconds, "best_confusion_matrix": confusion}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.epoch_seconds = list(state_dict.get("epoch_seconds", []))
+        self.best_confusion_matrix = state_dict.get("best_confusion_matrix")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()

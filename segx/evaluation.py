@@ -97,9 +97,12 @@ def evaluate_checkpoint(
                 save_palette_png(pred[0].cpu().numpy(), pred_dir / f"{cached.ids[begin + i]}.png")
         log.debug("Evaluated %d/%d images", end, len(cached))
 
-    scores = segmentation_scores(confmat.compute().cpu(), datamodule.class_names)
+    counts = confmat.compute().cpu()
+    scores = segmentation_scores(counts, datamodule.class_names)
     return {
         **scores,
+        "confusion_matrix": counts.long().tolist(),  # rows: ground truth, columns: prediction
+        "class_names": list(datamodule.class_names),
         "n_images": len(cached),
         "seconds": time.perf_counter() - start,
         "checkpoint": str(Path(ckpt).resolve()),

@@ -46,6 +46,7 @@ class SegmentationModule(pl.LightningModule):
         num_classes = len(self.class_names)
         self.train_confmat = confusion_matrix_metric(num_classes, ignore_index)
         self.val_confmat = confusion_matrix_metric(num_classes, ignore_index)
+        self.val_confusion_matrix: torch.Tensor | None = None
 
     def setup(self, stage: str) -> None:
         # Epoch scores come from confusion matrices torchmetrics already summed over the DDP ranks, so every
@@ -76,8 +77,11 @@ class SegmentationModule(pl.LightningModule):
 
     def _log_scores(self, stage: str) -> None:
         confmat = self.train_confmat if stage == "train" else self.val_confmat
-        scores = segmentation_scores(confmat.compute(), self.class_names)
+        counts = confmat.compute()
+        scores = segmentation_scores(counts, self.class_names)
         confmat.reset()
+        if stage == "val":  # the epoch's whole val confusion matrix, for metrics.json (rows: ground truth)
+            self.val_confusion_matrix = counts.detach().long().cpu()
         metrics = {f"{stage}/acc": scores["pixel_acc"], f"{stage}/miou": scores["miou"]}
         if stage == "val":
             metrics["val/miou_no_bg"] = scores["miou_no_bg"]

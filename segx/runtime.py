@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 CUDA_ACCELERATORS = ("auto", "gpu", "cuda")
 # Lightning strategies that re-run `sys.argv` in child processes; inside a multirun that is the whole sweep.
@@ -56,3 +61,38 @@ def strategy_for_sweep_job(strategy: object) -> object:
     if isinstance(strategy, str) and strategy in _RELAUNCHING_DDP:
         return _RELAUNCHING_DDP[strategy]
     return strategy
+
+
+@dataclass
+class Runtime:
+    """How a run executes once `auto` and the sweep context are resolved (logged and kept in metrics.json)."""
+
+    accelerator: str
+    devices: str
+    precision: str
+    strategy: Any
+    sync_batchnorm: bool
+
+    def record(self) -> dict[str, str]:
+        strategy = self.strategy if isinstance(self.strategy, str) else type(self.strategy).__name__
+        return {"devices": self.devices, "accelerator": self.accelerator, "precision": self.precision,
+                "strategy": strategy}
+
+
+def resolve_runtime(trainer: Any, in_sweep: bool) -> Runtime:
+    """The Trainer settings segx resolves itself, from the `trainer` config node."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    cuda = uses_cuda(accelerator)
+    strategy = trainer.get("strategy", "auto")
+    if in_sweep and strategy_for_sweep_job(strategy) != strategy:
+        log.info("trainer.strategy=%s inside a multirun: starting the ranks with %s (Lightning's %s would re-run "
+                 "the command line, i.e. the whole sweep)", strategy, strategy_for_sweep_job(strategy), strategy)
+        strategy = strategy_for_sweep_job(strategy)
+    sync_batchnorm = bool(trainer.get("sync_batchnorm")) and cuda
+    if trainer.get("sync_batchnorm") and not cuda:
+        log.info("trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm); off for this CPU run")
+    return Runtime(
+        accelerator="cuda" if cuda else ("cpu" if accelerator == "auto" else accelerator),
+        devices=visible_devices(accelerator), precision=precision_for(trainer.get("precision", "auto"), accelerator),
+        strategy=strategy, sync_batchnorm=sync_batchnorm,
+    )

@@ -70,6 +70,19 @@ class JobInfo:
         """Runs in a process of its own beside other jobs (Ray, submitit): no live progress bar there."""
         return self.multirun and self.launcher != "basic"
 
+    @property
+    def sweep_dir(self) -> Path | None:
+        """The sweep's folder (the run directory's parent) for a job of a multirun."""
+        return self.run_dir.parent if self.multirun else None
+
+    def run_name(self) -> str:
+        """The job named by the overrides its sweep varies, e.g. `optimizer=sgd,seed=1` (TensorBoard's run name);
+        `job<N>` when nothing varies or the sweep's multirun.yaml cannot be read."""
+        keys = varying_keys(self.sweep_dir) if self.sweep_dir is not None else []
+        values = dict(_split_override(o) for o in self.overrides)
+        parts = [f"{key}={values[key]}" for key in keys if key in values]
+        return ",".join(parts).replace("/", "_") or f"job{self.num}"
+
     @classmethod
     def from_hydra(cls) -> JobInfo:
         """From Hydra's state inside a task function."""
@@ -82,6 +95,31 @@ class JobInfo:
             overrides=[str(o) for o in hydra_cfg.overrides.task],
             launcher=str(hydra_cfg.runtime.choices.get("hydra/launcher", "basic")),
         )
+
+
+def _split_override(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def varying_keys(sweep_dir: str | Path) -> list[str]:
+    """The keys a sweep sweeps over (`optimizer=sgd,adam`, `loss=glob(*)`, its preset's sweeper params), in
+    command-line order, read from the sweep's `multirun.yaml` (written before any job starts)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        config = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
+        params = config.hydra.sweeper.get("params") or {}
+        overrides = [*(str(o) for o in config.hydra.overrides.task), *(f"{k}={v}" for k, v in params.items())]
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # an unreadable or foreign multirun.yaml: the caller falls back to job numbers
+        return []
+    keys: list[str] = []
+    for override in parsed:
+        key = override.get_key_element().lstrip("+~")
+        if override.is_sweep_override() and key not in keys and not key.startswith("hydra."):
+            keys.append(key)
+    return keys
 
 
 class JobRecord:

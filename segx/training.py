@@ -19,7 +19,7 @@ from segx.losses import build_loss
 from segx.models import parameter_counts
 from segx.module import SegmentationModule
 from segx.runfiles import write_json_atomic
-from segx.runtime import precision_for, strategy_for_sweep_job, uses_cuda, visible_devices
+from segx.runtime import Runtime, resolve_runtime
 from segx.sweep import JobInfo, JobRecord, best_value, read_record
 from segx.timing import time_prediction
 
@@ -37,6 +37,25 @@ def _flat_choices(cfg: DictConfig) -> dict[str, Any]:
             elif isinstance(value, list) and len(value) <= 8:  # widths and the like; class names are skipped
                 flat[f"{group}.{key}"] = str(value)
     return flat
+
+
+def _override_hparams(overrides: list[str]) -> list[tuple[str, str]]:
+    """The run's command-line choices (`optimizer=sgd` → optimizer: sgd) for TensorBoard's HParams tab."""
+    pairs = (o.lstrip("+~").partition("=") for o in overrides)
+    return [(key, value) for key, _, value in pairs if not key.startswith(("hydra.", "data.root"))]
+
+
+def build_logger(cfg: DictConfig, job: JobInfo, record: JobRecord) -> Any:
+    """The configured logger in the run directory. A sweep job's TensorBoard files go to `<sweep dir>/<run name>`
+    instead (e.g. `multirun/.../optimizer=sgd,seed=1`), so `tensorboard --logdir <sweep dir>` names every run by
+    the overrides it varies, not `0/tensorboard`; `metrics.json` records where (`tensorboard_dir`)."""
+    if not cfg.get("logger"):
+        return False
+    if job.multirun and str(cfg.logger._target_).endswith("TensorBoardLogger"):
+        logger = instantiate(cfg.logger, save_dir=str(job.sweep_dir), name=job.run_name(), version="")
+        record.fields["tensorboard_dir"] = str(Path(logger.log_dir))
+        return logger
+    return instantiate(cfg.logger, save_dir=str(job.run_dir))
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, show_progress: bool = True) -> list[pl.Callback]:
@@ -79,29 +98,6 @@ def _route_lightning_logs() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def _runtime(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
-    """Resolved precision, devices and strategy of this run (logged once and recorded in metrics.json)."""
-    accelerator = str(cfg.trainer.accelerator)
-    strategy = cfg.trainer.strategy
-    if job.multirun:
-        spawned = strategy_for_sweep_job(strategy)
-        if spawned != strategy:
-            log.info("trainer.strategy=%s inside a multirun: starting the ranks with %s (Lightning's %s would re-run "
-                     "the command line, i.e. the whole sweep)", strategy, spawned, strategy)
-        strategy = spawned
-    sync_batchnorm = bool(cfg.trainer.get("sync_batchnorm")) and uses_cuda(accelerator)
-    if cfg.trainer.get("sync_batchnorm") and not sync_batchnorm:
-        log.info("trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm); off for this CPU run")
-    return {
-        "_sync_batchnorm": sync_batchnorm,
-        "devices": visible_devices(accelerator),
-        "accelerator": "cuda" if uses_cuda(accelerator) else accelerator if accelerator != "auto" else "cpu",
-        "precision": precision_for(cfg.trainer.precision, accelerator),
-        "strategy": strategy if isinstance(strategy, str) else type(strategy).__name__,
-        "_strategy": strategy,
-    }
-
-
 MONITORS = ("val/miou", "val/miou_no_bg", "val/acc")  # higher is better for each
 
 
@@ -112,16 +108,16 @@ def _monitor(cfg: DictConfig) -> str:
     return monitor
 
 
-def _time_prediction(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, runtime: dict[str, Any]) -> dict:
+def _time_prediction(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, runtime: Runtime) -> dict:
     """The study's timing protocol on the trained network (`timing.predict=true`)."""
     timing = cfg.timing
     images = datamodule.load_split(datamodule.val_split).images
     if timing.get("max_images"):
         images = images[: int(timing.max_images)]
-    device = torch.device("cuda", 0) if runtime["accelerator"] == "cuda" else torch.device("cpu")
+    device = torch.device("cuda", 0) if runtime.accelerator == "cuda" else torch.device("cpu")
     log.info("Timing prediction of %d val images: %d warm-up + %d timed passes on %s", len(images), timing.warmup,
              timing.passes, device)
-    result = time_prediction(net, images, datamodule.normalize, device, runtime["precision"],
+    result = time_prediction(net, images, datamodule.normalize, device, runtime.precision,
                              batch_size=int(timing.batch_size), passes=int(timing.passes), warmup=int(timing.warmup))
     log.info("Predicting %d val images took %.3f s (mean of %d passes), %.0f images/s", result["predict_images"],
              result["predict_val_seconds"], timing.passes, result["predict_images_per_second"])
@@ -129,7 +125,7 @@ def _time_prediction(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, run
 
 
 def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> float:
-    """Fit the configured model and write `metrics.json`; returns the best `val/miou` (for sweepers).
+    """Fit the configured model and write `metrics.json`; returns the best value of `monitor` (for sweepers).
 
     `job.run_dir` receives `checkpoints/`, the logger's files and `metrics.json`; `record` (status and
     provenance) is kept in `metrics.json` with every epoch.
@@ -138,12 +134,10 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     record = record or JobRecord(job)
     monitor = _monitor(cfg)
     _route_lightning_logs()
-    runtime = _runtime(cfg, job)
-    strategy, sync_batchnorm = runtime.pop("_strategy"), runtime.pop("_sync_batchnorm")
-    record.start(**runtime)
-    log.info("Job %s · launcher %s · host %s · devices %s · accelerator %s · precision %s · strategy %s",
-             "-" if job.num is None else job.num, job.launcher, record.fields["host"], runtime["devices"],
-             runtime["accelerator"], runtime["precision"], runtime["strategy"])
+    runtime = resolve_runtime(cfg.trainer, in_sweep=job.multirun)
+    record.start(**runtime.record())
+    log.info("Job %s · launcher %s · host %s · %s", "-" if job.num is None else job.num, job.launcher,
+             record.fields["host"], " · ".join(f"{k} {v}" for k, v in runtime.record().items()))
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -158,13 +152,14 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     log.info("Model %s: %s parameters (%s trainable)", cfg.model._target_, f"{counts['total']:,}",
              f"{counts['trainable']:,}")
 
-    logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
-    summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=_flat_choices(cfg), monitor=monitor,
+    logger = build_logger(cfg, job, record)
+    hparams = {**_flat_choices(cfg), **dict(_override_hparams(job.overrides))}
+    summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
                          provenance=record.fields)
     show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker
     callbacks = [*build_callbacks(cfg, run_dir, show_progress), summary]
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, precision=runtime["precision"], strategy=strategy, sync_batchnorm=sync_batchnorm,
+        cfg.trainer, precision=runtime.precision, strategy=runtime.strategy, sync_batchnorm=runtime.sync_batchnorm,
         enable_progress_bar=show_progress,
         logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
     )

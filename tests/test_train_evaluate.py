@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from segx.checkpoint import load_checkpoint, network_from_checkpoint
@@ -117,7 +118,8 @@ def test_resume_from_last_checkpoint_continues_training(trained_run: Path, shape
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
-def test_two_job_multirun_leaves_two_run_dirs(shapes_root: Path, tmp_path: Path) -> None:
+def test_two_job_multirun_leaves_two_run_dirs_named_by_overrides_in_tensorboard(shapes_root: Path,
+                                                                                  tmp_path: Path) -> None:
     run_entry_point("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                     "trainer.max_epochs=1", "trainer.limit_train_batches=2", "seed=1,2",
                     f"hydra.sweep.dir={tmp_path}")
@@ -126,6 +128,26 @@ def test_two_job_multirun_leaves_two_run_dirs(shapes_root: Path, tmp_path: Path)
     seeds = {OmegaConf.load(r / ".hydra" / "config.yaml").seed for r in runs}
     assert seeds == {1, 2}
     assert all((r / "checkpoints" / "last.ckpt").is_file() for r in runs)
+    # TensorBoard over the sweep names each run by what the sweep varies, and shows it in the HParams tab
+    multiplexer = EventMultiplexer().AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    assert set(multiplexer.Runs()) == {"seed=1", "seed=2"}
+    assert read_json(runs[0] / "metrics.json")["tensorboard_dir"] == str(tmp_path / "seed=1")
+    hparams = multiplexer.PluginRunToTagToContent("hparams")["seed=2"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["seed"].string_value == "2"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert {"hp/best_val_miou", "hp/best_val_miou_no_bg"} <= {m.name.tag for m in experiment.metric_infos}
+
+
+def test_metrics_json_keeps_the_best_epochs_confusion_matrix(trained_run: Path, tmp_path: Path) -> None:
+    metrics = read_json(trained_run / "metrics.json")
+    counts = torch.tensor(metrics["best_confusion_matrix"], dtype=torch.float64)
+    assert counts.shape == (21, 21) and len(metrics["class_names"]) == 21
+    assert counts.sum() == metrics["best"]["val/pixels"]
+    assert float(counts.diag().sum() / counts.sum()) == pytest.approx(metrics["best"]["val/acc"], abs=1e-6)
+    run_entry_point("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path}")
+    assert read_json(tmp_path / "metrics.json")["confusion_matrix"] == metrics["best_confusion_matrix"]
 
 
 def test_bad_checkpoint_path_is_one_clear_error(tmp_path: Path) -> None:
