@@ -24,9 +24,11 @@ demo: venv
 	rm -rf $(DEMO_DIR)
 	$(PY) train.py experiment=demo hydra.run.dir=$(DEMO_DIR)
 	$(PY) evaluate.py ckpt=$(DEMO_DIR)/checkpoints/best.ckpt hydra.run.dir=$(DEMO_DIR)/evaluate
+	$(PY) -m segx.report $(DEMO_DIR)
 	@echo ""
 	@echo "Run directory:   $(DEMO_DIR)  (metrics.json, checkpoints/best.ckpt, checkpoints/last.ckpt)"
 	@echo "Evaluation:      $(DEMO_DIR)/evaluate/metrics.json"
+	@echo "Report:          $(DEMO_DIR)/report.md (plots in $(DEMO_DIR)/plots)"
 	@echo "TensorBoard:     $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/tensorboard"
 
 test: venv

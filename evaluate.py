@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segx.errors import exit_on_user_error
 from segx.evaluation import evaluate_checkpoint
-from segx.report import print_scores
+from segx.report import confusion_matrix_figure, print_scores
 from segx.runfiles import write_json_atomic
 
 
@@ -24,8 +24,10 @@ def main(cfg: DictConfig) -> float:
             batch_size=cfg.batch_size, device=cfg.device,
         )
     write_json_atomic(out_dir / "metrics.json", result)
+    confusion_matrix_figure(result["confusion_matrix"], result["class_names"], out_dir / "confusion_matrix.png",
+                            title=f"{cfg.split} split, {result['n_images']} images")
     print_scores(result)
-    print(f"metrics.json: {out_dir / 'metrics.json'}")
+    print(f"metrics.json: {out_dir / 'metrics.json'} (normalised confusion matrix: confusion_matrix.png)")
     return result["miou"]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,35 @@ from segx.module import CHECKPOINT_KEY
 _SAFE_GLOBALS = [AttributeDict]
 
 
+# torch.load's message when the weights-only unpickler stops; it goes on to advise `weights_only=False`.
+_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+
+
+def _unreadable(path: Path, reason: str) -> SegxError:
+    return SegxError(
+        f"Checkpoint ckpt={path} could not be read safely ({reason}). It is truncated, "
+        "not a PyTorch checkpoint, or holds Python objects other than tensors and plain containers; "
+        "use a checkpoint written by segx's train.py."
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _weights_only_refusal(path: Path, message: str) -> SegxError:
+    """Our own words for torch's refusal, whose advice is to load the file with code execution allowed."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if refused is None:  # not a pickle torch writes (an image, a plain pickle): say what stopped the reader
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
+        return _unreadable(path, detail.group(1).strip() if detail else "not a PyTorch checkpoint")
+    return SegxError(
+        f"Checkpoint ckpt={path} holds Python objects other than tensors and plain containers (e.g. "
+        f"{refused.group(1)}), so loading it could run code; segx refuses to load it. Use a checkpoint written "
+        "by segx's train.py."
+    )
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by `train.py` with `weights_only=True` semantics."""
     path = Path(path).expanduser()
@@ -29,14 +60,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "run directory's checkpoints/ folder."
         )
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
+            # A file that is no torch checkpoint (an image, a plain pickle) also draws a pickle-protocol warning.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-        raise SegxError(
-            f"Checkpoint ckpt={path} could not be read safely ({str(error).splitlines()[0]}). It is truncated, "
-            "not a PyTorch checkpoint, or holds Python objects other than tensors and plain containers; "
-            "use a checkpoint written by segx's train.py."
-        ) from error
+    except pickle.UnpicklingError as error:
+        if _WEIGHTS_ONLY_REFUSAL in str(error):
+            raise _weights_only_refusal(path, str(error)) from None  # no chained trace repeating torch's advice
+        raise _unreadable(path, _first_line(error)) from error
+    except KeyError as error:  # what torch's zip reader raises for some plain text files
+        raise _unreadable(path, "not a PyTorch checkpoint") from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise _unreadable(path, _first_line(error)) from error
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise SegxError(
             f"Checkpoint ckpt={path} was not written by segx's train.py (it has no '{CHECKPOINT_KEY}' entry with "

@@ -153,7 +153,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
              f"{counts['trainable']:,}")
 
     logger = build_logger(cfg, job, record)
-    hparams = {**_flat_choices(cfg), **dict(_override_hparams(job.overrides))}
+    hparams = {**dict(_override_hparams(job.overrides)), **_flat_choices(cfg)}  # resolved values win
     summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
                          provenance=record.fields)
     show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker

@@ -135,7 +135,8 @@ def test_two_job_multirun_leaves_two_run_dirs_named_by_overrides_in_tensorboard(
     assert read_json(runs[0] / "metrics.json")["tensorboard_dir"] == str(tmp_path / "seed=1")
     hparams = multiplexer.PluginRunToTagToContent("hparams")["seed=2"]
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
-    assert start.session_start_info.hparams["seed"].string_value == "2"
+    assert start.session_start_info.hparams["seed"].number_value == 2
+    assert start.session_start_info.hparams["data"].string_value == "shapes"  # the command line's choices too
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
     assert {"hp/best_val_miou", "hp/best_val_miou_no_bg"} <= {m.name.tag for m in experiment.metric_infos}
 
@@ -148,6 +149,7 @@ def test_metrics_json_keeps_the_best_epochs_confusion_matrix(trained_run: Path, 
     assert float(counts.diag().sum() / counts.sum()) == pytest.approx(metrics["best"]["val/acc"], abs=1e-6)
     run_entry_point("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path}")
     assert read_json(tmp_path / "metrics.json")["confusion_matrix"] == metrics["best_confusion_matrix"]
+    assert (tmp_path / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bad_checkpoint_path_is_one_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,276 @@
+"""`predict_images`: label masks and overlays for any images, from a checkpoint alone.
+
+`python -m segx.predict ckpt=PATH input=<image, folder or glob> output=DIR [batch_size=16] [device=auto]`
+writes `DIR/<name>.png` (a VOC-palette mask at the image's own size) and `DIR/overlays/<name>.jpg`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from omegaconf import DictConfig
+from PIL import Image, ImageOps
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+from segx.data.datamodule import IMAGENET_MEAN, IMAGENET_STD
+from segx.data.voc import VOC_PALETTE
+from segx.errors import SegxError, exit_on_user_error
+from segx.evaluation import resolve_device, save_palette_png
+from segx.timing import autocast_for
+
+log = logging.getLogger(__name__)
+
+#: What a folder input is filtered by (case-insensitive); a single file or a glob is taken as given.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+OVERLAY_ALPHA = 0.55  # weight of the class colour over the image, on pixels not predicted as background
+# Upsampled logits are built a few classes at a time above this many floats, so a 24-megapixel photo
+# needs ~0.4 GB instead of 2.2 GB (21 classes × H × W float32); the labels are identical either way.
+_MAX_UPSAMPLED_ELEMENTS = 1 << 24
+# PIL's errors for a file that is not a decodable image (UnidentifiedImageError and truncation are OSErrors).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass
+class Predictions:
+    """What `predict_images` wrote, and how it ran."""
+
+    masks: list[Path]
+    overlays: list[Path]
+    output: Path
+    device: str
+    precision: str
+    image_size: int
+    seconds: float = 0.0
+    inputs: list[Path] = field(default_factory=list)
+
+
+def find_images(pattern: str | Path) -> list[Path]:
+    """An image file, every image directly in a folder (by suffix), or every file a glob matches (`**` recurses)."""
+    text = str(pattern)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SegxError(
+                f"input={text} is a folder with no image files in it (looked for {', '.join(IMAGE_SUFFIXES)}, "
+                "not in subfolders). Point input at the folder that holds the images, or use a glob such as "
+                f"input='{path}/**/*.jpg'."
+            )
+        return files
+    if glob.has_magic(text):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise SegxError(
+                f"input={text} matches no file. Check the pattern (quote it so the shell leaves it to segx) and "
+                "that the folder exists; `**` matches subfolders."
+            )
+        return files
+    raise SegxError(
+        f"input={text} does not exist. Pass an image file, a folder of images, or a quoted glob such as "
+        "input='photos/*.jpg'."
+    )
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """The image as upright RGB (EXIF rotation applied); RGBA, greyscale and palette images are converted."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)  # phones store sideways pixels and an orientation tag
+        return image.convert("RGB")
+
+
+def _check_readable(path: Path) -> str | None:
+    """Decode the whole file (a truncated JPEG opens fine and fails only here); the reason it failed, if so."""
+    try:
+        load_rgb(path)
+    except _DECODE_ERRORS as error:
+        return (str(error).splitlines() or [type(error).__name__])[0]
+    return None
+
+
+def network_input(image: Image.Image, size: int) -> torch.Tensor:
+    """uint8 [3,size,size]: bilinear with antialiasing, exactly as the training cache resized (segx.data.cache)."""
+    return TF.resize(TF.pil_to_tensor(image), [size, size], interpolation=TF.InterpolationMode.BILINEAR,
+                     antialias=True)
+
+
+def labels_at_size(
+    logits: torch.Tensor, height: int, width: int, max_elements: int = _MAX_UPSAMPLED_ELEMENTS,
+) -> torch.Tensor:
+    """Argmax of logits [C,h,w] upsampled (bilinear) to [height,width] (uint8 for up to 256 classes), a few
+    classes at a time for big images."""
+    classes = logits.shape[0]
+    step = max(1, min(classes, max_elements // max(1, height * width)))
+    label_dtype = torch.uint8 if classes <= 256 else torch.long
+    best_value = best_label = None
+    for start in range(0, classes, step):
+        up = F.interpolate(logits[None, start:start + step].float(), size=(height, width), mode="bilinear",
+                           align_corners=False)[0]
+        label = up.argmax(0, keepdim=True)  # the first of tied classes, as one argmax over all would pick
+        value = up.gather(0, label)[0]
+        label = (label[0] + start).to(label_dtype)
+        if best_value is None:
+            best_value, best_label = value, label
+        else:
+            better = value > best_value  # strict: ties keep the earlier class
+            best_value = torch.where(better, value, best_value)
+            best_label = torch.where(better, label, best_label)
+    return best_label
+
+
+def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
+    """The image | the image tinted with each pixel's class colour (background left untinted), side by side."""
+    colours = Image.fromarray(VOC_PALETTE[labels])
+    objects = Image.fromarray(np.where(labels != 0, 255, 0).astype(np.uint8))
+    tinted = Image.composite(Image.blend(image, colours, OVERLAY_ALPHA), image, objects)
+    pair = Image.new("RGB", (2 * image.width, image.height))
+    pair.paste(image, (0, 0))
+    pair.paste(tinted, (image.width, 0))
+    return pair
+
+
+def prediction_precision(precision: str | int, device: torch.device) -> str:
+    """The run's `trainer.precision` for inference: fp32 on the CPU (autocast is slower there); on CUDA `auto`
+    is bf16-mixed where the GPU has bf16, else fp32; `*-true` half precisions run as autocast (fp32 weights)."""
+    if device.type != "cuda":
+        return "32-true"
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    precision = str(precision)
+    if precision == "auto":
+        return "bf16-mixed" if bf16 else "32-true"
+    precision = {"bf16-true": "bf16-mixed", "bf16": "bf16-mixed", "16-true": "16-mixed", "16": "16-mixed"}.get(
+        precision, precision)
+    if precision == "16-mixed" or (precision == "bf16-mixed" and bf16):
+        return precision
+    return "32-true"  # 32-true, 64-true, or a bf16 run predicted on a GPU without bf16
+
+
+def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for begin in range(0, len(items), size):
+        yield items[begin:begin + size]
+
+
+def _check_output(output: Path, files: list[Path]) -> None:
+    if output.exists() and not output.is_dir():
+        raise SegxError(f"output={output} exists and is a file; predictions go into a folder. Pass a folder path.")
+    by_name: dict[str, Path] = {}
+    inputs = {f.resolve() for f in files}
+    for path in files:
+        other = by_name.setdefault(path.stem, path)
+        if other is not path:
+            raise SegxError(
+                f"Input images {other} and {path} would both be written to {output / (path.stem + '.png')}. "
+                "Rename one of them or predict them in separate runs."
+            )
+        if (output / f"{path.stem}.png").resolve() in inputs:
+            raise SegxError(
+                f"output={output} would overwrite the input image {path} with its mask. Choose another output "
+                "folder."
+            )
+
+
+def _check_images(files: list[Path]) -> None:
+    workers = min(8, len(files))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL decodes with the GIL released
+        reasons = list(pool.map(_check_readable, files))
+    bad = [f"{path} ({reason})" for path, reason in zip(files, reasons, strict=True) if reason is not None]
+    if bad:
+        raise SegxError(
+            f"{len(bad)} of {len(files)} input file(s) are not readable images, so nothing was written: "
+            f"{'; '.join(bad)}. Remove or replace them, or narrow input= to the images."
+        )
+
+
+def _progress_bar() -> Progress:
+    return Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
+
+@torch.inference_mode()
+def predict_images(
+    ckpt: str | Path,
+    inputs: str | Path,
+    output: str | Path,
+    batch_size: int = 16,
+    device: str = "auto",
+    progress: bool = False,
+) -> Predictions:
+    """Masks for every image `inputs` names (file, folder or glob); nothing is written unless all are readable.
+
+    Each image is seen as in training (resized to the run's `data.image_size`, its mean/std) and its
+    logits are upsampled to the image's own size, so masks line up with the originals.
+    """
+    start = time.perf_counter()
+    if int(batch_size) < 1:
+        raise SegxError(f"batch_size={batch_size} must be at least 1.")
+    checkpoint = load_checkpoint(ckpt)
+    files = find_images(inputs)
+    out_dir = Path(output).expanduser()
+    _check_output(out_dir, files)
+    _check_images(files)
+
+    config = run_config(checkpoint)
+    data = config.data
+    size = int(data.image_size)
+    mean = torch.tensor(list(data.get("mean", IMAGENET_MEAN)), dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(list(data.get("std", IMAGENET_STD)), dtype=torch.float32).view(1, -1, 1, 1)
+    target = resolve_device(device)
+    precision = prediction_precision(config.get("trainer", {}).get("precision", "auto"), target)
+    net = network_from_checkpoint(checkpoint).to(target).eval()
+    mean, std = mean.to(target), std.to(target)
+
+    overlay_dir = out_dir / "overlays"
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    masks: list[Path] = []
+    overlays: list[Path] = []
+    bar = _progress_bar() if progress and len(files) > 1 else None
+    task = bar.add_task("predict", total=len(files)) if bar is not None else None
+    with bar if bar is not None else contextlib.nullcontext():
+        for group in _batches(files, int(batch_size)):
+            images = []
+            for path in group:
+                try:
+                    images.append(load_rgb(path))
+                except _DECODE_ERRORS as error:  # changed on disk since it was checked
+                    raise SegxError(f"Input image {path} can no longer be read ({error}).") from error
+            batch = torch.stack([network_input(image, size) for image in images]).to(target)
+            with autocast_for(precision, target):
+                logits = net((batch.float() / 255.0 - mean) / std)
+            for path, image, image_logits in zip(group, images, logits, strict=True):
+                labels = labels_at_size(image_logits, image.height, image.width).cpu().numpy().astype(np.uint8)
+                mask_path, overlay_path = out_dir / f"{path.stem}.png", overlay_dir / f"{path.stem}.jpg"
+                save_palette_png(labels, mask_path)
+                overlay(image, labels).save(overlay_path, quality=90)
+                masks.append(mask_path)
+                overlays.append(overlay_path)
+            if bar is not None:
+                bar.advance(task, len(group))
+    log.debug("Predicted %d images on %s (%s)", len(files), target, precision)
+    return Predictions(masks, overlays, out_dir, str(target), precision, size, time.perf_counter() - start, files)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    """`python -m segx.predict ckpt=... input=... output=...` (Hydra overrides, as train.py takes them)."""
+    with exit_on_user_error():
+        result = predict_images(cfg.ckpt, cfg.input, cfg.output, batch_size=cfg.batch_size, device=cfg.device,
+                                progress=cfg.progress)
+    print(f"Wrote {len(result.masks)} mask(s) to {result.output} and their overlays to "
+          f"{result.output / 'overlays'} ({result.device}, {result.precision}, {result.seconds:.1f} s).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""report.md: what was compared, the ranked table (and each model's best lr), jobs without a result, the figures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from segx.report.figures import Figure
+from segx.report.runs import Configuration, Run, common_overrides, varying_keys
+from segx.report.tables import lr_keys, markdown_table, tuned_per_model
+
+
+def _escape(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}" if isinstance(value, int | float) else "—"
+
+
+def _job_name(run: Run, roots: Sequence[Path]) -> str:
+    for root in roots:
+        try:
+            return run.run_dir.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+    return run.run_dir.name
+
+
+def _unfinished(runs: list[Run], roots: Sequence[Path]) -> list[str]:
+    unfinished = [r for r in runs if not r.completed]
+    if not unfinished:
+        return []
+    lines = ["## Jobs without a result", "", "| job | status | run directory | why (first line of the error) |",
+             "|---|---|---|---|"]
+    for run in unfinished:
+        cells = [_job_name(run, roots), run.status, f"`{run.run_dir}`", run.reason]
+        lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
+    return [*lines, ""]
+
+
+def _figures(figures: list[Figure], out_dir: Path) -> list[str]:
+    lines = ["## Figures", ""]
+    for figure in figures:
+        lines += [f"### {figure.title}", ""]
+        if figure.path is not None:
+            link = figure.path.relative_to(out_dir).as_posix()
+            lines += [f"![{figure.title}]({link})", "", figure.caption, ""]
+        else:
+            lines += [f"Not drawn: {figure.skipped}.", ""]
+    return lines
+
+
+def _stamp() -> str:
+    return f"Written by `python -m segx.report` at {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], runs: list[Run],
+                   figures: list[Figure], out_dir: Path, roots: Sequence[Path], over: str = "seed") -> str:
+    """The report of several runs: configurations ranked by the mean over seeds of their monitored score."""
+    keys = varying_keys(runs, over)
+    completed = sum(r.completed for r in runs)
+    failed = sum(r.ended_badly for r in runs)
+    monitors = sorted({c.monitor for c in configs})
+    monitor_names = ", ".join(f"`{m}`" for m in monitors)
+    lines = [f"# Sweep report: {', '.join(f'`{r}`' for r in roots)}", "",
+             f"{_stamp()} from {len(runs)} jobs in {len(configs)} configurations: {completed} completed, "
+             f"{failed} failed, {len(runs) - completed - failed} running.", "",
+             f"Each job's scores are those of its best epoch, the one its monitor ({monitor_names}) picked. "
+             "A configuration's mean, max and std (sample standard deviation) are over its completed jobs, which "
+             f"differ only by `{over}`; configurations are ranked by the mean, with the max beside it (the study "
+             "reported the max over 3 runs). Scores are in percent here and fractions in `report.csv`; `runs` counts "
+             "completed jobs, `failed` those that failed or left no readable metrics.json.", ""]
+    shared = common_overrides(runs)
+    if shared:
+        lines += ["## Settings shared by every job", "", " ".join(f"`{_escape(o)}`" for o in shared), ""]
+    lines += [f"## Configurations ranked by {' / '.join(monitors)}", "", markdown_table(rows, keys), ""]
+    tuned = tuned_per_model(rows, keys)
+    if tuned:
+        lrs = lr_keys(keys)
+        others = [k for k in keys if k != "model" and k not in lrs]
+        lines += ["## Tuned per model", "",
+                  f"Each model at its best {' / '.join(f'`{k}`' for k in lrs)} by mean {' / '.join(monitors)} (the "
+                  "study's method: the learning rate tuned for each model, then the models compared).", "",
+                  markdown_table(tuned, ["model", *others, *lrs]), ""]
+    lines += _unfinished(runs, roots) + _figures(figures, out_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def run_markdown(run: Run, figures: list[Figure], out_dir: Path) -> str:
+    """The report of one run: its settings, scores at the best and the final epoch, IoU per class, figures."""
+    record = run.record
+    epochs = record.get("epochs") or len(run.history) or "?"
+    lines = [f"# Run report: `{run.run_dir}`", "",
+             f"{_stamp()}. Status: **{run.status}**"
+             + (f" ({_escape(run.reason)})" if run.reason else "")
+             + f"; {epochs} epochs; host {record.get('host', '?')}, devices {record.get('devices', '?')}, precision "
+               f"{record.get('precision', '?')}; started {record.get('started_at', '?')}, ended "
+               f"{record.get('ended_at', '—')}.", ""]
+    if run.settings:
+        lines += ["## Settings", "", " ".join(f"`{_escape(k)}={_escape(v)}`" for k, v in run.settings.items()), ""]
+    lines += [f"## Scores (best epoch picked by `{run.monitor}`)", "",
+              "| epoch | val/miou % | val/miou_no_bg % | val/acc % | val/loss | train/loss | train/acc % |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, entry in (("best", run.best), ("final", record.get("final") or {})):
+        if not isinstance(entry, dict) or not entry:
+            continue
+        epoch = entry.get("epoch")
+        number = f" ({int(epoch) + 1})" if isinstance(epoch, int | float) else ""
+        loss, train_loss = entry.get("val/loss"), entry.get("train/loss")
+        cells = [f"{label}{number}", _pct(entry.get("val/miou")), _pct(entry.get("val/miou_no_bg")),
+                 _pct(entry.get("val/acc")), f"{loss:.4f}" if isinstance(loss, int | float) else "—",
+                 f"{train_loss:.4f}" if isinstance(train_loss, int | float) else "—", _pct(entry.get("train/acc"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    facts = []
+    if run.parameters is not None:
+        facts.append(f"{run.parameters:,} parameters")
+    for key, text in (("seconds_per_epoch", "{:.1f} s per epoch"), ("total_seconds", "{:.0f} s in all"),
+                      ("predict_val_seconds", "{:.2f} s to predict the val split")):
+        if run.value(key) is not None:
+            facts.append(text.format(run.value(key)))
+    lines += ["", "; ".join(facts) + "." if facts else "", ""]
+    ious = [(name, run.best_value(f"val/iou/{name}")) for name in run.class_names]
+    if any(v is not None for _, v in ious):
+        lines += ["## IoU per class at the best epoch", "", "| class | IoU % |", "|---|---:|"]
+        lines += [f"| {_escape(name)} | {_pct(value)} |" for name, value in ious]
+        lines += ["", "— : class absent from ground truth and prediction.", ""]
+    lines += _figures(figures, out_dir)
+    return "\n".join(line for line in lines).rstrip() + "\n"

@@ -1,0 +1,48 @@
+"""Example predictions from a run's best checkpoint, rebuilt as `segx.evaluation` does (model and data config
+from the checkpoint), for the report's image | ground truth | prediction figure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segx.errors import SegxError
+
+
+@dataclass
+class Examples:
+    """The first val images (uint8 [N,3,S,S]), their masks and the network's predictions ([N,S,S])."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    preds: torch.Tensor
+    ids: list[str]
+    class_names: list[str]
+    epoch: int | None
+
+
+@torch.inference_mode()
+def predict_examples(checkpoint_path: str | Path, count: int = 4) -> Examples:
+    """Predict the first `count` images of the checkpoint's val split on the CPU. Raises SegxError (or the data
+    module's own error) when the checkpoint or the data cannot be read; nothing is downloaded."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = run_config(checkpoint)
+    root = Path(str(config.data.get("root", ""))).expanduser()
+    if not root.is_dir():
+        raise SegxError(f"the run's data.root={root} is not a folder on this machine")
+    data_cfg = OmegaConf.merge(config.data, {"download": False})
+    datamodule = instantiate(data_cfg)
+    split = datamodule.load_split(datamodule.val_split)
+    images, masks = split.images[:count], split.masks[:count]
+    net = network_from_checkpoint(checkpoint).eval()
+    preds = net(datamodule.normalize(images)).argmax(1)
+    epoch = checkpoint.get("epoch")
+    return Examples(images=images, masks=masks, preds=preds, ids=list(split.ids[:count]),
+                    class_names=list(datamodule.class_names), epoch=int(epoch) if epoch is not None else None)

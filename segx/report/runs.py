@@ -1,0 +1,286 @@
+"""Reading run directories: a job's status, settings and scores from its metrics.json and .hydra/ files.
+
+Tolerant by design: a job still running, a failed one, one whose metrics.json is missing or corrupt, and runs
+written by older versions (no `status`, `monitor` or `overrides`) all read back as a `Run`, never an exception.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from segx.sweep import COMPLETED, FAILED, RECORD_FILE, RUNNING, read_record
+
+MISSING, UNREADABLE = "missing", "unreadable"  # no metrics.json / one that cannot be parsed
+DEFAULT_MONITOR = "val/miou"
+IGNORED_PREFIXES = ("hydra.", "data.root")  # where a run ran, not what it tried
+
+
+def split_override(override: str) -> tuple[str, str]:
+    """`optimizer.lr=1e-3` → (`optimizer.lr`, `1e-3`); `+`/`~` prefixes dropped."""
+    key, _, value = str(override).partition("=")
+    return key.lstrip("+~"), value
+
+
+@dataclass
+class Run:
+    """One training job: where it is, what it overrode, how it ended and what it measured."""
+
+    run_dir: Path
+    settings: dict[str, str]  # override key → value, without data.root and hydra.*
+    status: str  # running | completed | failed | missing | unreadable
+    record: dict[str, Any] = field(default_factory=dict)  # metrics.json ({} when missing or unreadable)
+
+    @property
+    def completed(self) -> bool:
+        return self.status == COMPLETED
+
+    @property
+    def ended_badly(self) -> bool:
+        """Failed, or left no readable metrics.json: counted in a configuration's `failed` column."""
+        return self.status in (FAILED, MISSING, UNREADABLE)
+
+    @property
+    def monitor(self) -> str:
+        return str(self.record.get("monitor") or DEFAULT_MONITOR)
+
+    @property
+    def best(self) -> dict[str, Any]:
+        best = self.record.get("best")
+        return best if isinstance(best, dict) else {}
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        history = self.record.get("history")
+        return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+
+    def value(self, key: str) -> float | None:
+        """A top-level number of metrics.json (`seconds_per_epoch`, `predict_val_seconds`), None when absent."""
+        return _number(self.record.get(key))
+
+    def best_value(self, metric: str) -> float | None:
+        """`metric` (e.g. `val/miou`) at the best epoch, picked by the run's own monitor."""
+        return _number(self.best.get(metric))
+
+    @property
+    def parameters(self) -> int | None:
+        counts = self.record.get("parameters")
+        if not isinstance(counts, dict):
+            return None
+        value = counts.get("total", counts.get("trainable"))
+        return int(value) if isinstance(value, int | float) else None
+
+    @property
+    def reason(self) -> str:
+        """One line on why the job has no result (empty for a completed one)."""
+        if self.status == FAILED:
+            lines = str(self.record.get("error") or "failed (no error recorded)").strip().splitlines()
+            return lines[0] if lines else "failed (no error recorded)"
+        if self.status == RUNNING:
+            return f"status running: still training, or stopped without a word (epochs recorded: {len(self.history)})"
+        if self.status == MISSING:
+            return "no metrics.json: the job ended (or is starting) before training began"
+        if self.status == UNREADABLE:
+            return "metrics.json cannot be read (truncated or not JSON)"
+        return ""
+
+    @cached_property
+    def config(self) -> Any:
+        """The composed config (`.hydra/config.yaml`), or None."""
+        try:
+            return OmegaConf.load(self.run_dir / ".hydra" / "config.yaml")
+        except Exception:  # missing or malformed: callers fall back to defaults
+            return None
+
+    @property
+    def class_names(self) -> list[str]:
+        """From metrics.json, else the run's config, else the VOC names."""
+        names = self.record.get("class_names")
+        if isinstance(names, list) and names:
+            return [str(n) for n in names]
+        config = self.config
+        try:
+            names = list(config.data.class_names) if config is not None else []
+        except Exception:
+            names = []
+        if names:
+            return [str(n) for n in names]
+        from segx.data.voc import VOC_CLASSES
+
+        return list(VOC_CLASSES)
+
+    @property
+    def checkpoint(self) -> Path:
+        """`checkpoints/best.ckpt` here (right for a copied or moved sweep), else the path metrics.json recorded."""
+        local = self.run_dir / "checkpoints" / "best.ckpt"
+        recorded = self.record.get("best_checkpoint")
+        return Path(recorded) if not local.is_file() and recorded else local
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def is_evaluation(record: dict[str, Any] | None) -> bool:
+    """evaluate.py's metrics.json (scores of a checkpoint, no training history) is not a training run."""
+    return record is not None and "history" not in record and ("per_class_iou" in record or "miou" in record)
+
+
+def _config_is_evaluation(run_dir: Path) -> bool:
+    try:
+        config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    except Exception:
+        return False
+    return "ckpt" in config and "trainer" not in config
+
+
+def _status(record: dict[str, Any]) -> str:
+    status = record.get("status")
+    if status in (RUNNING, COMPLETED, FAILED):
+        return str(status)
+    # Older versions wrote no status: a run with a best epoch finished training (or was stopped after some).
+    return COMPLETED if record.get("best") or record.get("history") else RUNNING
+
+
+def _overrides(record: dict[str, Any], run_dir: Path) -> list[str]:
+    recorded = record.get("overrides")
+    if isinstance(recorded, list):
+        return [str(o) for o in recorded]
+    try:
+        loaded = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+        return [str(o) for o in loaded] if OmegaConf.is_list(loaded) else []
+    except Exception:  # older or hand-made runs without .hydra/
+        return []
+
+
+def read_run(run_dir: str | Path) -> Run | None:
+    """The run in `run_dir`, or None when the directory holds an evaluation rather than a training run."""
+    run_dir = Path(run_dir)
+    path = run_dir / RECORD_FILE
+    record = read_record(run_dir)
+    if record is None:
+        if not path.exists() and _config_is_evaluation(run_dir):
+            return None
+        status, record = (UNREADABLE if path.exists() else MISSING), {}
+    elif is_evaluation(record):
+        return None
+    else:
+        status = _status(record)
+    settings: dict[str, str] = {}
+    for override in _overrides(record, run_dir):
+        key, value = split_override(override)
+        if key and not key.startswith(IGNORED_PREFIXES):
+            settings.pop(key, None)  # a repeated key: the last one wins, in its place
+            settings[key] = value
+    return Run(run_dir=run_dir, settings=settings, status=status, record=record)
+
+
+def find_run_dirs(root: str | Path) -> list[Path]:
+    """Directories under `root` (itself included) holding a metrics.json or a `.hydra/overrides.yaml`."""
+    root = Path(root)
+    found = {p.parent for p in root.rglob(RECORD_FILE)}
+    found |= {p.parent.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"}
+    return sorted(found, key=_job_order)
+
+
+def _job_order(path: Path) -> tuple[Any, ...]:
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts)
+
+
+def collect_runs(*roots: str | Path) -> list[Run]:
+    """Every training run under the given folders (sweeps, outputs/, or single run directories), in job order."""
+    runs, seen = [], set()
+    for root in roots:
+        for run_dir in find_run_dirs(root):
+            if run_dir.resolve() in seen:
+                continue
+            seen.add(run_dir.resolve())
+            run = read_run(run_dir)
+            if run is not None:
+                runs.append(run)
+    return runs
+
+
+def common_overrides(runs: list[Run]) -> list[str]:
+    """`key=value` settings every run shares, in the first run's order."""
+    if not runs:
+        return []
+    first = runs[0].settings
+    return [f"{k}={v}" for k, v in first.items() if all(r.settings.get(k, None) == v for r in runs)]
+
+
+def varying_keys(runs: list[Run], over: str = "seed") -> list[str]:
+    """The override keys whose value differs between runs (or is missing in some), `over` excluded."""
+    keys: list[str] = []
+    for run in runs:
+        keys.extend(k for k in run.settings if k not in keys)
+    shared = {o.partition("=")[0] for o in common_overrides(runs)}
+    return [k for k in keys if k != over and k not in shared]
+
+
+@dataclass
+class Configuration:
+    """Jobs that differ only by `over` (the seed): the unit a report compares."""
+
+    settings: dict[str, str]  # varying key → value (keys absent from these runs are left out)
+    runs: list[Run]
+    name: str = "(all runs)"  # the label when nothing varies
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.settings.items()) or self.name
+
+    @property
+    def completed(self) -> list[Run]:
+        return [r for r in self.runs if r.completed]
+
+    @property
+    def monitor(self) -> str:
+        """The metric that picked its jobs' best epochs (the most common one, should they differ)."""
+        monitors = [r.monitor for r in self.completed or self.runs]
+        return max(set(monitors), key=monitors.count) if monitors else DEFAULT_MONITOR
+
+    def best_values(self, metric: str) -> list[float]:
+        """`metric` at each completed job's best epoch (jobs that lack it are left out)."""
+        return [v for v in (r.best_value(metric) for r in self.completed) if v is not None]
+
+    def mean(self, metric: str) -> float | None:
+        values = self.best_values(metric)
+        return statistics.fmean(values) if values else None
+
+    def best_run(self) -> Run | None:
+        """The completed job with the highest monitored score."""
+        scored = [(r.best_value(self.monitor), r) for r in self.completed]
+        scored = [(v, r) for v, r in scored if v is not None]
+        return max(scored, key=lambda pair: pair[0])[1] if scored else None
+
+
+def group_runs(runs: Iterable[Run], over: str = "seed") -> list[Configuration]:
+    """Configurations in order of first appearance, named by the overrides that vary across `runs`."""
+    runs = list(runs)
+    keys = varying_keys(runs, over)
+    groups: dict[tuple[tuple[str, str], ...], Configuration] = {}
+    name = runs[0].run_dir.name if len(runs) == 1 else "(all runs)"
+    for run in runs:
+        settings = {k: run.settings[k] for k in keys if k in run.settings}
+        key = tuple(settings.items())
+        groups.setdefault(key, Configuration(settings=settings, runs=[], name=name)).runs.append(run)
+    return list(groups.values())
+
+
+def rank(configurations: list[Configuration]) -> list[Configuration]:
+    """Best first by the mean of each configuration's monitor over its seeds; those without a score last."""
+    def key(config: Configuration) -> tuple[bool, float]:
+        mean = config.mean(config.monitor)
+        return (mean is None, -(mean or 0.0))
+
+    return sorted(configurations, key=key)

@@ -1,0 +1,174 @@
+"""Tables of a report: one row per configuration (stats over seeds) as CSV, Markdown and a console table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from segx.report.runs import Configuration, Run, group_runs, rank
+
+# report.csv's metric columns: val_<name>_{max,mean,std}, each from the jobs' best epochs
+METRICS = {"miou": "val/miou", "miou_no_bg": "val/miou_no_bg", "acc": "val/acc", "loss": "val/loss"}
+LR_KEYS = ("lr", "lr_decay")  # override keys (or key suffixes) that choose a learning rate
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def _stats(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    """max, mean and sample standard deviation (None where undefined)."""
+    if not values:
+        return None, None, None
+    return max(values), statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def configuration_row(config: Configuration) -> dict[str, Any]:
+    """One configuration's numbers: report.csv's columns plus `setting`, `monitor` and its `mean`/`std`/`max`."""
+    row: dict[str, Any] = {"setting": config.label, "settings": dict(config.settings),
+                           "runs": len(config.completed), "failed": sum(r.ended_badly for r in config.runs),
+                           "running": sum(not r.completed and not r.ended_badly for r in config.runs)}
+    row["parameters"] = next((r.parameters for r in config.runs if r.parameters is not None), None)
+    epochs = [r.record.get("epochs") for r in config.completed]
+    row["epochs"] = max((int(e) for e in epochs if isinstance(e, int | float)), default=None)
+    for name, metric in METRICS.items():
+        row[f"val_{name}_max"], row[f"val_{name}_mean"], row[f"val_{name}_std"] = _stats(config.best_values(metric))
+    row["seconds_per_epoch"] = _mean([r.value("seconds_per_epoch") for r in config.completed])
+    row["predict_val_seconds"] = _mean([r.value("predict_val_seconds") for r in config.completed])
+    row["monitor"] = config.monitor
+    row["max"], row["mean"], row["std"] = _stats(config.best_values(config.monitor))
+    row["run_dirs"] = [str(r.run_dir) for r in config.runs]
+    return row
+
+
+def summarize(runs: list[Run], over: str = "seed") -> list[dict[str, Any]]:
+    """Groups runs that differ only in `over` (the seed) and ranks the groups by their monitor's mean."""
+    return [configuration_row(c) for c in rank(group_runs(runs, over))]
+
+
+def csv_columns(rows: list[dict[str, Any]]) -> list[str]:
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row["settings"] if k not in keys)
+    columns = [*keys, "runs", "failed", "parameters", "epochs"]
+    columns += [f"val_{name}_{stat}" for name in METRICS for stat in ("max", "mean", "std")]
+    columns.append("seconds_per_epoch")
+    if any(row["predict_val_seconds"] is not None for row in rows):
+        columns.append("predict_val_seconds")
+    return columns
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """report.csv: fractions, full precision; a missing value is an empty cell, never 0."""
+    columns = csv_columns(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        cells = {**row, **row["settings"]}
+        writer.writerow({c: "" if cells.get(c) is None else cells[c] for c in columns})
+    return buffer.getvalue()
+
+
+# -- Markdown ---------------------------------------------------------------------------------------------------
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    """Ranked rows in percent: the ranking metric's mean, max and std first, then the other means."""
+    monitors = {row["monitor"] for row in rows}
+    rank_name = next(iter(monitors)) if len(monitors) == 1 else "monitor"
+    others = [(name, metric) for name, metric in METRICS.items() if name != "loss" and metric not in monitors]
+    header = ["#", *keys, f"{rank_name} mean %", "max %", "std %",
+              *([] if len(monitors) == 1 else ["monitor"]), *(f"{metric} mean %" for _, metric in others),
+              "val/loss mean", "runs", "failed", "parameters", "epochs", "s/epoch"]
+    timed = any(row["predict_val_seconds"] is not None for row in rows)
+    if timed:
+        header.append("predict val s")
+    align = ["---"] * (1 + len(keys)) + ["---:"] * (len(header) - 1 - len(keys))  # numbers to the right
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(align) + "|"]
+    for index, row in enumerate(rows, 1):
+        cells = [str(index), *(row["settings"].get(k, "") for k in keys),
+                 _pct(row["mean"]), _pct(row["max"]), _pct(row["std"]),
+                 *([] if len(monitors) == 1 else [row["monitor"]]),
+                 *(_pct(row[f"val_{name}_mean"]) for name, _ in others),
+                 _number(row["val_loss_mean"], 4), str(row["runs"]), str(row["failed"]),
+                 "—" if row["parameters"] is None else f"{row['parameters']:,}",
+                 "—" if row["epochs"] is None else str(row["epochs"]), _number(row["seconds_per_epoch"], 1)]
+        if timed:
+            cells.append(_number(row["predict_val_seconds"], 2))
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def lr_keys(keys: list[str]) -> list[str]:
+    """The varying keys that choose a learning rate (`optimizer.lr`, `lr_decay`, ...)."""
+    return [k for k in keys if k in LR_KEYS or k.rsplit(".", 1)[-1] in LR_KEYS]
+
+
+def tuned_per_model(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Each model's best learning rate (the study's "tuned per model"): among rows that differ only by their lr
+    keys, the one with the best mean. Empty unless `model` and an lr key both vary."""
+    lrs = lr_keys(keys)
+    if "model" not in keys or not lrs:
+        return []
+    best: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+    for row in rows:  # rows are ranked: the first of each group is its best
+        if row["mean"] is None:
+            continue
+        group = tuple((k, v) for k, v in row["settings"].items() if k not in lrs)
+        best.setdefault(group, row)
+    return list(best.values())
+
+
+# -- console ----------------------------------------------------------------------------------------------------
+
+def print_scores(result: dict[str, Any], console: Console | None = None) -> None:
+    """Overall scores, then IoU per class (— for a class absent from ground truth and prediction)."""
+    console = console or Console()
+    title = (f"{result.get('split', '')} split, {result.get('n_images', '?')} images, "
+             f"{'full resolution' if result.get('full_res') else str(result.get('image_size', '')) + ' px'}")
+    overall = Table(title=title)
+    for column in ("mIoU %", "mIoU no bg %", "pixel acc %", "seconds"):
+        overall.add_column(column, justify="right")
+    overall.add_row(_pct(result["miou"]), _pct(result["miou_no_bg"]), _pct(result["pixel_acc"]),
+                    f"{result.get('seconds', 0):.1f}")
+    console.print(overall)
+    per_class = Table(title="IoU per class")
+    per_class.add_column("class")
+    per_class.add_column("IoU %", justify="right")
+    for name, value in result["per_class_iou"].items():
+        per_class.add_row(name, _pct(value))
+    console.print(per_class)
+
+
+def print_summary(rows: list[dict[str, Any]], shared: list[str] | None = None, console: Console | None = None) -> None:
+    """The ranked configurations: mean, std and max over seeds of the monitored best-epoch score."""
+    console = console or Console()
+    monitors = sorted({row["monitor"] for row in rows})
+    table = Table(title=f"best {' / '.join(monitors)} % per setting (over seeds)",
+                  caption=f"all runs: {' '.join(shared)}" if shared else None)
+    for column, justify in (("setting", "left"), ("runs", "right"), ("failed", "right"), ("mean", "right"),
+                            ("std", "right"), ("max", "right"), ("parameters", "right"), ("s/epoch", "right")):
+        table.add_column(column, justify=justify)
+    for row in rows:
+        table.add_row(row["setting"], str(row["runs"]), str(row["failed"]), _pct(row["mean"]), _pct(row["std"]),
+                      _pct(row["max"]), f"{row['parameters']:,}" if row["parameters"] else "—",
+                      _number(row["seconds_per_epoch"], 1))
+    console.print(table)
