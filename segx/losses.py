@@ -211,6 +211,10 @@ class _SmpLoss(nn.Module):
 
     ignore_index: int
 
+    def _weigh_classes(self, weighting: str | None, class_frequencies: torch.Tensor | None) -> None:
+        self.weighting = weighting
+        _store_class_weights(self, _weights_or_none(class_frequencies, weighting, type(self).__name__))
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         valid = target != self.ignore_index
         logits = _mask_void(logits, valid)
@@ -233,8 +237,7 @@ class DiceLoss(_SmpLoss, smp_losses.DiceLoss):
     ) -> None:
         super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
                          smooth=smooth, log_loss=log_loss)
-        self.weighting = weighting
-        _store_class_weights(self, _weights_or_none(class_frequencies, weighting, type(self).__name__))
+        self._weigh_classes(weighting, class_frequencies)
 
 
 class JaccardLoss(_SmpLoss, smp_losses.JaccardLoss):
@@ -251,8 +254,7 @@ class JaccardLoss(_SmpLoss, smp_losses.JaccardLoss):
     ) -> None:
         super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
                          smooth=smooth, log_loss=log_loss)
-        self.weighting = weighting
-        _store_class_weights(self, _weights_or_none(class_frequencies, weighting, type(self).__name__))
+        self._weigh_classes(weighting, class_frequencies)
 
 
 class TverskyLoss(_SmpLoss, smp_losses.TverskyLoss):
@@ -272,8 +274,7 @@ class TverskyLoss(_SmpLoss, smp_losses.TverskyLoss):
     ) -> None:
         super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
                          smooth=smooth, log_loss=log_loss, alpha=alpha, beta=beta, gamma=gamma)
-        self.weighting = weighting
-        _store_class_weights(self, _weights_or_none(class_frequencies, weighting, type(self).__name__))
+        self._weigh_classes(weighting, class_frequencies)
 
 
 class FocalLoss(_SmpLoss, smp_losses.FocalLoss):
@@ -291,8 +292,7 @@ class FocalLoss(_SmpLoss, smp_losses.FocalLoss):
     ) -> None:
         super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
                          gamma=gamma, alpha=alpha, normalized=normalized)
-        self.weighting = weighting
-        _store_class_weights(self, _weights_or_none(class_frequencies, weighting, type(self).__name__))
+        self._weigh_classes(weighting, class_frequencies)
 
 
 class LovaszLoss(_SmpLoss, smp_losses.LovaszLoss):
