@@ -1,8 +1,10 @@
-"""Lightning callbacks: the prediction picture for TensorBoard and the run summary (`metrics.json`)."""
+"""Lightning callbacks: the prediction picture for TensorBoard, the run summary (`metrics.json`) and the stop on a
+diverged (NaN or infinite) training loss."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from segx.errors import SegxError
 from segx.runfiles import write_json_atomic
 from segx.visualize import prediction_grid
 
@@ -44,6 +47,79 @@ class PredictionGridLogger(pl.Callback):
         grid = prediction_grid(images.float() / 255, masks, preds)
         for logger in loggers:
             logger.experiment.add_image(self.tag, grid, global_step=trainer.global_step)
+
+
+class NonFiniteLossError(SegxError):
+    """The training loss became NaN or infinite: the run diverged."""
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    """The training step's loss as Lightning hands it to `on_train_batch_end` (a dict with "loss", or the tensor)."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Stops training with a `NonFiniteLossError` (a `SegxError`) the first batch whose loss is NaN or infinite.
+
+    A diverged network only ever produces NaN after that, so the run stops at once rather than
+    spending the remaining epochs (and overwriting `last.ckpt` with NaN weights at the next epoch end).
+    It raises in `on_train_batch_end`, before any checkpoint of that state could be written
+    (Lightning runs checkpoint callbacks after the others, and ModelCheckpoint saves on an exception
+    only with `save_on_exception=true`), so `last.ckpt` keeps the last finite state. The error names
+    the epoch, the step and the learning rate of the batch; the run's `metrics.json` records it with
+    status `failed` and train.py exits with status 2. Under DDP every rank stops when any rank's loss
+    is not finite (one boolean all-reduce per batch), so no rank waits for the others forever.
+    """
+
+    def __init__(self) -> None:
+        self._step = 0
+        self._lr: float | None = None
+        self._saved: tuple[int, int] | None = None  # (epoch, step) of the newest checkpoint written or loaded
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Recorded before the step: Lightning steps the schedulers before `on_train_batch_end`.
+        self._step = trainer.global_step
+        optimizers = trainer.optimizers
+        self._lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = _loss_of(outputs)
+        value = float(loss.detach().float().cpu()) if loss is not None else 0.0
+        if trainer.strategy.reduce_boolean_decision(not math.isfinite(value), all=False):
+            raise NonFiniteLossError(self.message(trainer, value, batch_idx))
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._saved = (int(checkpoint.get("epoch", trainer.current_epoch)), int(checkpoint.get("global_step", 0)))
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._saved = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
+
+    def message(self, trainer: pl.Trainer, value: float, batch_idx: int) -> str:
+        """One paragraph: where the loss diverged, what is left of the run, and what to change."""
+        if math.isnan(value) or math.isinf(value):
+            what = str(value)  # nan, inf or -inf
+        else:  # DDP: finite here, not on another process
+            what = "nan or infinite on another process"
+        lr = "unknown" if self._lr is None else f"{self._lr:.3g}"
+        head = (f"The training loss became {what} at epoch {trainer.current_epoch}, step {self._step} (learning "
+                f"rate {lr}; batch {batch_idx} of the epoch, all counted from 0 as in metrics.json): training "
+                "diverged and was stopped.")
+        checkpoint = trainer.checkpoint_callback
+        last = Path(checkpoint.dirpath) / "last.ckpt" if isinstance(checkpoint, ModelCheckpoint) \
+            and checkpoint.dirpath else None
+        if last is not None and last.is_file():
+            when = f" (epoch {self._saved[0]}, step {self._saved[1]})" if self._saved is not None else ""
+            kept = f"{last} keeps the last good state{when}, written before the loss diverged."
+        else:
+            kept = "No checkpoint was written before it diverged."
+        return (f"{head} {kept} Lower optimizer.lr (e.g. by 10x), add a decay (optimizer.decay) or a warm-up "
+                "(scheduler=cosine), or clip gradients (trainer.gradient_clip_val=1.0), and start a new run: one "
+                "resumed from last.ckpt keeps the learning rate stored in it.")
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -145,13 +221,18 @@ class RunSummary(pl.Callback):
         """
         history, seconds = list(self.history), list(self.epoch_seconds)
         confusion = self.best_confusion_matrix
-        if self._epoch_start is not None and self._trainer is not None:
+        # The open epoch counts once its last batch ran (an interrupt's checkpoint mid-epoch leaves it out).
+        if self._epoch_start is not None and self._trainer is not None and self._epoch_trained(self._trainer):
             pending = self._pending(self._trainer)
             history.append(pending)
             seconds.append(time.perf_counter() - self._epoch_start)
             if _best_of(history, self.monitor) is pending:
                 confusion = _val_confusion_matrix(self._trainer)
         return {"history": history, "epoch_seconds": seconds, "best_confusion_matrix": confusion}
+
+    @staticmethod
+    def _epoch_trained(trainer: pl.Trainer) -> bool:
+        return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
@@ -160,8 +241,12 @@ class RunSummary(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
+        # A run resumed from a mid-epoch checkpoint (Ctrl-C, SIGTERM) continues that epoch without a new start.
+        self._epoch, self._epoch_start = trainer.current_epoch, self._fit_start
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epoch_start is not None and trainer.current_epoch == self._epoch:
+            return  # the epoch opened by on_train_start
         self._close_epoch(trainer)
         self._epoch = trainer.current_epoch
         self._epoch_start = time.perf_counter()

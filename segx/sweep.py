@@ -24,13 +24,15 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segx.errors import find_user_error
+from segx.errors import SegxError, find_user_error
+from segx.interrupt import interruption
 from segx.runfiles import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
 RECORD_FILE = "metrics.json"
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 
 def utc_now() -> str:
@@ -167,6 +169,23 @@ def best_value(record: dict[str, Any], monitor: str = "val/miou") -> float:
     return float(value) if value is not None else float("nan")
 
 
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`last`: this run directory's `checkpoints/last.ckpt` (it must exist); `auto`: that file when it exists,
+    else a fresh start; anything else is a checkpoint path (or null)."""
+    last = run_dir / LAST_CHECKPOINT
+    if ckpt_path == "auto":
+        return str(last) if last.is_file() else None
+    if ckpt_path == "last":
+        if not last.is_file():
+            raise SegxError(
+                f"ckpt_path=last resumes {last}, which does not exist. Pass the run directory to resume as "
+                "hydra.run.dir=<run dir> (the folder holding checkpoints/last.ckpt), give the checkpoint's path as "
+                "ckpt_path=<file>, or use ckpt_path=auto to resume when there is a last.ckpt and start fresh otherwise."
+            )
+        return str(last)
+    return ckpt_path
+
+
 def describe_error(error: BaseException) -> str:
     """The user-facing paragraph of a segx error, else the exception's type and message."""
     user_error = find_user_error(error)
@@ -199,18 +218,22 @@ def run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction, monitor: str = 
             log.info("Job %s completed earlier in %s: skipped (best %s %.4f)", job.num, job.run_dir, monitor,
                      best_value(previous, monitor))
             return best_value(previous, monitor)
-        last = job.run_dir / "checkpoints" / "last.ckpt"
-        if cfg.get("ckpt_path") is None and last.is_file():
-            log.info("Job %s was interrupted (status %s): resuming from %s", job.num, previous.get("status"), last)
+        if cfg.get("ckpt_path") is None and (job.run_dir / LAST_CHECKPOINT).is_file():
+            log.info("Job %s was interrupted (status %s): resuming from %s", job.num, previous.get("status"),
+                     job.run_dir / LAST_CHECKPOINT)
             with open_dict(cfg):
-                cfg.ckpt_path = str(last)
+                cfg.ckpt_path = "last"
 
     record = JobRecord(job)
     try:
+        with open_dict(cfg):
+            cfg.ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), job.run_dir)
         value = train(cfg, job, record)
-    except KeyboardInterrupt:
-        record.fail("interrupted (KeyboardInterrupt)")
-        raise
+    except (KeyboardInterrupt, SystemExit) as error:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
+        cause = interruption(error)
+        record.fail(f"interrupted by {cause}: resume with ckpt_path=last in this run directory, or run the same "
+                    "sweep command again")
+        raise SystemExit(143 if cause == "SIGTERM" else 130) from error  # the shell's codes; Lightning's SIGTERM is 0
     except Exception as error:
         record.fail(describe_error(error))
         if not job.multirun:

@@ -15,8 +15,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
 from segx.callbacks import RunSummary
 from segx.errors import ConfigError
+from segx.interrupt import CheckpointOnInterrupt
 from segx.losses import build_loss
-from segx.models import parameter_counts
+from segx.models import check_input_size, parameter_counts
 from segx.module import SegmentationModule
 from segx.runfiles import write_json_atomic
 from segx.runtime import Runtime, resolve_runtime
@@ -140,8 +141,9 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
              record.fields["host"], " · ".join(f"{k} {v}" for k, v in runtime.record().items()))
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
+    check_input_size(net, int(cfg.data.image_size), f"model {cfg.model._target_}")  # before any data is read
+    datamodule = instantiate(cfg.data)
     loss = build_loss(cfg.loss, class_frequencies=datamodule.class_frequencies)
     module = SegmentationModule(
         net, loss, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
@@ -157,7 +159,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
                          provenance=record.fields)
     show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker
-    callbacks = [*build_callbacks(cfg, run_dir, show_progress), summary]
+    callbacks = [*build_callbacks(cfg, run_dir, show_progress), summary, CheckpointOnInterrupt()]
     trainer: pl.Trainer = instantiate(
         cfg.trainer, precision=runtime.precision, strategy=runtime.strategy, sync_batchnorm=runtime.sync_batchnorm,
         enable_progress_bar=show_progress,

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 from torchvision.datasets import VOCSegmentation
 
-from segx.data.shapes import MARKER_NAME, OLD_PREFIX, TMP_PREFIX, write_shapes_dataset
+from segx.data.shapes import (
+    MARKER_NAME,
+    MIN_IMAGES_FOR_ALL_CLASSES,
+    OLD_PREFIX,
+    TMP_PREFIX,
+    render_sample,
+    write_shapes_dataset,
+)
 from segx.data.voc import IGNORE_INDEX, NUM_CLASSES, VOC_PALETTE
 
 SMALL = {"num_train": 12, "num_val": 4, "seed": 0, "min_size": 48, "max_size": 80}
@@ -177,3 +184,31 @@ def test_bad_arguments_are_rejected(tmp_path: Path, kwargs: dict, name: str) -> 
     with pytest.raises(ValueError, match=name):
         write_shapes_dataset(tmp_path, **{**SMALL, **kwargs})
     assert not (tmp_path / "VOCdevkit").exists()
+
+
+def classes_in_masks(masks: list[np.ndarray]) -> set[int]:
+    return {int(v) for mask in masks for v in np.unique(mask)} - {0, IGNORE_INDEX}
+
+
+def test_every_class_occurs_in_every_split_of_the_default_size() -> None:
+    """`make demo`'s tree (200 train, 50 val, seed 0, 96-160 px): no class scores as absent in val."""
+    for split, count in (("train", 200), ("val", 50)):
+        masks = [np.array(render_sample(0, split, i, 96, 160)[1]) for i in range(count)]
+        assert classes_in_masks(masks) == set(range(1, NUM_CLASSES)), split
+
+
+def test_every_class_occurs_in_the_test_suites_val_split(shapes_root: Path) -> None:
+    """The 16-image val split the suite trains on (conftest's TINY_SHAPES), read back from its PNGs."""
+    masks_dir = shapes_root / "VOCdevkit" / "VOC2012" / "SegmentationClass"
+    masks = [np.array(Image.open(p)) for p in sorted(masks_dir.glob("shapes_val_*.png"))]
+    assert len(masks) == 16
+    assert classes_in_masks(masks) == set(range(1, NUM_CLASSES))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_ten_images_are_enough_for_every_class(seed: int) -> None:
+    assert MIN_IMAGES_FOR_ALL_CLASSES == 10
+    for split in ("train", "val"):
+        for first in (0, 10, 20):  # images 0-9, 10-19, ...: a split of 10 or more holds every class
+            masks = [np.array(render_sample(seed, split, i, 48, 80)[1]) for i in range(first, first + 10)]
+            assert classes_in_masks(masks) == set(range(1, NUM_CLASSES)), (seed, split, first)

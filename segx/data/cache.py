@@ -23,6 +23,7 @@ import torchvision.transforms.v2.functional as TF
 from filelock import FileLock
 from PIL import Image
 
+from segx.data.voc import NUM_CLASSES
 from segx.errors import SegxError
 
 log = logging.getLogger(__name__)
@@ -55,26 +56,114 @@ def fingerprint(image_files: list[str], mask_files: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def decode_pair(image_file: str, mask_file: str, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """Images are resized bilinear with antialiasing, masks with nearest neighbour so labels stay labels."""
-    with Image.open(image_file) as img:
-        image = TF.pil_to_tensor(img.convert("RGB"))
-    with Image.open(mask_file) as msk:
-        if msk.mode not in ("P", "L"):
-            raise SegxError(
-                f"Mask {mask_file} has PIL mode {msk.mode!r}; VOC masks are palette ('P') PNGs holding class "
-                "indices 0..20 and 255. Convert it to a palette or greyscale index image."
-            )
-        mask = torch.from_numpy(np.array(msk, dtype=np.uint8))[None]
-    if image.shape[-2:] != mask.shape[-2:]:
-        raise SegxError(
-            f"Image {image_file} is {tuple(image.shape[-2:])} but its mask {mask_file} is "
-            f"{tuple(mask.shape[-2:])}; each mask must have its image's height and width."
-        )
+LIST_LIMIT = 10  # bad or missing files named in one message; the rest are counted
+
+
+def name_list(names: list[str], limit: int = LIST_LIMIT) -> str:
+    """'a, b, c' for up to `limit` names (sorted), then 'and N more': a 2,913-file problem stays one line."""
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+# Problems a decoded pair can have, in the order a message lists them: (key, how the group is described).
+PROBLEMS = {
+    "image": "image(s) that cannot be decoded (truncated or corrupt JPEG)",
+    "mask": "mask(s) that cannot be decoded (truncated or corrupt PNG)",
+    "mode": "mask(s) that are not index images (VOC masks are palette 'P' PNGs of class indices)",
+    "labels": "mask(s) with values outside the classes",
+    "size": "mask(s) whose height and width differ from their image's",
+}
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """One problem with one file: `problem` is a key of PROBLEMS, `detail` says what was found."""
+
+    problem: str
+    path: str
+    detail: str = ""
+
+
+def describe_bad_files(bad: list[BadFile], split: str, num_classes: int, fix: str) -> str:
+    """One paragraph: every problem group with its files (the first LIST_LIMIT by name, then a count)."""
+    groups = []
+    for key, what in PROBLEMS.items():
+        files = sorted((b for b in bad if b.problem == key), key=lambda b: os.path.basename(b.path))
+        if not files:
+            continue
+        if key == "labels":
+            what = f"{what} (0..{num_classes - 1} and 255 are allowed)"
+        folders = {os.path.dirname(b.path) for b in files}
+        where = f" in {folders.pop()}" if len(folders) == 1 else ""
+        names = [os.path.basename(b.path) if where else b.path for b in files]
+        if key in ("image", "mask"):  # the decoder's words once: they vary little and would swamp the list
+            listed = f"{name_list(names)} (the first says: {files[0].detail})"
+        else:
+            listed = name_list([f"{n} ({b.detail})" for n, b in zip(names, files, strict=True)])
+        groups.append(f"{len(files)} {what}{where}: {listed}")
+    count = len({b.path for b in bad})
+    return f"The {split} split has {count} bad file(s), so no cache was written: {'; '.join(groups)}. {fix}"
+
+
+def _pil_error(error: BaseException, path: str) -> str:
+    """The decoder's message on one line, the file's full path (already named) cut to its name."""
+    return f"{type(error).__name__}: {error}".replace("\n", " ").replace(path, os.path.basename(path))
+
+
+def check_pair(
+    image_file: str, mask_file: str, size: int, num_classes: int,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None, list[BadFile]]:
+    """Decode and check one pair fully: (image, mask, original size) or None, and every problem found.
+
+    Images are resized bilinear with antialiasing, masks with nearest neighbour so labels stay labels.
+    PIL decodes lazily, so `load()` forces the whole file through the decoder here: a truncated JPEG is
+    caught now and named, not met half-way through a resize.
+    """
+    bad: list[BadFile] = []
+    image = mask = None
+    try:
+        with Image.open(image_file) as img:
+            img.load()
+            image = TF.pil_to_tensor(img.convert("RGB"))
+    except Exception as error:  # whatever the decoder raises, this file cannot be used
+        bad.append(BadFile("image", image_file, _pil_error(error, image_file)))
+    try:
+        with Image.open(mask_file) as msk:
+            msk.load()
+            if msk.mode in ("P", "L"):
+                mask = torch.from_numpy(np.array(msk, dtype=np.uint8))[None]
+            else:
+                bad.append(BadFile("mode", mask_file, f"mode {msk.mode}"))
+    except Exception as error:
+        bad.append(BadFile("mask", mask_file, _pil_error(error, mask_file)))
+    if mask is not None:
+        values = torch.unique(mask)
+        wrong = values[(values >= num_classes) & (values != 255)].tolist()
+        if wrong:
+            shown = ", ".join(map(str, wrong[:5])) + (", ..." if len(wrong) > 5 else "")
+            bad.append(BadFile("labels", mask_file, f"values {shown}"))
+    if image is not None and mask is not None and image.shape[-2:] != mask.shape[-2:]:
+        bad.append(BadFile(
+            "size", mask_file,
+            f"{mask.shape[-2]}x{mask.shape[-1]}, image {image.shape[-2]}x{image.shape[-1]}",
+        ))
+    if bad or image is None or mask is None:
+        return None, bad
     original = (int(image.shape[-2]), int(image.shape[-1]))
     image = TF.resize(image, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     mask = TF.resize(mask, [size, size], interpolation=TF.InterpolationMode.NEAREST_EXACT)
-    return image, mask[0], original
+    return (image, mask[0], original), bad
+
+
+def decode_pair(
+    image_file: str, mask_file: str, size: int, num_classes: int = NUM_CLASSES,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """One checked pair at `size`; raises SegxError naming the file and its problem."""
+    decoded, bad = check_pair(image_file, mask_file, size, num_classes)
+    if decoded is None:
+        raise SegxError(describe_bad_files(bad, "requested", num_classes, "Replace or fix this pair."))
+    return decoded
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -89,37 +178,81 @@ def _atomic_save(obj: object, path: Path) -> None:
 
 
 def _build(
-    split: str, ids: list[str], image_files: list[str], mask_files: list[str], size: int,
+    split: str, ids: list[str], image_files: list[str], mask_files: list[str], size: int, num_classes: int,
     progress: Callable[[int, int], None] | None,
 ) -> CachedSplit:
+    """Decode every pair, checking each; one SegxError at the end lists every bad file, grouped by problem."""
     n = len(ids)
     images = torch.empty((n, 3, size, size), dtype=torch.uint8)
     masks = torch.empty((n, size, size), dtype=torch.uint8)
     original = torch.empty((n, 2), dtype=torch.int32)
+    bad: list[BadFile] = []
     # PIL decodes and resizes with the GIL released, so threads use every core without pickling tensors.
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        results = pool.map(lambda pair: decode_pair(pair[0], pair[1], size), zip(image_files, mask_files, strict=True))
-        for i, (image, mask, hw) in enumerate(results):
-            images[i], masks[i], original[i] = image, mask, torch.tensor(hw)
+        results = pool.map(lambda pair: check_pair(pair[0], pair[1], size, num_classes),
+                           zip(image_files, mask_files, strict=True))
+        for i, (decoded, problems) in enumerate(results):
+            bad.extend(problems)
+            if decoded is not None:
+                images[i], masks[i], original[i] = decoded[0], decoded[1], torch.tensor(decoded[2])
             if progress is not None:
                 progress(i + 1, n)
+    if bad:
+        split_file = Path(image_files[0]).parent.parent / "ImageSets" / "Segmentation" / f"{split}.txt"
+        raise SegxError(describe_bad_files(
+            bad, split, num_classes,
+            "Replace these files with good copies (re-extract the VOC archive), or remove their ids from "
+            f"{split_file}, and run again.",
+        ))
     return CachedSplit(split, size, list(ids), images, masks, original)
+
+
+def _cache_problem(blob: object, ids: list[str], size: int) -> str | None:
+    """Why a loaded cache cannot be used (another version, missing keys, wrong shapes), or None."""
+    if not isinstance(blob, dict):
+        return f"it holds a {type(blob).__name__}, not a cache"
+    if blob.get("format") != CACHE_FORMAT:
+        return f"format {blob.get('format')!r}, this version writes {CACHE_FORMAT}"
+    missing = [key for key in ("ids", "images", "masks", "original_sizes") if key not in blob]
+    if missing:
+        return f"keys {', '.join(missing)} are missing"
+    if blob["ids"] != list(ids):
+        return "its ids differ from the split file's"
+    n = len(ids)
+    expected = {
+        "images": ((n, 3, size, size), torch.uint8), "masks": ((n, size, size), torch.uint8),
+        "original_sizes": ((n, 2), torch.int32),
+    }
+    for key, (shape, dtype) in expected.items():
+        value = blob[key]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
+            found = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"{key} is {found}, expected {shape} {dtype}"
+    return None
 
 
 def load_or_build(
     cache_dir: Path, split: str, ids: list[str], image_files: list[str], mask_files: list[str], size: int,
+    num_classes: int = NUM_CLASSES,
 ) -> CachedSplit:
-    """Return the cached split, building it first if no cache matches this file list and size."""
+    """Return the cached split, building it first if no cache matches this file list and size.
+
+    A cache that is truncated, from another format or inconsistent with the ids is rebuilt, never used.
+    Building checks every file (see `check_pair`) and writes nothing when any is bad.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{split}-{size}px-{fingerprint(image_files, mask_files)}.pt"
     with FileLock(str(path) + ".lock"):
         if path.exists():
             try:
                 blob = torch.load(path, map_location="cpu", weights_only=True)
-                if blob.get("format") == CACHE_FORMAT and blob["ids"] == list(ids):
-                    return CachedSplit(split, size, blob["ids"], blob["images"], blob["masks"], blob["original_sizes"])
             except Exception as error:  # an unreadable cache is rebuilt, never trusted
-                log.warning("Cache %s is unreadable (%s); rebuilding it.", path, error)
+                problem: str | None = f"unreadable: {error}".replace("\n", " ")
+            else:
+                problem = _cache_problem(blob, ids, size)
+                if problem is None:
+                    return CachedSplit(split, size, blob["ids"], blob["images"], blob["masks"], blob["original_sizes"])
+            log.warning("Cache %s cannot be used (%s); rebuilding it.", path, problem)
         start = last_report = time.perf_counter()
 
         def progress(done: int, total: int) -> None:
@@ -130,7 +263,7 @@ def load_or_build(
                 log.info("Caching %s split at %dpx: %d/%d images (%.0fs)", split, size, done, total, now - start)
 
         log.info("Building the %s cache at %dpx from %d images into %s", split, size, len(ids), path)
-        cached = _build(split, ids, image_files, mask_files, size, progress)
+        cached = _build(split, ids, image_files, mask_files, size, num_classes, progress)
         blob = {
             "format": CACHE_FORMAT, "ids": cached.ids, "images": cached.images, "masks": cached.masks,
             "original_sizes": cached.original_sizes,

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import VOCSegmentation
 
 from segx.data.augment import BatchAugment
-from segx.data.cache import CachedSplit, load_or_build
+from segx.data.cache import CachedSplit, load_or_build, name_list
 from segx.data.voc import IGNORE_INDEX, NUM_CLASSES, SPLITS, VOC_CLASSES
 from segx.errors import SegxError
 
@@ -48,11 +48,47 @@ def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
     return batch  # __getitems__ already returns stacked tensors
 
 
+def _layout_problem(root: Path, split: str) -> str | None:
+    """What is missing from a VOC tree under `root`, naming each missing path and what belongs there."""
+    voc_dir = root / "VOCdevkit" / "VOC2012"
+    if not root.is_dir():
+        return None  # the reader's own "not found" message below says what data.root should hold
+    if not voc_dir.is_dir():
+        hint = ""
+        if (root / "JPEGImages").is_dir():
+            hint = f" data.root points at the VOC2012 folder itself: set data.root={root.parent.parent}."
+        elif (root / "VOC2012").is_dir():
+            hint = f" data.root points at VOCdevkit: set data.root={root.parent}."
+        return (
+            f"data.root={root} exists but holds no VOCdevkit/VOC2012 folder ({voc_dir} is missing).{hint} "
+            "data.root must be the folder that holds VOCdevkit/VOC2012 as extracted from "
+            "VOCtrainval_11-May-2012.tar; set data.download=true to fetch it (about 2 GB, needs internet), or "
+            "use data=shapes for the embedded dataset."
+        )
+    expected = {
+        voc_dir / "JPEGImages": "folder of the <id>.jpg images",
+        voc_dir / "SegmentationClass": "folder of the <id>.png class masks",
+        voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt": f"the {split} split file, one image id per line",
+    }
+    missing = [f"{path} ({what})" for path, what in expected.items() if not path.exists()]
+    if not missing:
+        return None
+    return (
+        f"The Pascal VOC 2012 copy under data.root={root} is incomplete: {'; '.join(missing)} "
+        f"{'is' if len(missing) == 1 else 'are'} missing. Place the missing part(s) there as in the official "
+        "VOCtrainval_11-May-2012.tar (extract it over data.root), or use data=shapes for the embedded dataset."
+    )
+
+
 def voc_split_files(root: Path, split: str, download: bool = False) -> tuple[list[str], list[str], list[str]]:
     """(ids, image files, mask files) of a split, read through torchvision's VOCSegmentation."""
     if split not in SPLITS:
         raise SegxError(f"Unknown VOC split {split!r}; choose one of {', '.join(SPLITS)}.")
     voc_dir = root / "VOCdevkit" / "VOC2012"
+    if not download:
+        problem = _layout_problem(root, split)
+        if problem is not None:
+            raise SegxError(problem)
     try:
         dataset = VOCSegmentation(str(root), year="2012", image_set=split, download=download)
     except (OSError, RuntimeError) as error:
@@ -68,11 +104,19 @@ def voc_split_files(root: Path, split: str, download: bool = False) -> tuple[lis
             "data.root at the folder that holds VOCdevkit, set data.download=true to fetch it (about 2 GB, needs "
             "internet), or use data=shapes for the embedded dataset."
         ) from error
-    missing = [f for f in (*dataset.images, *dataset.masks) if not os.path.isfile(f)]
-    if missing:
+    missing_images = [f for f in dataset.images if not os.path.isfile(f)]
+    missing_masks = [f for f in dataset.masks if not os.path.isfile(f)]
+    if missing_images or missing_masks:
+        groups = [
+            f"{len(files)} {kind} missing from {folder}: {name_list([Path(f).name for f in files])}"
+            for files, kind, folder in ((missing_images, "image(s)", voc_dir / "JPEGImages"),
+                                        (missing_masks, "mask(s)", voc_dir / "SegmentationClass"))
+            if files
+        ]
+        count = len({Path(f).stem for f in (*missing_images, *missing_masks)})
         raise SegxError(
-            f"The VOC {split} split under data.root={root} lists {len(missing)} file(s) that do not exist, e.g. "
-            f"{missing[0]}. The copy is incomplete: re-extract the VOC archive or fix "
+            f"The VOC {split} split under data.root={root} lists {count} id(s) whose files do not exist: "
+            f"{'; '.join(groups)}. The copy is incomplete: re-extract the VOC archive, or remove those ids from "
             f"{voc_dir}/ImageSets/Segmentation/{split}.txt."
         )
     ids = [Path(f).stem for f in dataset.images]
@@ -166,7 +210,9 @@ class VOCDataModule(pl.LightningDataModule):
             ids, images, masks = self.split_files(split)
             if not ids:
                 raise SegxError(f"The VOC {split} split under data.root={self.root} is empty; check its split file.")
-            self._splits[split] = load_or_build(self.cache_dir, split, ids, images, masks, self.image_size)
+            self._splits[split] = load_or_build(
+                self.cache_dir, split, ids, images, masks, self.image_size, num_classes=self.num_classes,
+            )
         return self._splits[split]
 
     def setup(self, stage: str | None = None) -> None:

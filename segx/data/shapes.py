@@ -25,7 +25,7 @@ from segx.data.voc import IGNORE_INDEX, NUM_CLASSES, VOC_PALETTE
 from segx.errors import ConfigError, DataRootTakenError
 
 # Bump whenever the drawing changes, so trees written by an older version are regenerated, not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every class in every split of 10+ images (two cycled classes per image)
 MARKER_NAME = "segx-shapes.json"
 LOCK_NAME = "segx-shapes.lock"
 TMP_PREFIX = ".VOC2012.segx-tmp-"  # a build in progress (or killed half-way); lives beside VOC2012
@@ -158,6 +158,25 @@ def _void_borders(labels: np.ndarray) -> np.ndarray:
     return void
 
 
+CYCLED_PER_IMAGE = 2
+MIN_IMAGES_FOR_ALL_CLASSES = -(-(NUM_CLASSES - 1) // CYCLED_PER_IMAGE)  # 10
+
+
+def cycled_classes(seed: int, split: str, index: int) -> list[int]:
+    """The two classes image `index` is guaranteed to show, drawn on top of any other shape.
+
+    Images 0-9 of a split walk through a shuffled list of the 20 classes two at a time, as do images
+    10-19 (shuffled afresh, so pairs vary), and so on: any split of MIN_IMAGES_FOR_ALL_CLASSES images or
+    more holds every class (a val split without a class would score it as absent in `make demo`). A
+    pure function of its arguments, like `render_sample`. Tiny images (under ~24 px) may rarely hide a
+    cycled shape under the other one."""
+    per_round = MIN_IMAGES_FOR_ALL_CLASSES
+    order = np.random.default_rng([seed, SPLIT_CODES[split], index // per_round, 0xC1A55]).permutation(
+        np.arange(1, NUM_CLASSES))
+    start = (index % per_round) * CYCLED_PER_IMAGE
+    return [int(c) for c in order[start:start + CYCLED_PER_IMAGE]]
+
+
 def render_sample(
     seed: int, split: str, index: int, min_size: int, max_size: int
 ) -> tuple[Image.Image, Image.Image]:
@@ -170,8 +189,10 @@ def render_sample(
     rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
     width = int(rng.integers(min_size, max_size + 1))
     height = int(rng.integers(min_size, max_size + 1))
-    count = int(rng.integers(1, 4))
-    classes = rng.choice(np.arange(1, NUM_CLASSES), size=count, replace=False)
+    cycled = cycled_classes(seed, split, index)
+    others = np.setdiff1d(np.arange(1, NUM_CLASSES), cycled)
+    extra = rng.choice(others, size=int(rng.integers(0, 2)), replace=False)
+    classes = [*extra.tolist(), *cycled]  # the cycled classes are drawn last, on top of the extra one
 
     label_image = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(label_image)

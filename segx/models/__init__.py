@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
+from segx.errors import ConfigError, find_user_error
 from segx.models.unet import UNet
 
-__all__ = ["UNet", "parameter_counts"]
+__all__ = ["UNet", "check_input_size", "parameter_counts"]
+
+
+def check_input_size(net: nn.Module, image_size: int, model_name: str = "the model") -> None:
+    """Refuse a `data.image_size` the network cannot take before any data is read: a forward pass of a copy on
+    PyTorch's meta device computes shapes only (no arithmetic, no memory for activations)."""
+    probe = copy.deepcopy(net).to("meta").eval()
+    try:
+        with torch.no_grad():
+            logits = probe(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except NotImplementedError:
+        return  # an operation without a meta kernel: the first real forward pass will tell
+    except Exception as error:
+        reason = str(find_user_error(error) or error).strip()
+        if "image_size" not in reason:
+            reason += " Choose another data.image_size (the study used 128) or another model."
+        raise ConfigError(f"data.image_size={image_size} cannot be used with {model_name}: {reason}") from error
+    if tuple(logits.shape[-2:]) != (image_size, image_size):
+        raise ConfigError(
+            f"{model_name} turns {image_size}×{image_size} images into {tuple(logits.shape[-2:])} logits, not "
+            f"{image_size}×{image_size}; choose a data.image_size it maps to itself (the study used 128)."
+        )
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -1,0 +1,40 @@
+"""Ctrl-C and SIGTERM (a scheduler's pre-emption, `kill`) save `last.ckpt` before the run exits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+def interruption(error: BaseException) -> str | None:
+    """What interrupted a run, or None for an ordinary error (Lightning turns Ctrl-C into `sys.exit(1)`)."""
+    if isinstance(error, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(error, KeyboardInterrupt | SystemExit):
+        return "Ctrl-C"
+    return None
+
+
+class CheckpointOnInterrupt(pl.Callback):
+    """Writes the current state to `<checkpoints>/last.ckpt` (atomically) when the run is interrupted, so
+    `ckpt_path=last` loses at most the batch in flight instead of the whole epoch."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        signal_name = interruption(exception)
+        checkpoint = trainer.checkpoint_callback
+        if signal_name is None or not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.dirpath:
+            return
+        path = Path(checkpoint.dirpath) / "last.ckpt"
+        tmp = path.with_name(f".last.ckpt.{os.getpid()}.tmp")
+        trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+            log.warning("%s: saved epoch %d, step %d to %s; resume with ckpt_path=last (hydra.run.dir=%s)",
+                        signal_name, trainer.current_epoch, trainer.global_step, path, path.parent.parent)

@@ -1,0 +1,79 @@
+"""Runs that are interrupted or resumed: SIGTERM/Ctrl-C save a checkpoint, `ckpt_path=last|auto` resume in place,
+and an image size the model cannot take is refused before any data is read."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from segx.checkpoint import load_checkpoint
+from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
+
+EPOCHS = 8
+STEPS_PER_EPOCH = 96 // 8
+
+
+def start_training(run_dir: Path, shapes_root: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+               f"trainer.max_epochs={EPOCHS}", "logger=none", f"hydra.run.dir={run_dir}", *extra]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process.poll() is None, "training ended before it could be interrupted"
+
+
+@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int, name: str, shapes_root: Path,
+                                                                    tmp_path: Path) -> None:
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    process = start_training(tmp_path, shapes_root)
+    wait_for(last, process)
+    time.sleep(1.0)  # into a later epoch
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert f"{name}: saved epoch" in output
+    record = read_json(tmp_path / "metrics.json")
+    assert record["status"] == "failed" and record["error"].startswith(f"interrupted by {name}")
+    saved = load_checkpoint(last)  # complete and loadable, with the state at the signal
+    assert saved["global_step"] >= record["epochs"] * STEPS_PER_EPOCH
+
+    run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+                    f"trainer.max_epochs={EPOCHS}", "logger=none", f"hydra.run.dir={tmp_path}", "ckpt_path=last")
+    resumed = read_json(tmp_path / "metrics.json")
+    assert resumed["status"] == "completed" and "error" not in resumed
+    assert [int(h["epoch"]) for h in resumed["history"]] == list(range(EPOCHS))  # every epoch once
+    assert resumed["best"]["val/miou"] == max(h["val/miou"] for h in resumed["history"])
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
+    assert best["epoch"] == int(resumed["best"]["epoch"])  # best.ckpt is the best epoch of the whole run
+
+
+def test_ckpt_path_auto_starts_fresh_and_last_needs_a_checkpoint(shapes_root: Path, tmp_path: Path) -> None:
+    common = [*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none", "trainer.max_epochs=1"]
+    missing = run_entry_point("train.py", *common, f"hydra.run.dir={tmp_path / 'a'}", "ckpt_path=last", check=False)
+    assert missing.returncode == 2 and "ckpt_path=last resumes" in missing.stdout + missing.stderr
+    assert "Traceback" not in missing.stdout + missing.stderr
+    run_entry_point("train.py", *common, f"hydra.run.dir={tmp_path / 'b'}", "ckpt_path=auto")
+    assert read_json(tmp_path / "b" / "metrics.json")["epochs"] == 1
+    run_entry_point("train.py", *common[:-1], "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'b'}",
+                    "ckpt_path=auto")
+    assert [int(h["epoch"]) for h in read_json(tmp_path / "b" / "metrics.json")["history"]] == [0, 1]
+
+
+def test_an_image_size_the_model_cannot_take_is_refused_before_any_data_is_read(tmp_path: Path) -> None:
+    root = tmp_path / "fresh"
+    result = run_entry_point("train.py", "data=shapes", f"data.root={root}", "model=fcn", "data.image_size=40",
+                             f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output
+    assert "data.image_size=40 cannot be used with model segx.models.fcn.FCN" in output and "divisible by 16" in output
+    assert not root.exists()  # the shapes tree was not even generated
