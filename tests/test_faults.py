@@ -77,3 +77,17 @@ def test_an_image_size_the_model_cannot_take_is_refused_before_any_data_is_read(
     assert result.returncode == 2 and "Traceback" not in output
     assert "data.image_size=40 cannot be used with model segx.models.fcn.FCN" in output and "divisible by 16" in output
     assert not root.exists()  # the shapes tree was not even generated
+
+
+@pytest.mark.parametrize("override, code, message", [
+    ("model=unett", 1, "Could not find 'model/unett'"),          # Hydra lists the available choices
+    ("optimizer.lrr=0.1", 1, "Key 'lrr' is not in struct"),       # a typo'd key
+    ("loss=dicee", 1, "Could not find 'loss/dicee'"),
+    ("data.batch_size=0", 2, "data.batch_size=0 must be at least 1"),
+])
+def test_a_wrong_name_or_value_is_one_clear_message(override: str, code: int, message: str, shapes_root: Path,
+                                                    tmp_path: Path) -> None:
+    result = run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", override,
+                             f"hydra.run.dir={tmp_path}", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == code and message in output and "Traceback" not in output
