@@ -108,7 +108,7 @@ def test_gpus_launcher_isolates_a_failed_job(shapes_root: Path, tmp_path: Path) 
     failed, completed = records(tmp_path)
     assert failed["status"] == FAILED and "divisible by 16" in failed["error"]
     assert completed["status"] == COMPLETED and completed["epochs"] == 1
-    assert f"{tmp_path / '0'}: UNet with 4 pooling levels" in result.stdout + result.stderr
+    assert f"{tmp_path / '0'}: data.image_size=40 cannot be used" in result.stdout + result.stderr
 
 
 def test_a_dead_worker_is_retried_and_then_isolated(shapes_root: Path, tmp_path: Path) -> None:
