@@ -215,6 +215,7 @@ def run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction, monitor: str = 
             )
             return float("nan")
         if previous.get("status") == COMPLETED:
+            monitor = str(previous.get("monitor", monitor))
             log.info("Job %s completed earlier in %s: skipped (best %s %.4f)", job.num, job.run_dir, monitor,
                      best_value(previous, monitor))
             return best_value(previous, monitor)

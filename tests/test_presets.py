@@ -15,9 +15,10 @@ from tests.conftest import QUIET, ROOT, TINY_SHAPES, run_entry_point
 
 PRESET_JOBS = {"optimizer_grid": 36, "loss_grid": 3 * len(list((ROOT / "conf" / "loss").glob("*.yaml"))),
                "size_study": 9, "best_setting": 3, "compare_models": 45}
+# No checkpoints: full-size networks with optimizer state are ~0.7 GB per job (best + last), 23 GB per suite run.
 SMOKE = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
          "trainer.num_sanity_val_steps=0", "logger=none", "callbacks.prediction_grid=null", "data.batch_size=4",
-         "hydra.sweeper.params.seed=1"]
+         "callbacks.model_checkpoint=null", "trainer.enable_checkpointing=false", "hydra.sweeper.params.seed=1"]
 
 
 def preset(name: str, *overrides: str) -> DictConfig:
