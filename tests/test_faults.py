@@ -21,7 +21,9 @@ STEPS_PER_EPOCH = 96 // 8
 def start_training(run_dir: Path, shapes_root: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                f"trainer.max_epochs={EPOCHS}", "logger=none", f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell's background jobs (CI) ignore SIGINT, and Python keeps that: give the run the default handling back.
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
