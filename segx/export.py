@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,6 +25,7 @@ from torch import nn
 
 from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
 from segx.errors import SegxError, exit_on_user_error
+from segx.runfiles import atomic_path
 
 FORMATS = ("onnx",)
 DEFAULT_TOLERANCE = 1e-3
@@ -152,12 +151,6 @@ def size_divisor(net: nn.Module) -> int:
     return int(getattr(net, "downsample", 1))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _round_up(value: int, multiple: int) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
@@ -257,10 +250,7 @@ def export_network(
     side = _round_up(example_size, divisor)
     example = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
     shapes = [(b, _round_up(h, divisor), _round_up(w, divisor)) for b, h, w in CHECK_SHAPES]
-    fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(output) as tmp:  # the file appears only once verified
         _trace_to(traceable(net), tmp, example, opset, type(net).__name__)
         _add_metadata(tmp, {"size_divisor": divisor, **dict(metadata or {})})
         differences = verify_onnx(tmp, net, shapes)  # against the original network, not the traced copy
@@ -272,10 +262,6 @@ def export_network(
                 f"logits {measured}, above the tolerance {tolerance:g}, so {output} was not written. Try another "
                 "opset= or report the model."
             )
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates it private; the export is an ordinary file
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportReport(output, int(opset), divisor, differences, time.perf_counter() - start)
 
 

@@ -83,11 +83,11 @@ def resolve_runtime(trainer: Any, in_sweep: bool) -> Runtime:
     """The Trainer settings segx resolves itself, from the `trainer` config node."""
     accelerator = str(trainer.get("accelerator", "auto"))
     cuda = uses_cuda(accelerator)
-    strategy = trainer.get("strategy", "auto")
-    if in_sweep and strategy_for_sweep_job(strategy) != strategy:
+    configured = trainer.get("strategy", "auto")
+    strategy = strategy_for_sweep_job(configured) if in_sweep else configured
+    if strategy != configured:
         log.info("trainer.strategy=%s inside a multirun: starting the ranks with %s (Lightning's %s would re-run "
-                 "the command line, i.e. the whole sweep)", strategy, strategy_for_sweep_job(strategy), strategy)
-        strategy = strategy_for_sweep_job(strategy)
+                 "the command line, i.e. the whole sweep)", configured, strategy, configured)
     sync_batchnorm = bool(trainer.get("sync_batchnorm")) and cuda
     if trainer.get("sync_batchnorm") and not cuda:
         log.info("trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm); off for this CPU run")

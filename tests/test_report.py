@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from segx import report
-from segx.report.files import atomic_path
 from segx.report.plots import normalize_rows
+from segx.runfiles import atomic_path
 from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from segx.report.build import write_report
-from segx.report.files import write_text_atomic
 from segx.report.runs import collect_runs, common_overrides
 from segx.report.tables import print_summary
+from segx.runfiles import write_text_atomic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from segx.report.files import atomic_path
 from segx.report.runs import COMPLETED, RUNNING, Configuration
+from segx.runfiles import atomic_path
 
 DPI = 120
 METRIC_NAMES = {"val/miou": "val mIoU", "val/miou_no_bg": "val mIoU without background",
