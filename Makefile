@@ -37,5 +37,8 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+bench: venv
+	$(PY) -m segx.bench --json bench.json
+
 clean:
 	rm -rf outputs multirun data/shapes .pytest_cache

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.parsing import AttributeDict
 from torch import nn
 
 from segx.errors import SegxError
+from segx.models import build_network
 from segx.module import CHECKPOINT_KEY
 
 # Lightning stores the type of `hparams` next to them; allowing that one harmless dict subclass
@@ -91,7 +91,7 @@ def network_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     if model_cfg.get("encoder_weights") is not None:
         # The checkpoint holds every weight: fetching the pretrained encoder again would only fail offline.
         model_cfg.encoder_weights = None
-    net = instantiate(model_cfg)
+    net = build_network(model_cfg, apply_options=False)  # callers pick the memory format (segx.inference)
     prefix = "net."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state, strict=True)

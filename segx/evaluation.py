@@ -18,6 +18,7 @@ from PIL import Image
 from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
 from segx.data.voc import VOC_PALETTE
 from segx.errors import SegxError
+from segx.inference import Predictor
 from segx.metrics import confusion_matrix_metric, segmentation_scores
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def evaluate_checkpoint(
     full_res: bool = False,
     save_predictions: bool = False,
     out_dir: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = 64,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Returns `miou`, `miou_no_bg`, `pixel_acc`, `per_class_iou`, `n_images`, `seconds`.
@@ -68,16 +69,15 @@ def evaluate_checkpoint(
     datamodule = instantiate(data_cfg)
     cached = datamodule.load_split(split)
     target = resolve_device(device)
-    net = network_from_checkpoint(checkpoint).to(target).eval()
+    predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, target, int(batch_size))
     confmat = confusion_matrix_metric(datamodule.num_classes).to(target)
     mask_files = datamodule.split_files(split)[2] if full_res else []
     pred_dir = Path(out_dir or ".") / "predictions"
     if save_predictions:
         pred_dir.mkdir(parents=True, exist_ok=True)
 
-    for begin in range(0, len(cached), batch_size):
-        end = min(begin + batch_size, len(cached))
-        logits = net(datamodule.normalize(cached.images[begin:end].to(target)))
+    for begin, logits in predictor.batches(cached.images):
+        end = begin + len(logits)
         if not full_res:
             preds = logits.argmax(1)
             confmat.update(preds, cached.masks[begin:end].to(target).long())

@@ -35,6 +35,8 @@ class SegmentationModule(pl.LightningModule):
         class_names: Sequence[str] = VOC_CLASSES,
         ignore_index: int = IGNORE_INDEX,
         run_config: Mapping[str, Any] | None = None,
+        channels_last: bool = False,
+        example_size: int | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -47,6 +49,9 @@ class SegmentationModule(pl.LightningModule):
         self.train_confmat = confusion_matrix_metric(num_classes, ignore_index)
         self.val_confmat = confusion_matrix_metric(num_classes, ignore_index)
         self.val_confusion_matrix: torch.Tensor | None = None
+        self.channels_last = bool(channels_last)
+        if example_size:  # one image: Lightning's model summary then shows in/out sizes and FLOPs per image
+            self.example_input_array = torch.zeros(1, 3, int(example_size), int(example_size))
 
     def setup(self, stage: str) -> None:
         # Epoch scores come from confusion matrices torchmetrics already summed over the DDP ranks, so every
@@ -56,6 +61,8 @@ class SegmentationModule(pl.LightningModule):
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own code
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:  # a no-op for batches that DeviceBatches already delivers in this format
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:

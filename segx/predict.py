@@ -25,11 +25,10 @@ from PIL import Image, ImageOps
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
-from segx.data.datamodule import IMAGENET_MEAN, IMAGENET_STD
 from segx.data.voc import VOC_PALETTE
 from segx.errors import SegxError, exit_on_user_error
 from segx.evaluation import resolve_device, save_palette_png
-from segx.timing import autocast_for
+from segx.inference import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +142,6 @@ def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
     return pair
 
 
-def prediction_precision(precision: str | int, device: torch.device) -> str:
-    """The run's `trainer.precision` for inference: fp32 on the CPU (autocast is slower there); on CUDA `auto`
-    is bf16-mixed where the GPU has bf16, else fp32; `*-true` half precisions run as autocast (fp32 weights)."""
-    if device.type != "cuda":
-        return "32-true"
-    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    precision = str(precision)
-    if precision == "auto":
-        return "bf16-mixed" if bf16 else "32-true"
-    precision = {"bf16-true": "bf16-mixed", "bf16": "bf16-mixed", "16-true": "16-mixed", "16": "16-mixed"}.get(
-        precision, precision)
-    if precision == "16-mixed" or (precision == "bf16-mixed" and bf16):
-        return precision
-    return "32-true"  # 32-true, 64-true, or a bf16 run predicted on a GPU without bf16
-
-
 def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
     for begin in range(0, len(items), size):
         yield items[begin:begin + size]
@@ -223,14 +206,9 @@ def predict_images(
     _check_images(files)
 
     config = run_config(checkpoint)
-    data = config.data
-    size = int(data.image_size)
-    mean = torch.tensor(list(data.get("mean", IMAGENET_MEAN)), dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(list(data.get("std", IMAGENET_STD)), dtype=torch.float32).view(1, -1, 1, 1)
+    size = int(config.data.image_size)
     target = resolve_device(device)
-    precision = prediction_precision(config.get("trainer", {}).get("precision", "auto"), target)
-    net = network_from_checkpoint(checkpoint).to(target).eval()
-    mean, std = mean.to(target), std.to(target)
+    predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, target, int(batch_size))
 
     overlay_dir = out_dir / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -246,9 +224,7 @@ def predict_images(
                     images.append(load_rgb(path))
                 except _DECODE_ERRORS as error:  # changed on disk since it was checked
                     raise SegxError(f"Input image {path} can no longer be read ({error}).") from error
-            batch = torch.stack([network_input(image, size) for image in images]).to(target)
-            with autocast_for(precision, target):
-                logits = net((batch.float() / 255.0 - mean) / std)
+            logits = predictor.logits(torch.stack([network_input(image, size) for image in images]))
             for path, image, image_logits in zip(group, images, logits, strict=True):
                 labels = labels_at_size(image_logits, image.height, image.width).cpu().numpy().astype(np.uint8)
                 mask_path, overlay_path = out_dir / f"{path.stem}.png", overlay_dir / f"{path.stem}.jpg"
@@ -258,8 +234,9 @@ def predict_images(
                 overlays.append(overlay_path)
             if bar is not None:
                 bar.advance(task, len(group))
-    log.debug("Predicted %d images on %s (%s)", len(files), target, precision)
-    return Predictions(masks, overlays, out_dir, str(target), precision, size, time.perf_counter() - start, files)
+    log.debug("Predicted %d images on %s (%s)", len(files), target, predictor.precision)
+    return Predictions(masks, overlays, out_dir, str(target), predictor.precision, size, time.perf_counter() - start,
+                       files)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")

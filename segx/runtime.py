@@ -72,6 +72,7 @@ class Runtime:
     precision: str
     strategy: Any
     sync_batchnorm: bool
+    benchmark: bool = False
 
     def record(self) -> dict[str, str]:
         strategy = self.strategy if isinstance(self.strategy, str) else type(self.strategy).__name__
@@ -95,4 +96,14 @@ def resolve_runtime(trainer: Any, in_sweep: bool) -> Runtime:
         accelerator="cuda" if cuda else ("cpu" if accelerator == "auto" else accelerator),
         devices=visible_devices(accelerator), precision=precision_for(trainer.get("precision", "auto"), accelerator),
         strategy=strategy, sync_batchnorm=sync_batchnorm,
+        benchmark=resolve_benchmark(trainer.get("benchmark"), cuda, bool(trainer.get("deterministic"))),
     )
+
+
+def resolve_benchmark(benchmark: bool | None, cuda: bool, deterministic: bool) -> bool:
+    """`trainer.benchmark: null` → cudnn autotuning on CUDA: every batch has the same size, so the fastest
+    convolution kernels are found once. Off on the CPU (no cudnn) and under `deterministic`, whose kernels
+    autotuning could replace; an explicit true/false is kept."""
+    if benchmark is not None:
+        return bool(benchmark)
+    return cuda and not deterministic

@@ -15,9 +15,18 @@ from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
 from segx.callbacks import RunSummary
 from segx.errors import ConfigError
+from segx.inference import Predictor, inference_precision
 from segx.interrupt import CheckpointOnInterrupt
 from segx.losses import build_loss
-from segx.models import check_input_size, parameter_counts
+from segx.models import (
+    apply_network_options,
+    build_network,
+    check_input_size,
+    forward_flops,
+    network_options,
+    parameter_counts,
+)
+from segx.models.smp_model import fetch_pretrained
 from segx.module import SegmentationModule
 from segx.runfiles import write_json_atomic
 from segx.runtime import Runtime, resolve_runtime
@@ -118,8 +127,10 @@ def _time_prediction(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, run
     device = torch.device("cuda", 0) if runtime.accelerator == "cuda" else torch.device("cpu")
     log.info("Timing prediction of %d val images: %d warm-up + %d timed passes on %s", len(images), timing.warmup,
              timing.passes, device)
-    result = time_prediction(net, images, datamodule.normalize, device, runtime.precision,
-                             batch_size=int(timing.batch_size), passes=int(timing.passes), warmup=int(timing.warmup))
+    predictor = Predictor(net, device, inference_precision(runtime.precision, device),
+                          channels_last=network_options(cfg.model)["channels_last"], normalize=datamodule.normalizer,
+                          batch_size=int(timing.batch_size))
+    result = time_prediction(predictor, images, passes=int(timing.passes), warmup=int(timing.warmup))
     log.info("Predicting %d val images took %.3f s (mean of %d passes), %.0f images/s", result["predict_images"],
              result["predict_val_seconds"], timing.passes, result["predict_images_per_second"])
     return result
@@ -141,18 +152,27 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
              record.fields["host"], " · ".join(f"{k} {v}" for k, v in runtime.record().items()))
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    net = instantiate(cfg.model)
-    check_input_size(net, int(cfg.data.image_size), f"model {cfg.model._target_}")  # before any data is read
+    options = network_options(cfg.model)
+    fetch_pretrained(cfg.model)  # the one download, on rank 0: the constructor never downloads
+    net = build_network(cfg.model, apply_options=False)
+    image_size = int(cfg.data.image_size)
+    check_input_size(net, image_size, f"model {cfg.model._target_}")  # before any data is read
+    flops = forward_flops(net, image_size)
+    net = apply_network_options(net, options)
     datamodule = instantiate(cfg.data)
     loss = build_loss(cfg.loss, class_frequencies=datamodule.class_frequencies)
     module = SegmentationModule(
         net, loss, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         class_names=datamodule.class_names, run_config=OmegaConf.to_container(cfg, resolve=True),
+        channels_last=options["channels_last"], example_size=None if options["compile"] else image_size,
     )
     counts = parameter_counts(net)
-    log.info("Model %s: %s parameters (%s trainable)", cfg.model._target_, f"{counts['total']:,}",
-             f"{counts['trainable']:,}")
+    record.fields["forward_gflops_per_image"] = round(flops / 1e9, 3)
+    log.info("Model %s: %s parameters (%s trainable), %.2f GFLOPs per %d×%d image forward%s%s",
+             cfg.model._target_, f"{counts['total']:,}", f"{counts['trainable']:,}", flops / 1e9, image_size,
+             image_size, ", channels_last" if options["channels_last"] else "",
+             ", compiled" if options["compile"] else "")
 
     logger = build_logger(cfg, job, record)
     hparams = {**dict(_override_hparams(job.overrides)), **_flat_choices(cfg)}  # resolved values win
@@ -162,7 +182,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     callbacks = [*build_callbacks(cfg, run_dir, show_progress), summary, CheckpointOnInterrupt()]
     trainer: pl.Trainer = instantiate(
         cfg.trainer, precision=runtime.precision, strategy=runtime.strategy, sync_batchnorm=runtime.sync_batchnorm,
-        enable_progress_bar=show_progress,
+        benchmark=runtime.benchmark, enable_progress_bar=show_progress,
         logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

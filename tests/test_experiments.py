@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from segx import bench, report
 
@@ -65,8 +66,41 @@ def test_report_on_a_folder_without_runs_exits_with_a_message(tmp_path: Path) ->
     assert exit_info.value.code == 2
 
 
-def test_bench_measures_every_requested_model() -> None:
-    rows = bench.main(["--models", "unet_small", "fcn", "--batch", "1", "--size", "32", "--repeats", "1"])
-    assert [r["model"] for r in rows] == ["unet_small", "fcn"]
-    assert rows[1]["trainable"] == 34_397_525
-    assert all(r["train_step_s"] > 0 and r["inference_s"] > 0 for r in rows)
+def test_bench_writes_every_section(tmp_path: Path) -> None:
+    """The benchmark at toy sizes: every section is measured and written; the figures are not judged here."""
+    out = tmp_path / "bench.json"
+    results = bench.main(["--json", str(out), "--device", "cpu", "--workdir", str(tmp_path / "work"), "--size", "32",
+                          "--batch", "2", "--data-batch", "4", "--images", "12", "--predict-images", "3",
+                          "--steps", "2", "--warmup", "1", "--model-batch", "2", "--repeats", "1",
+                          "--models", "unet_small"])
+    written = json.loads(out.read_text())
+    assert written["data_speedup"] == pytest.approx(results["data_speedup"]) and written["data_speedup"] > 0
+    data = written["details"]["data_speedup"]
+    assert data["images"] == 12 and data["segx_images_per_second"] > 0 and data["torchvision_images_per_second"] > 0
+    overhead = written["details"]["lightning_overhead"]
+    assert written["lightning_overhead"] == pytest.approx(
+        overhead["lightning_step_seconds"] / overhead["bare_step_seconds"])
+    for key in ("train_peak_fraction", "infer_peak_fraction"):
+        assert 0 < written[key] < 2, (key, written[key])
+    peak = written["details"]["peak"]
+    assert peak["peak_gflops"] == max(peak["matmul_gflops"], peak["conv3x3_gflops"])
+    # the study's three U-Nets, timed on 3 images and scaled to VOC val's 1,449
+    predict = written["details"]["predict_val_seconds"]
+    assert set(written["predict_val_seconds"]) == {"unet", "unet_medium", "unet_small"}
+    assert predict["images_timed"] == 3 and predict["scaled_to"] == 1449
+    assert written["predict_val_seconds"]["unet"] == pytest.approx(predict["timed_seconds"]["unet"] * 1449 / 3)
+    [row] = written["models"]
+    assert row["model"] == "unet_small" and row["parameters"] == 4_065_749
+    assert row["forward_gflops_per_image"] == pytest.approx(17.213423616 / 16)  # 128 px figure, 1/16 of the pixels
+    assert row["train_images_per_second"] > 0 and row["predict_images_per_second"] > 0
+    assert written["details"]["channels_last"]["train_step_speedup"] > 0
+    assert set(written["targets"]) == {"data_speedup", "lightning_overhead", "train_peak_fraction",
+                                       "infer_peak_fraction"}
+    assert all(isinstance(t["met"], bool) for t in written["targets"].values())
+    assert written["device"].startswith("cpu") and written["torch"] == torch.__version__
+
+
+def test_bench_refuses_an_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--models", "unet_huge"])
+    assert exit_info.value.code == 2 and "unknown model config(s) ['unet_huge']" in capsys.readouterr().err

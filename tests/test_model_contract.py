@@ -12,13 +12,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segx.checkpoint import load_checkpoint, network_from_checkpoint
 from segx.data import ShapesDataModule
 from segx.losses import CrossEntropyLoss
-from segx.models import parameter_counts
+from segx.models import build_network, parameter_counts
 from segx.module import SegmentationModule
 from tests.conftest import ROOT
 
@@ -56,7 +55,7 @@ def test_the_model_zoo_is_not_empty() -> None:
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_full_size_model_returns_logits_for_every_input_size(name: str) -> None:
-    net = instantiate(model_config(name)).eval()
+    net = build_network(model_config(name)).eval()
     with torch.no_grad():
         for size in (64, 96, 128):
             out = net(torch.randn(1, 3, size, size))
@@ -70,7 +69,7 @@ def test_full_size_model_returns_logits_for_every_input_size(name: str) -> None:
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch(name: str) -> None:
     torch.manual_seed(0)
-    net = instantiate(model_config(name, narrow=True)).train()
+    net = build_network(model_config(name, narrow=True)).train()
     x = torch.randn(2, 3, 64, 64)
     y = torch.zeros(2, 64, 64, dtype=torch.long)
     y[:, 16:48, 16:48] = 7
@@ -93,7 +92,8 @@ def test_checkpoint_round_trip_gives_identical_logits(name: str, shapes_root: Pa
     data = ShapesDataModule(root=str(shapes_root), num_train=96, num_val=16, min_size=48, max_size=80,
                             image_size=64, batch_size=2)
     module = SegmentationModule(
-        instantiate(model_cfg), CrossEntropyLoss(), optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
+        build_network(model_cfg, apply_options=False), CrossEntropyLoss(),
+        optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
         run_config={"model": OmegaConf.to_container(model_cfg, resolve=True)},
     )
     trainer = pl.Trainer(max_steps=1, limit_val_batches=1, logger=False, enable_checkpointing=False,

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from PIL import Image
 
 from segx.checkpoint import load_checkpoint, network_from_checkpoint
 from segx.errors import SegxError
 from segx.evaluation import evaluate_checkpoint
 from segx.export import export_checkpoint, export_network, export_onnx
+from segx.models import build_network
 from segx.predict import labels_at_size, predict_images
 from tests.conftest import ROOT
 
@@ -233,7 +233,7 @@ def test_every_architecture_exports_with_dynamic_sizes(model: str, overrides: li
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"model={model}", *overrides])
     torch.manual_seed(0)
-    net = instantiate(cfg.model).eval()
+    net = build_network(cfg.model, apply_options=False).eval()
     report = export_network(net, tmp_path / f"{model}.onnx")
     assert report.path.is_file() and len(report.differences) == 2
     assert report.max_abs_difference < 1e-3, report.differences

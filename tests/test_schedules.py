@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from segx.errors import ConfigError
+from segx.inference import Predictor
 from segx.optim import build_optimizer
 from segx.timing import time_prediction
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
@@ -100,11 +101,11 @@ def test_monitor_picks_the_best_checkpoint_and_an_unknown_one_is_refused(shapes_
 
 
 def test_prediction_timing_follows_the_protocol() -> None:
-    net = torch.nn.Conv2d(3, 21, 1)
-    images = torch.randint(0, 255, (10, 3, 16, 16), dtype=torch.uint8)
     calls = []
-    result = time_prediction(net, images, lambda x: calls.append(len(x)) or x.float(), torch.device("cpu"),
-                             batch_size=4, passes=3, warmup=2)
+    net = torch.nn.Conv2d(3, 21, 1)
+    net.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    images = torch.randint(0, 255, (10, 3, 16, 16), dtype=torch.uint8)
+    result = time_prediction(Predictor(net, "cpu", batch_size=4), images, passes=3, warmup=2)
     assert calls == [4, 4, 2] * 5  # 2 warm-up + 3 timed passes over the whole split in batches of 4
     assert len(result["predict_pass_seconds"]) == 3 and result["predict_images"] == 10
     assert result["predict_val_seconds"] == pytest.approx(sum(result["predict_pass_seconds"]) / 3)

@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -62,11 +63,13 @@ def test_a_diverging_learning_rate_stops_the_run_with_where_and_why(tmp_path: Pa
     assert not list((tmp_path / "checkpoints").glob("*.ckpt"))  # no checkpoint of the NaN state
 
 
-def test_last_ckpt_keeps_the_last_good_epoch(tmp_path: Path, shapes_root: Path) -> None:
+@pytest.mark.parametrize("check_every", ["null", "5"])  # 5: the windowed check a GPU run uses (every 32)
+def test_last_ckpt_keeps_the_last_good_epoch(check_every: str, tmp_path: Path, shapes_root: Path) -> None:
     result = run_entry_point(
         "train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, *CPU, f"data.root={shapes_root}", "trainer.max_epochs=3",
         "+callbacks.poison._target_=tests.test_trust.PoisonWeightsAt", "+callbacks.poison.epoch=1",
-        f"hydra.run.dir={tmp_path}", check=False,
+        f"callbacks.stop_on_nonfinite_loss.check_every_n_steps={check_every}", f"hydra.run.dir={tmp_path}",
+        check=False,
     )
     error = _assert_stopped_cleanly(result, tmp_path)
     step = STEPS_PER_EPOCH

@@ -5,10 +5,15 @@ Everything runs on the CPU with narrow widths or small encoders; the whole file 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
-import urllib.error
-import urllib.request
+import socket
+import time
+import types
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
+from segx.errors import SegxError
 from segx.models.fcn import FCN
 from segx.models.pspnet import PSPNet
 from segx.models.resunet import ResUNet
-from segx.models.smp_model import ARCHITECTURES, ModelWeightsUnavailableError, SMPModel
+from segx.models.smp_model import ARCHITECTURES, ModelWeightsUnavailableError, SMPModel, fetch_pretrained
 
 MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 NARROW = [8, 16, 32, 64]
@@ -213,16 +220,65 @@ def test_smp_unknown_names_and_options_raise_clear_errors() -> None:
         SMPModel("unet", "resnet18", activation="softmax2d")
 
 
-def _hub_reachable() -> bool:
+class _NoNetwork(Exception):
+    """What the socket guard raises: not an OSError, so no caller can mistake it for a failed download."""
+
+
+@contextlib.contextmanager
+def _hub_settings_frozen() -> Iterator[None]:
+    """Any assignment to a huggingface_hub.constants attribute (HF_HUB_OFFLINE, HF_HUB_CACHE...) fails,
+    even one undone afterwards; the HF_* environment must be the same at the end."""
     from huggingface_hub import constants
 
+    class ReadOnly(types.ModuleType):
+        def __setattr__(self, name: str, value: object) -> None:
+            if name != "__class__":
+                raise AssertionError(f"huggingface_hub.constants.{name} was set to {value!r}")
+            super().__setattr__(name, value)
+
+    environment = {k: v for k, v in os.environ.items() if k.startswith("HF_")}
+    constants.__class__ = ReadOnly
     try:
-        with urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=5):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
+        yield
+    finally:
+        constants.__class__ = types.ModuleType
+    assert {k: v for k, v in os.environ.items() if k.startswith("HF_")} == environment
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every name lookup and socket connection raises; returns the hosts that were asked for."""
+    lookups: list[str] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise _NoNetwork(f"network access: {args[:2]}")
+
+    def no_dns(host: str, *args: object, **kwargs: object) -> None:
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test: no network)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return lookups
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Empty Hugging Face and torch hub caches (huggingface_hub reads its cache path at call time)."""
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return hub
+
+
+SMP_CFG = {"_target_": "segx.models.smp_model.SMPModel", "arch": "unet", "encoder": "resnet18",
+           "encoder_weights": "imagenet"}
 
 
 def _smp_weights_repo(encoder: str) -> tuple[str, str]:
@@ -232,45 +288,202 @@ def _smp_weights_repo(encoder: str) -> tuple[str, str]:
     return settings["repo_id"], settings["revision"]
 
 
-def test_smp_missing_weights_offline_raise_one_fast_clear_error() -> None:
-    from huggingface_hub import constants, try_to_load_from_cache
+def _hub_snapshot(cache: Path, repo_id: str, revision: str, ref: str | None = None) -> Path:
+    """A snapshot folder laid out as huggingface_hub does; `ref` (e.g. main) points a branch at it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    if ref is not None:
+        (repo / "refs").mkdir()
+        (repo / "refs" / ref).write_text(revision)
+    return snapshot
 
-    repo_id, revision = _smp_weights_repo("resnet18")
-    if isinstance(try_to_load_from_cache(repo_id, "model.safetensors", revision=revision), str):
-        pytest.skip("resnet18 ImageNet weights are in the local Hugging Face cache")
-    if _hub_reachable():
-        pytest.skip("the Hugging Face Hub is reachable, so the weights would download")
-    offline_before = constants.HF_HUB_OFFLINE
-    with pytest.raises(ModelWeightsUnavailableError) as info:
+
+def _no_retries(lookups: list[str]) -> bool:
+    """One request for the weights; huggingface_hub may add one of its own per process (its agent registry).
+    The Hub client's retry loop would make six for the weights alone."""
+    return set(lookups) == {"huggingface.co"} and len(lookups) <= 2
+
+
+def test_smp_from_scratch_opens_no_socket_and_leaves_hub_settings_alone(no_network: list[str]) -> None:
+    with _hub_settings_frozen():
+        model = SMPModel("unet", "resnet18", encoder_weights=None)
+    assert no_network == []
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 21, 64, 64)
+
+
+def test_smp_constructor_never_downloads(no_network: list[str], empty_hub_cache: Path) -> None:
+    """Weights missing from the cache: not even a name lookup, and a paragraph saying who fetches them."""
+    started = time.perf_counter()
+    with _hub_settings_frozen(), pytest.raises(ModelWeightsUnavailableError) as info:
         SMPModel("unet", "resnet18", encoder_weights="imagenet")
+    assert time.perf_counter() - started < 5
+    assert no_network == []
+    assert list(empty_hub_cache.iterdir()) == []
     message = str(info.value)
-    assert "'resnet18'" in message and "'imagenet'" in message
-    assert "encoder_weights=null" in message and "~/.cache/huggingface" in message
+    assert "model.encoder_weights='imagenet'" in message and "'resnet18'" in message
+    assert "not in the local cache" in message and str(empty_hub_cache) in message
+    assert torch.hub.get_dir() in message and "HF_HOME" in message and "TORCH_HOME" in message
+    assert "python train.py" in message and "segx.models.smp_model.fetch_pretrained(cfg.model)" in message
+    assert "model.encoder_weights=null" in message and "from scratch" in message
     assert "\n" not in message
-    assert isinstance(info.value, RuntimeError)
-    assert constants.HF_HUB_OFFLINE == offline_before  # the temporary offline mode is undone
+
+
+def test_fetch_pretrained_offline_raises_one_fast_clear_error(no_network: list[str], empty_hub_cache: Path) -> None:
+    started = time.perf_counter()
+    with _hub_settings_frozen(), pytest.raises(SegxError) as info:
+        fetch_pretrained(OmegaConf.create(SMP_CFG))
+    seconds = time.perf_counter() - started
+    assert isinstance(info.value, ModelWeightsUnavailableError)
+    assert seconds < 5, f"{seconds:.1f} s: the Hub client's retry loop ran"
+    assert _no_retries(no_network), no_network
+    message = str(info.value)
+    assert "model.encoder_weights='imagenet'" in message and "'resnet18'" in message
+    assert "model.encoder_weights=null" in message and "from scratch" in message
+    assert str(empty_hub_cache) in message and "~/.cache/huggingface" in message and "HF_HOME" in message
+    assert "TORCH_HOME" in message and "Name or service not known" in message
+    assert "\n" not in message
+
+
+def test_fetch_pretrained_on_this_machine_fails_fast_without_network_mocks(empty_hub_cache: Path) -> None:
+    """The same with the machine's real network: here (no internet) a real DNS/connection failure."""
+    started = time.perf_counter()
+    try:
+        with _hub_settings_frozen():
+            fetch_pretrained(SMP_CFG)
+    except ModelWeightsUnavailableError as error:
+        assert "model.encoder_weights=null" in str(error)
+        assert time.perf_counter() - started < 15  # one request with a 10 s timeout, never the retry loop
+    else:
+        pytest.skip("the Hugging Face Hub is reachable here, so the weights downloaded")
+
+
+def test_fetch_pretrained_leaves_other_configs_alone(no_network: list[str], empty_hub_cache: Path) -> None:
+    """Other models and `encoder_weights: null` fetch nothing; a misspelt name fails before any request."""
+    fetch_pretrained({"_target_": "segx.models.unet.UNet", "encoder_weights": "imagenet"})
+    fetch_pretrained({**SMP_CFG, "encoder_weights": None})
+    fetch_pretrained({"_target_": SMP_CFG["_target_"]})
+    with pytest.raises(ValueError, match="resnet1800"):
+        fetch_pretrained({**SMP_CFG, "encoder": "resnet1800"})
+    with pytest.raises(ValueError, match="'instagram'"):
+        fetch_pretrained({**SMP_CFG, "encoder_weights": "instagram"})
+    assert no_network == []
+
+
+@pytest.mark.parametrize("variable", ["RANK", "LOCAL_RANK", "SLURM_PROCID"])
+def test_smp_only_rank_zero_fetches_weights(
+    variable: str, no_network: list[str], empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, "1")
+    with _hub_settings_frozen():
+        fetch_pretrained(SMP_CFG)  # nothing to do off rank 0
+        model = SMPModel("unet", "resnet18", encoder_weights="imagenet")  # DDP brings rank 0's weights
+    assert no_network == []
+    assert model.model.encoder.conv1.weight.shape == (64, 3, 7, 7)
+    monkeypatch.setenv(variable, "0")
+    with pytest.raises(ModelWeightsUnavailableError, match="not in the local cache"):
+        SMPModel("unet", "resnet18", encoder_weights="imagenet")
+    assert no_network == []
+    with pytest.raises(ModelWeightsUnavailableError, match="downloading them failed"):
+        fetch_pretrained(SMP_CFG)
+    assert _no_retries(no_network), no_network
 
 
 def test_smp_weights_come_from_the_local_cache_without_network(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    empty_hub_cache: Path, no_network: list[str]
 ) -> None:
-    """A pre-populated cache (what the error message tells users to copy) is used with no network."""
+    """A pre-populated cache (what the error message tells users to copy) is used with no network: smp pins
+    a commit, so its `hf_hub_download` answers from the cache."""
     import segmentation_models_pytorch as smp
-    from huggingface_hub import constants
     from safetensors.torch import save_file
 
-    repo_id, revision = _smp_weights_repo("resnet18")
-    snapshot = tmp_path / f"models--{repo_id.replace('/', '--')}" / "snapshots" / revision
-    snapshot.mkdir(parents=True)
+    snapshot = _hub_snapshot(empty_hub_cache, *_smp_weights_repo("resnet18"))
     weights = {k: v.contiguous() for k, v in smp.encoders.get_encoder("resnet18").state_dict().items()}
     save_file(weights, str(snapshot / "model.safetensors"))
     (snapshot / "config.json").write_text(json.dumps({"mean": [0.485, 0.456, 0.406]}))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
 
-    model = SMPModel("unet", "resnet18", encoder_weights="imagenet")
+    with _hub_settings_frozen():
+        fetch_pretrained(OmegaConf.create(SMP_CFG))  # already cached: nothing to fetch
+        model = SMPModel("unet", "resnet18", encoder_weights="imagenet")
+    assert no_network == []
     loaded = model.model.encoder.state_dict()
     for key, value in weights.items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_every_smp_weights_setting_pins_a_commit() -> None:
+    """What the constructor relies on: with a branch name, `hf_hub_download` would ask the Hub even for a
+    cached file."""
+    import segmentation_models_pytorch as smp
+
+    revisions = {(name, weights): settings.get("revision") for name, encoder in smp.encoders.encoders.items()
+                 for weights, settings in encoder["pretrained_settings"].items()}
+    assert revisions
+    assert {key: r for key, r in revisions.items() if not re.fullmatch(r"[0-9a-f]{40}", str(r))} == {}
+
+
+def test_timm_hub_weights_come_from_the_local_cache_without_network(
+    empty_hub_cache: Path, no_network: list[str]
+) -> None:
+    """timm pins no commit, so left to itself it would ask the Hub whether its cached copy is current."""
+    import timm
+    from safetensors.torch import save_file
+
+    hub_id = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
+    snapshot = _hub_snapshot(empty_hub_cache, hub_id, "0" * 40, ref="main")
+    weights = {k: v.contiguous() for k, v in timm.create_model("resnet18").state_dict().items()}
+    save_file(weights, str(snapshot / "model.safetensors"))
+
+    with _hub_settings_frozen():
+        fetch_pretrained({**SMP_CFG, "encoder": "tu-resnet18", "encoder_weights": True})
+        model = SMPModel("unet", "tu-resnet18", encoder_weights=True)
+    assert no_network == []
+    assert torch.equal(model.model.encoder.model.conv1.weight, weights["conv1.weight"])
+
+
+def test_timm_torch_hub_weights_are_looked_up_in_torch_hubs_folder(
+    empty_hub_cache: Path, no_network: list[str]
+) -> None:
+    """A few timm models have no copy on the Hub, only a URL that torch hub caches in its checkpoints folder."""
+    import timm
+
+    encoder, cfg = "tu-legacy_seresnet18", {**SMP_CFG, "encoder": "tu-legacy_seresnet18", "encoder_weights": True}
+    with pytest.raises(ModelWeightsUnavailableError, match="not in the local cache"):
+        SMPModel("unet", encoder, encoder_weights=True)
+    assert no_network == []
+    with pytest.raises(ModelWeightsUnavailableError, match="downloading them failed"):
+        fetch_pretrained(cfg)
+    assert len(no_network) == 1, no_network  # urllib: one lookup, no retries
+
+    url = timm.models.get_pretrained_cfg(encoder[3:]).url
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)  # fetch_pretrained made it
+    weights = timm.create_model(encoder[3:]).state_dict()
+    torch.save(weights, checkpoints / Path(urllib.parse.urlparse(url).path).name)
+    fetch_pretrained(cfg)
+    model = SMPModel("unet", encoder, encoder_weights=True)
+    assert len(no_network) == 1
+    assert torch.equal(model.model.encoder.model.layer0.conv1.weight, weights["layer0.conv1.weight"])
+
+
+def test_train_fetches_the_weights_before_building_the_model(
+    no_network: list[str], empty_hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segx import training
+    from segx.sweep import JobInfo
+
+    def build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("train() built the model before fetching its weights")
+
+    monkeypatch.setattr(training, "build_network", build)
+    monkeypatch.setattr(training, "_route_lightning_logs", lambda: None)  # leave the test's logging alone
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # seed_everything sets them; undone afterwards
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    with initialize_config_dir(config_dir=str(MODEL_CONF.parent), version_base="1.3"):
+        cfg = compose("train", overrides=["model=smp", "model.encoder=resnet18", "model.encoder_weights=imagenet"])
+    with _hub_settings_frozen(), pytest.raises(ModelWeightsUnavailableError, match="downloading them failed"):
+        training.train(cfg, JobInfo(tmp_path / "run"))
+    assert _no_retries(no_network), no_network
 
 
 # ---------------------------------------------------------------------------------------- configs

@@ -48,13 +48,20 @@ class BatchAugment:
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`images` float [N,C,H,W], `masks` integer [N,H,W]; returns tensors of the same shapes."""
-        n, _, h, w = images.shape
+        return self.rescale(*self.flip(images, masks))
+
+    def flip(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random horizontal flips alone (any dtype, any memory format)."""
         if self.hflip:
-            flip = (torch.rand(n, generator=self.generator) < 0.5).to(images.device)
+            flip = (torch.rand(len(images), generator=self.generator) < 0.5).to(images.device, non_blocking=True)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
             masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
+        return images, masks
+
+    def rescale(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random scale-then-crop alone (float images); nothing when scale_min = scale_max = 1."""
         if self.scale_max > self.scale_min or self.scale_min != 1.0:
-            images, masks = self._scale_crop(images, masks, h, w)
+            images, masks = self._scale_crop(images, masks, *images.shape[-2:])
         return images, masks
 
     def _scale_crop(

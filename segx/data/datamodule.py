@@ -11,20 +11,40 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from filelock import FileLock
-from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import VOCSegmentation
 
 from segx.data.augment import BatchAugment
 from segx.data.cache import CachedSplit, load_or_build, name_list
+from segx.data.device_batches import DeviceBatches, EpochOrderSampler
+from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from segx.data.voc import IGNORE_INDEX, NUM_CLASSES, SPLITS, VOC_CLASSES
 from segx.errors import SegxError
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENT_SEED_STRIDE = 1_000_003  # rank r augments with seed + 1 + r * stride: streams apart, rank 0 unchanged
+ON_DEVICE_CHOICES = ("auto", True, False)
+
+
+def keep_on_device(setting: str | bool, split_bytes: int, device: torch.device, memory_fraction: float) -> bool:
+    """Whether a split is served from the training device (`data.on_device`).
+
+    `auto`: yes when its uint8 tensors fit in `memory_fraction` of the device's free memory (on the CPU the
+    split is already in memory, so always); `true`: always; `false`: never (a DataLoader with `num_workers`).
+    """
+    if setting not in ON_DEVICE_CHOICES:
+        raise SegxError(f"data.on_device={setting!r} is not a choice; use auto, true or false.")
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return split_bytes <= memory_fraction * free
+
+
+def split_bytes(split: CachedSplit) -> int:
+    return split.images.nbytes + split.masks.nbytes
 
 
 class CachedSplitDataset(Dataset):
@@ -136,7 +156,8 @@ class VOCDataModule(pl.LightningDataModule):
     """Pascal VOC 2012 segmentation at a fixed square size, served from the cached tensor store.
 
     Batches leave the loader as uint8; `on_after_batch_transfer` converts, augments (training only)
-    and normalises them on the training device, so the same code path feeds CPU and GPU runs.
+    and normalises them on the training device, so the same code path feeds CPU and GPU runs. With
+    `on_device` (default `auto`) the loaders are `DeviceBatches` over splits moved to that device once.
     """
 
     def __init__(
@@ -156,6 +177,8 @@ class VOCDataModule(pl.LightningDataModule):
         num_classes: int = NUM_CLASSES,
         class_names: Sequence[str] = VOC_CLASSES,
         seed: int = 0,
+        on_device: str | bool = "auto",
+        on_device_memory_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         if int(image_size) < 16:
@@ -175,12 +198,20 @@ class VOCDataModule(pl.LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else self.root / "segx-cache"
         self.augment = BatchAugment(**dict(augment or {}), seed=int(seed) + 1)
-        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+        if on_device not in ON_DEVICE_CHOICES:
+            raise SegxError(f"data.on_device={on_device!r} is not a choice; use auto, true or false.")
+        if not 0 < float(on_device_memory_fraction) <= 1:
+            raise SegxError(f"data.on_device_memory_fraction={on_device_memory_fraction} must be in (0, 1].")
+        self.on_device = on_device
+        self.on_device_memory_fraction = float(on_device_memory_fraction)
+        self.normalizer = Normalize(mean, std)
+        self.mean, self.std = self.normalizer.mean, self.normalizer.std
         self.num_classes = int(num_classes)
         self.class_names = list(class_names)
         self.seed = int(seed)
         self._splits: dict[str, CachedSplit] = {}
+        self._resident: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.target_device: torch.device | None = None  # where batches go without a Trainer (the benchmark)
 
     # -- data on disk -------------------------------------------------------------------------------
     def prepare_source(self) -> None:
@@ -232,43 +263,82 @@ class VOCDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return self.target_device or torch.device("cpu")
+
+    def _channels_last(self) -> bool:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, "channels_last", False))
+
+    def _current_epoch(self) -> int:
+        return int(self.trainer.current_epoch) if self.trainer is not None else 0
+
+    def serves_from_device(self, split: str) -> bool:
+        """Whether `split` is drawn from tensors on the training device (see `keep_on_device`)."""
+        return keep_on_device(self.on_device, split_bytes(self.load_split(split)), self._device(),
+                              self.on_device_memory_fraction)
+
+    def _device_batches(self, split: str, batch_size: int, shuffle: bool) -> DeviceBatches:
+        device = self._device()
+        key = (split, str(device))
+        if key not in self._resident:
+            cached = self.load_split(split)
+            self._resident[key] = (cached.images.to(device), cached.masks.to(device))
+            log.info("data.on_device: the %s split (%d images, %.0f MB) is served from %s", split, len(cached),
+                     split_bytes(cached) / 1e6, device)
+        images, masks = self._resident[key]
+        rank, world = self._rank_and_world()
+        return DeviceBatches(images, masks, batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world,
+                             pad=shuffle, epoch=self._current_epoch, channels_last=self._channels_last())
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        """The path for data kept off the device: same order as `DeviceBatches` (an `EpochOrderSampler`)."""
+        dataset = CachedSplitDataset(self.load_split(split))
+        rank, world = self._rank_and_world()
+        sampler = EpochOrderSampler(len(dataset), shuffle, self.seed, self._current_epoch, rank, world, pad=shuffle)
         return DataLoader(
-            CachedSplitDataset(self.load_split(split)), batch_size=batch_size, shuffle=shuffle,
-            generator=generator, num_workers=self.num_workers, collate_fn=_keep_batch, sampler=sampler,
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=_keep_batch,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        if self.serves_from_device(self.train_split):
+            return self._device_batches(self.train_split, self.batch_size, shuffle=True)
         return self._loader(self.train_split, self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         """Under DDP each rank scores a disjoint shard without padding: Lightning's DistributedSampler would
         repeat images to even the shards out, and the summed confusion matrix would count them twice."""
-        rank, world = self._rank_and_world()
-        sampler = None
-        if world > 1:
-            sampler = UnrepeatedDistributedSampler(CachedSplitDataset(self.load_split(self.val_split)),
-                                                   num_replicas=world, rank=rank, shuffle=False)
-        return self._loader(self.val_split, self.val_batch_size, shuffle=False, sampler=sampler)
+        if self.serves_from_device(self.val_split):
+            return self._device_batches(self.val_split, self.val_batch_size, shuffle=False)
+        return self._loader(self.val_split, self.val_batch_size, shuffle=False)
 
     # -- tensors on the device ----------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N,3,H,W] → float, scaled to [0,1] and standardised with `mean`/`std`."""
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        return (images.float().div_(255.0) - mean) / std
+        return self.normalizer(images)
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """Back to [0,1] floats, for pictures of what the network saw."""
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        return (images.float() * std + mean).clamp_(0, 1)
+        return self.normalizer.invert(images)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, torch.Tensor):  # the module's example input (Lightning's model summary), not data
+            return batch
+        return self.prepare_batch(batch, training=self.trainer is not None and self.trainer.training)
+
+    def prepare_batch(self, batch: tuple[torch.Tensor, torch.Tensor],
+                      training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A uint8 batch on its device → normalised float images and long masks, augmented when `training`."""
         images, masks = batch
+        if training:  # flips move bytes: cheaper on uint8 than on floats, and they commute with normalising
+            images, masks = self.augment.flip(images, masks)
         images, masks = self.normalize(images), masks.long()
-        if self.trainer is not None and self.trainer.training:
-            images, masks = self.augment(images, masks)
+        if training:
+            images, masks = self.augment.rescale(images, masks)
         return images, masks
 
 

@@ -3,14 +3,73 @@
 from __future__ import annotations
 
 import copy
+import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from segx.errors import ConfigError, find_user_error
 from segx.models.unet import UNet
 
-__all__ = ["UNet", "check_input_size", "parameter_counts"]
+__all__ = [
+    "UNet", "apply_network_options", "build_network", "check_input_size", "forward_flops", "network_options",
+    "parameter_counts",
+]
+
+log = logging.getLogger(__name__)
+
+#: Keys of the `model` config that say how segx runs the network, not how it is built (see conf/train.yaml).
+RUN_OPTIONS = {"compile": False, "channels_last": True}
+
+
+def network_options(model_cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """`compile` and `channels_last` of a model config, with their defaults (older checkpoints lack them)."""
+    options = {key: model_cfg.get(key, default) for key, default in RUN_OPTIONS.items()}
+    for key, value in options.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"model.{key}={value!r} must be true or false.")
+    return options
+
+
+def build_network(model_cfg: Mapping[str, Any] | DictConfig, apply_options: bool = True) -> nn.Module:
+    """Instantiate the network a `model` config describes; its run options (`RUN_OPTIONS`) are applied by
+    `apply_network_options` unless `apply_options` is false (they are not constructor arguments)."""
+    node = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True)) if isinstance(model_cfg, DictConfig) \
+        else OmegaConf.create(dict(model_cfg))
+    options = network_options(node)
+    for key in RUN_OPTIONS:
+        node.pop(key, None)
+    net = instantiate(node)
+    return apply_network_options(net, options) if apply_options else net
+
+
+def apply_network_options(net: nn.Module, options: Mapping[str, Any]) -> nn.Module:
+    """`channels_last` converts the weights' memory format; `compile` compiles the module in place
+    (`nn.Module.compile`), so parameter names, and so checkpoints, stay those of the plain network."""
+    if options.get("channels_last"):
+        net = net.to(memory_format=torch.channels_last)
+    if options.get("compile"):
+        net.compile()
+    return net
+
+
+def forward_flops(net: nn.Module, image_size: int, in_channels: int = 3) -> int:
+    """Floating-point operations of one forward pass of one image (a multiply-add counts 2), counted by
+    `torch.utils.flop_counter` on a copy on PyTorch's meta device: no arithmetic, no activation memory.
+    Returns 0 when an operation has no meta kernel."""
+    probe = copy.deepcopy(getattr(net, "_orig_mod", net)).to("meta").eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            probe(torch.empty(1, in_channels, image_size, image_size, device="meta"))
+    except NotImplementedError:
+        return 0
+    return int(counter.get_total_flops())
 
 
 def check_input_size(net: nn.Module, image_size: int, model_name: str = "the model") -> None:

@@ -7,11 +7,14 @@ The wrapper exists for three reasons:
   stride (its feature pyramid attention pools three more times). The study's sizes (64, 96, 128) are
   not all multiples of those for every arch, so inputs are padded on the bottom/right and the logits
   cropped back: the top-left pixel grid, and so every prediction, stays where it was.
-* Downloading pretrained encoder weights is the one step that needs the internet. smp fetches them
-  from the Hugging Face Hub, whose client retries a failed connection five times with back-off
-  (~23 s measured offline) before raising an error that names neither the encoder nor a fix. Here
-  the local caches are tried first without touching the network, reachability is checked with one
-  short request, and what cannot be had raises `ModelWeightsUnavailableError` with the way out.
+* Downloading pretrained encoder weights is the one step that needs the internet, and it happens in one
+  small place, `fetch_pretrained`, on global rank 0 only; `train()` calls it before it builds the model.
+  Weights missing from the local cache first cost one metadata request to the Hub without retries,
+  because the Hub client retries a failed connection five times with back-off (~23 s measured offline)
+  and then raises an error that names neither the encoder nor a fix; whatever cannot be had raises
+  `ModelWeightsUnavailableError` naming `model.encoder_weights` and the way out. The constructor never
+  touches the network: it loads the weights from the local cache or says how to put them there. Nothing
+  ever changes huggingface_hub's settings (module globals shared by every thread of the process).
 * Hydra passes every key of the config to the constructor, and smp silently drops keyword arguments
   it does not know for its own (non-timm) encoders, so a typo in a decoder option would go unnoticed.
   Unknown options are rejected instead.
@@ -19,11 +22,11 @@ The wrapper exists for three reasons:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+import logging
+import os
+import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -33,6 +36,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from segx.errors import ConfigError, SegxError
+
+log = logging.getLogger(__name__)
 
 #: Lower-case architecture names `smp.create_model` accepts (read from the installed smp, so a newer
 #: release's additions work without a change here). smp 0.6.0: unet, unetplusplus, manet, linknet, fpn,
@@ -48,8 +53,12 @@ _EXTRA_DIVISOR = {"pan": 8, "dpt": 2}
 
 PAD_MODES = ("reflect", "replicate", "constant")
 
-# One short request decides whether a download can succeed; a firewall that drops packets costs this long.
-_REACHABILITY_TIMEOUT_S = 5.0
+# How long the one metadata request before a download may wait for the Hub (a firewall that drops packets).
+_PROBE_TIMEOUT_S = 10.0
+
+# Environment variables that carry a process's rank before torch.distributed starts, in the order
+# Lightning reads them (torchrun / Lightning's own launcher / SLURM / LSF).
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 _ENCODER_LIST_HINT = (
     "list the valid names with `python -c \"import segmentation_models_pytorch as smp; "
@@ -60,57 +69,6 @@ _ENCODER_LIST_HINT = (
 
 class ModelWeightsUnavailableError(SegxError):
     """Pretrained encoder weights were requested but are neither cached locally nor downloadable."""
-
-
-@contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
-    """Hugging Face Hub offline mode for the duration of the block only.
-
-    In offline mode `hf_hub_download` answers from the cache or raises at once, without the retries.
-    The flag is a module global of huggingface_hub read at call time, so it is restored in `finally`;
-    a download running concurrently in another thread would see it for that moment, which is why it
-    is set only around a model build, never for the process.
-    """
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # smp requires huggingface_hub, but stay harmless without it
-        yield
-        return
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
-
-
-def _hub_endpoint() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.ENDPOINT)
-
-
-def _hub_offline_by_user() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _reachable(url: str, timeout: float = _REACHABILITY_TIMEOUT_S) -> bool:
-    """One HEAD request, no retries; any HTTP answer counts (the server is there). Honours *_PROXY."""
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def _cache_locations() -> str:
-    from huggingface_hub import constants
-
-    return f"{constants.HF_HUB_CACHE} (Hugging Face) and {torch.hub.get_dir()} (torch hub)"
 
 
 def _plain(value: Any) -> Any:
@@ -126,12 +84,15 @@ class SMPModel(nn.Module):
     Any H, W: the input is padded on the bottom/right to a multiple of `size_divisor` and the logits are
     cropped back.
 
-    `encoder_weights=None` (the default) trains from scratch and needs no network; "imagenet" (or any
-    name smp lists for the encoder; for 'tu-' timm encoders any non-null value) loads pretrained
-    weights from the local caches or downloads them. `arch_kwargs` go to the smp architecture (e.g.
-    `decoder_channels`, `encoder_depth`, `encoder_output_stride`). `pad_mode` fills the padding that
-    makes the input a multiple of `size_divisor`: "reflect" keeps image statistics (BatchNorm sees no
-    artificial border) and falls back to "replicate" for inputs smaller than the pad itself.
+    `encoder_weights=None` (the default) trains from scratch; "imagenet" (or any name smp lists for the
+    encoder; for 'tu-' timm encoders any non-null value) loads pretrained weights from the local cache
+    on global rank 0 (other ranks receive them from rank 0 when DDP wraps the model). The constructor
+    makes no network request: `fetch_pretrained` (which `train()` calls first) puts the weights in the
+    cache, and without them the constructor raises `ModelWeightsUnavailableError`. `arch_kwargs` go to
+    the smp architecture (e.g. `decoder_channels`, `encoder_depth`, `encoder_output_stride`). `pad_mode`
+    fills the padding that makes the input a multiple of `size_divisor`: "reflect" keeps image
+    statistics (BatchNorm sees no artificial border) and falls back to "replicate" for inputs smaller
+    than the pad itself.
     """
 
     def __init__(
@@ -190,6 +151,14 @@ def _check_encoder(encoder: str, encoder_weights: Any) -> None:
             raise ConfigError(
                 f"Unknown timm model {encoder[3:]!r} in encoder {encoder!r}; {_ENCODER_LIST_HINT}."
             )
+        pretrained = _timm_pretrained_cfg(encoder)
+        if encoder_weights is not None and not (getattr(pretrained, "hf_hub_id", None) or
+                                                getattr(pretrained, "url", None)):
+            raise ConfigError(
+                f"timm has no pretrained weights for {encoder[3:]!r} (encoder {encoder!r}); pick a pretrained "
+                f"variant (`python -c \"import timm; print(timm.list_pretrained('{encoder[3:].split('.')[0]}*'))\"`) "
+                "or set model.encoder_weights=null to train from scratch."
+            )
         return
     settings = smp.encoders.encoders.get(encoder)
     if settings is None:
@@ -220,32 +189,165 @@ def _check_arch_kwargs(arch: str, encoder: str, arch_kwargs: dict[str, Any]) -> 
         raise ConfigError(f"smp {arch} does not take {unknown}; its options are {sorted(accepted)}.")
 
 
-def _create(arch: str, encoder: str, encoder_weights: Any, kwargs: dict[str, Any]) -> nn.Module:
-    """Build the smp model; with weights, cache first, then one reachability check, then the download."""
+def fetch_pretrained(model_cfg: Mapping[str, Any] | DictConfig) -> None:
+    """Make sure the pretrained encoder weights an SMPModel config asks for are in the local cache.
 
-    def build() -> nn.Module:
-        return smp.create_model(arch, encoder_name=encoder, encoder_weights=encoder_weights, **kwargs)
+    The wrapper's only network access, kept out of the constructor: `train()` calls it before it builds
+    the model. A no-op for other models, for `encoder_weights: null`, for weights already cached, and on
+    every rank but global rank 0 (see `_global_rank`). Raises `ModelWeightsUnavailableError` when the
+    download fails, after one request without retries when the Hub cannot be reached (see `_probe`).
+    """
+    weights = model_cfg.get("encoder_weights")
+    if model_cfg.get("_target_") != _TARGET or weights is None or _global_rank() != 0:
+        return
+    encoder = str(model_cfg.get("encoder", _DEFAULT_ENCODER))
+    _check_encoder(encoder, weights)  # a misspelt name is a ConfigError, not a failed download
+    if _local_weights(encoder, weights) is not None:
+        return
+    log.info("Downloading the pretrained weights of encoder %s (model.encoder_weights=%s)", encoder, weights)
+    try:
+        _download(encoder, weights)
+    except _download_errors() as err:
+        raise _unavailable(encoder, weights, _first_line(err)) from err
+
+
+def _create(arch: str, encoder: str, encoder_weights: Any, kwargs: dict[str, Any]) -> nn.Module:
+    """Build the smp model; pretrained weights come from the local cache only, on global rank 0 only."""
+
+    def build(weights: Any, options: dict[str, Any]) -> nn.Module:
+        return smp.create_model(arch, encoder_name=encoder, encoder_weights=weights, **options)
 
     if encoder_weights is None:
-        return build()
-    try:
-        with _hub_offline():
-            return build()
-    # huggingface_hub's LocalEntryNotFoundError (a FileNotFoundError), torch hub's URLError: both OSError.
-    except OSError as err:
-        cache_miss = err  # not cached: try the network below
+        return build(None, kwargs)
+    rank = _global_rank()
+    if rank != 0:
+        log.debug("Rank %d builds %s without its pretrained weights: DDP copies rank 0's", rank, encoder)
+        return build(None, kwargs)
+    path = _local_weights(encoder, encoder_weights)
+    if path is None:
+        raise _not_cached(encoder, encoder_weights)
+    return build(encoder_weights, _from_file(encoder, path, kwargs))
 
-    endpoint = _hub_endpoint()
-    if _hub_offline_by_user():
-        reason = "HF_HUB_OFFLINE is set, so nothing is downloaded"
-    elif not _reachable(endpoint):
-        reason = f"{endpoint} cannot be reached from this machine"
-    else:
+
+def _global_rank() -> int:
+    """This process's rank in a distributed run, read before the process group exists; 0 outside one.
+
+    Other ranks build the same network without pretrained weights: DistributedDataParallel (the
+    strategy segx uses for several devices) broadcasts rank 0's parameters and buffers to every rank
+    when it wraps the model, so all ranks start from rank 0's pretrained weights, and a cluster of N
+    processes makes one download instead of N racing ones into the same cache.
+    """
+    for name in _RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return int(value)
+    return 0
+
+
+def _from_file(encoder: str, path: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Constructor options that keep loading cached weights off the network.
+
+    smp's own encoders pin a commit, so its `hf_hub_download` answers from the cache without a request,
+    and torch hub finds timm's URL weights in its checkpoint folder by itself. timm's Hub weights pin
+    no commit, so timm would ask the Hub whether its copy is current: it is handed the cached file.
+    """
+    if not encoder.startswith("tu-") or _hub_files(encoder, True) is None:
+        return kwargs
+    overlay = {**(kwargs.get("pretrained_cfg_overlay") or {}), "file": path}
+    return {**kwargs, "pretrained_cfg_overlay": overlay}
+
+
+def _local_weights(encoder: str, weights: Any) -> str | None:
+    """The cached weights file, or None when it is not cached: file lookups only, never a request."""
+    hub_files = _hub_files(encoder, weights)
+    if hub_files is not None:
+        return _cached(*hub_files)
+    path = _torch_hub_file(encoder)[1]
+    return path if os.path.isfile(path) else None
+
+
+def _hub_files(encoder: str, weights: Any) -> tuple[str, str | None, list[tuple[str, ...]]] | None:
+    """(repo, revision, file sets) on the Hub: the weights are available when every file of one set is.
+    None when they come from elsewhere (a timm model whose weights are a torch-hub URL)."""
+    if encoder.startswith("tu-"):
+        hub_id = getattr(_timm_pretrained_cfg(encoder), "hf_hub_id", None)
+        if not hub_id:
+            return None
+        repo, _, revision = hub_id.partition("@")
+        return repo, revision or None, [("model.safetensors",), ("pytorch_model.bin",)]  # timm tries both
+    settings = smp.encoders.encoders[encoder]["pretrained_settings"][weights]
+    return settings["repo_id"], settings.get("revision"), [("config.json", "model.safetensors")]
+
+
+def _timm_pretrained_cfg(encoder: str) -> Any:
+    import timm
+
+    return timm.models.get_pretrained_cfg(encoder[3:])
+
+
+def _torch_hub_file(encoder: str) -> tuple[str, str]:
+    """(URL, local path) of a timm model's torch-hub weights: the file torch hub caches the URL as."""
+    url = str(getattr(_timm_pretrained_cfg(encoder), "url", "") or "")
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    return url, os.path.join(torch.hub.get_dir(), "checkpoints", name)
+
+
+def _cached(repo: str, revision: str | None, file_sets: list[tuple[str, ...]]) -> str | None:
+    """The last file of the first set the Hugging Face cache holds completely, or None (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for names in file_sets:
+        paths = [try_to_load_from_cache(repo, name, revision=revision) for name in names]
+        if all(isinstance(path, str) for path in paths):
+            return paths[-1]
+    return None
+
+
+def _download(encoder: str, weights: Any) -> None:
+    """Fetch the weights files into the cache the constructor reads (the Hub's or torch hub's)."""
+    hub_files = _hub_files(encoder, weights)
+    if hub_files is None:
+        url, path = _torch_hub_file(encoder)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(url, path, progress=False)  # urllib: no retries, fails fast offline
+        return
+    _probe(*hub_files)
+    _hub_download(*hub_files)
+
+
+def _probe(repo: str, revision: str | None, file_sets: list[tuple[str, ...]]) -> None:
+    """One metadata request for the weights, no retries: raises at once when the Hub cannot be reached."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, file_sets[0][-1], revision=revision), timeout=_PROBE_TIMEOUT_S)
+    except EntryNotFoundError:
+        pass  # the Hub answered; `_hub_download` tries the other file sets
+
+
+def _hub_download(repo: str, revision: str | None, file_sets: list[tuple[str, ...]]) -> None:
+    """Every file of the first set the repository holds (timm's repositories hold one of two formats)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for index, names in enumerate(file_sets):
         try:
-            return build()
-        except OSError as err:
-            raise _unavailable(encoder, encoder_weights, f"the download failed ({_first_line(err)})") from err
-    raise _unavailable(encoder, encoder_weights, reason) from cache_miss
+            for name in names:
+                hf_hub_download(repo, name, revision=revision)
+            return
+        except EntryNotFoundError:
+            if index == len(file_sets) - 1:
+                raise
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """What a failed download raises: OSError for the Hub's cache misses, HTTP statuses and offline mode and
+    for torch hub; the Hub client's own transport errors (no DNS, refused, timed out) derive from the same
+    HTTPError base as its status error instead (httpx's or requests', depending on the release)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (OSError, *HfHubHTTPError.__bases__)
 
 
 def _first_line(err: BaseException) -> str:
@@ -253,16 +355,40 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
+def _cache_places() -> str:
+    from huggingface_hub import constants
+
+    return f"{constants.HF_HUB_CACHE} for the Hugging Face Hub, {torch.hub.get_dir()} for torch hub"
+
+
+_WAY_OUT = (
+    "copy ~/.cache/huggingface and ~/.cache/torch from a machine where they were fetched to the same places "
+    "here (or point HF_HOME / TORCH_HOME at such a copy); or set model.encoder_weights=null to train the "
+    "encoder from scratch."
+)
+
+
 def _unavailable(encoder: str, encoder_weights: Any, reason: str) -> ModelWeightsUnavailableError:
-    # 'tu-' encoders take any non-null value and name their weights in the encoder name itself.
-    weights = repr(encoder_weights) if isinstance(encoder_weights, str) else "pretrained"
+    """One paragraph: the option, where the weights would be cached, how to put them there, or go without."""
     return ModelWeightsUnavailableError(
-        f"Cannot load the {weights} weights of the {encoder!r} encoder: they are not in the local "
-        f"caches ({_cache_locations()}) and {reason}. To work offline, run the same command once on a "
-        "machine with internet access and copy its ~/.cache/huggingface and ~/.cache/torch to this machine "
-        "(or point HF_HOME / TORCH_HOME at such a copy), or set model.encoder_weights=null to train the "
-        "encoder from scratch."
+        f"model.encoder_weights={encoder_weights!r} needs the pretrained weights of the {encoder!r} encoder, "
+        f"but they are not in the local cache ({_cache_places()}) and downloading them failed ({reason}). "
+        f"To work offline, run the same command once on a machine with internet access, then {_WAY_OUT}"
     )
 
 
-__all__ = ["ARCHITECTURES", "ModelWeightsUnavailableError", "SMPModel"]
+def _not_cached(encoder: str, encoder_weights: Any) -> ModelWeightsUnavailableError:
+    """The constructor's paragraph: it never downloads, so say who does."""
+    return ModelWeightsUnavailableError(
+        f"model.encoder_weights={encoder_weights!r} needs the pretrained weights of the {encoder!r} encoder, "
+        f"but they are not in the local cache ({_cache_places()}), and building the model never downloads "
+        "them: `python train.py` fetches them before it builds the model (when building one by hand, call "
+        "`segx.models.smp_model.fetch_pretrained(cfg.model)` first). Without internet access here, "
+        f"{_WAY_OUT}"
+    )
+
+
+_TARGET = f"{__name__}.{SMPModel.__qualname__}"
+_DEFAULT_ENCODER = inspect.signature(SMPModel.__init__).parameters["encoder"].default
+
+__all__ = ["ARCHITECTURES", "ModelWeightsUnavailableError", "SMPModel", "fetch_pretrained"]

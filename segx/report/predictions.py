@@ -31,6 +31,7 @@ def predict_examples(checkpoint_path: str | Path, count: int = 4) -> Examples:
     from omegaconf import OmegaConf
 
     from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+    from segx.inference import Predictor
 
     checkpoint = load_checkpoint(checkpoint_path)
     config = run_config(checkpoint)
@@ -41,8 +42,8 @@ def predict_examples(checkpoint_path: str | Path, count: int = 4) -> Examples:
     datamodule = instantiate(data_cfg)
     split = datamodule.load_split(datamodule.val_split)
     images, masks = split.images[:count], split.masks[:count]
-    net = network_from_checkpoint(checkpoint).eval()
-    preds = net(datamodule.normalize(images)).argmax(1)
+    predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, torch.device("cpu"))
+    preds = predictor.logits(images).argmax(1)
     epoch = checkpoint.get("epoch")
     return Examples(images=images, masks=masks, preds=preds, ids=list(split.ids[:count]),
                     class_names=list(datamodule.class_names), epoch=int(epoch) if epoch is not None else None)

@@ -1,0 +1,3 @@
+from segx.bench.cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""`lightning_overhead` and the peak fractions: segx's real training step and inference path against a bare loop.
+
+The Lightning side is `segx.training.train` itself (data on the device, augmentation, loss, confusion-matrix
+metrics, logging, the non-finite-loss check, optimizer and schedule), timed per step by a callback from the
+first step after `warmup` to the last; start-up, validation and checkpoints are left out. The bare side is
+the loop a user would write around the same network, batches, optimizer, precision and memory format.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from segx.bench.peak import synchronize
+from segx.inference import Predictor, autocast_for
+from segx.models import build_network, forward_flops
+from segx.sweep import JobInfo
+from segx.timing import time_prediction
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class StepTimer(pl.Callback):
+    """Writes the mean seconds per training step over steps `warmup` .. `warmup + steps` to `path`."""
+
+    def __init__(self, path: str, warmup: int, steps: int) -> None:
+        self.path, self.warmup, self.steps = Path(path), int(warmup), int(steps)
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.warmup and self._start is None:
+            synchronize(pl_module.device)
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.warmup + self.steps and self._start is not None:
+            synchronize(pl_module.device)
+            seconds = (time.perf_counter() - self._start) / self.steps
+            self.path.write_text(json.dumps({"step_seconds": seconds}))
+
+
+def run_config(network: str, root: Path, size: int, batch_size: int, accelerator: str, precision: str,
+               steps: int, overrides: list[str] = ()) -> DictConfig:
+    """segx's training config for the benchmark: the chosen network, plain cross-entropy, Adam, no validation,
+    no checkpoints and no logger (their cost is per epoch, not per step)."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[
+            f"model={network}", "loss=ce", "optimizer=adam", f"data.root={root}", f"data.image_size={size}",
+            f"data.batch_size={batch_size}", "logger=none", "callbacks.model_checkpoint=null",
+            "callbacks.prediction_grid=null", "callbacks.progress=null", "trainer.enable_checkpointing=false",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.limit_val_batches=0",
+            "trainer.num_sanity_val_steps=0", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
+            f"trainer.accelerator={accelerator}", f"trainer.precision={precision}", *overrides,
+        ])
+
+
+def lightning_step_seconds(cfg: DictConfig, warmup: int, steps: int) -> float:
+    """Seconds per step of `segx.training.train` on `cfg` (its data are read from `cfg.data.root`)."""
+    from segx.training import train
+
+    with tempfile.TemporaryDirectory(prefix="segx-bench-run-") as run_dir:
+        timer_file = Path(run_dir) / "steps.json"
+        cfg.trainer.max_steps = warmup + steps
+        OmegaConf.set_struct(cfg, False)
+        cfg.callbacks.step_timer = {"_target_": f"{__name__}.StepTimer", "path": str(timer_file), "warmup": warmup,
+                                    "steps": steps}
+        cfg.data.cache_dir = str(Path(run_dir) / "cache")
+        train(cfg, JobInfo(run_dir=Path(run_dir)))
+        return float(json.loads(timer_file.read_text())["step_seconds"])
+
+
+def bare_step_seconds(net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, precision: str, lr: float,
+                      warmup: int, steps: int) -> float:
+    """Seconds per step of the loop a user writes: forward, cross-entropy, backward, Adam, on fixed batches."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    device = images.device
+    net.train()
+
+    def step() -> None:
+        with autocast_for(precision, device):
+            loss = F.cross_entropy(net(images), masks, ignore_index=255)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def training_flops(net: torch.nn.Module, batch_size: int, size: int) -> int:
+    """FLOPs of one forward + backward of a batch, counted on a meta-device copy (the optimizer's are negligible)."""
+    probe = copy.deepcopy(net).to("meta").train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        probe(torch.empty(batch_size, 3, size, size, device="meta")).sum().backward()
+    return int(counter.get_total_flops())
+
+
+def training_batch(datamodule: Any, batch_size: int, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prepared batch of the datamodule's training split on its device, as segx's loop feeds the network."""
+    images, masks = datamodule.prepare_batch(next(iter(datamodule.train_dataloader())), training=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images[:batch_size], masks[:batch_size]
+
+
+def loop_comparison(cfg: DictConfig, device: torch.device, warmup: int, steps: int, peak_gflops: float,
+                    infer_images: int) -> dict[str, Any]:
+    """`lightning_overhead`, `train_peak_fraction` and `infer_peak_fraction` for the network of `cfg`."""
+    from hydra.utils import instantiate
+
+    from segx.runtime import precision_for
+
+    size, batch_size = int(cfg.data.image_size), int(cfg.data.batch_size)
+    precision = precision_for(cfg.trainer.precision, cfg.trainer.accelerator)
+    channels_last = bool(cfg.model.channels_last)
+    lightning = lightning_step_seconds(copy.deepcopy(cfg), warmup, steps)
+
+    with tempfile.TemporaryDirectory(prefix="segx-bench-cache-") as cache_dir:
+        datamodule = instantiate(cfg.data, cache_dir=cache_dir)
+        datamodule.target_device = device
+        images, masks = training_batch(datamodule, batch_size, channels_last)
+        torch.manual_seed(0)
+        net = build_network(cfg.model).to(device)
+        bare = bare_step_seconds(net, images, masks, precision, float(cfg.optimizer.lr), warmup, steps)
+        flops = training_flops(build_network(cfg.model, apply_options=False), batch_size, size)
+
+        split = datamodule.load_split(datamodule.val_split)
+        count = min(infer_images, len(split))
+        predictor = Predictor(net, device, precision, channels_last=channels_last, normalize=datamodule.normalizer,
+                              batch_size=batch_size)
+        timing = time_prediction(predictor, split.images[:count], passes=3, warmup=1)
+    infer_flops = forward_flops(net, size) * count
+    return {
+        "lightning_overhead": {
+            "ratio": lightning / bare, "lightning_step_seconds": lightning, "bare_step_seconds": bare,
+            "network": cfg.model._target_, "batch_size": batch_size, "image_size": size, "steps": steps,
+            "warmup_steps": warmup, "precision": precision, "channels_last": channels_last,
+        },
+        "train_peak_fraction": {
+            "fraction": flops / lightning / 1e9 / peak_gflops, "achieved_gflops": flops / lightning / 1e9,
+            "bare_loop_fraction": flops / bare / 1e9 / peak_gflops, "flops_per_step": flops,
+            "through": "segx.training.train (Lightning, loss, metrics, optimizer)",
+        },
+        "infer_peak_fraction": {
+            "fraction": infer_flops / timing["predict_val_seconds"] / 1e9 / peak_gflops,
+            "achieved_gflops": infer_flops / timing["predict_val_seconds"] / 1e9, "images": count,
+            "batch_size": batch_size, "through": "segx.inference.Predictor (labels of uint8 images)",
+        },
+    }

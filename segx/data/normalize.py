@@ -1,0 +1,44 @@
+"""uint8 images → standardised floats in one fused pass, the same for training, evaluation and prediction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics pretrained encoders expect, and segx's default
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize:
+    """`(x / 255 - mean) / std` per channel, computed as one `addcmul` on the float image.
+
+    The per-channel factors are cached per device, so a batch already on the GPU never waits for a copy.
+    Elementwise operations keep the input's memory format: a channels_last batch stays channels_last.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        mean_t = torch.tensor(list(mean), dtype=torch.float64).view(1, -1, 1, 1)
+        std_t = torch.tensor(list(std), dtype=torch.float64).view(1, -1, 1, 1)
+        self.mean, self.std = mean_t.float(), std_t.float()
+        self.scale = (1.0 / (255.0 * std_t)).float()
+        self.shift = (-mean_t / std_t).float()
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on:
+            self._on[device] = (self.scale.to(device), self.shift.to(device))
+        return self._on[device]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float 0..255) [N,C,H,W] → float32 standardised with `mean`/`std`."""
+        scale, shift = self._factors(images.device)
+        return torch.addcmul(shift, images.float(), scale)
+
+    def invert(self, images: torch.Tensor) -> torch.Tensor:
+        """Back to [0,1] floats, for pictures of what the network saw."""
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float() * std + mean).clamp_(0, 1)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_on": {}}  # device copies stay behind when pickled (spawned DDP ranks)

@@ -1,0 +1,103 @@
+"""The one inference path: evaluation, `segx.predict`, the report's examples and the timing protocol all run here.
+
+`torch.inference_mode`, large batches, the run's mixed precision (autocast) and its memory format, so a
+score, a saved mask and a timing all come from the same computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from segx.errors import SegxError
+
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_HALF_TRUE = {"bf16-true": "bf16-mixed", "bf16": "bf16-mixed", "16-true": "16-mixed", "16": "16-mixed"}
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Lightning's mixed precision as a context: autocast for `*-mixed`, nothing for `32-true`."""
+    dtype = AUTOCAST_DTYPES.get(str(precision))
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def inference_precision(precision: str | int, device: torch.device) -> str:
+    """A run's `trainer.precision` for inference: fp32 on the CPU (autocast is slower there); on CUDA `auto`
+    is bf16-mixed where the GPU has bf16, else fp32; `*-true` half precisions run as autocast (fp32 weights)."""
+    if device.type != "cuda":
+        return "32-true"
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    precision = str(precision)
+    if precision == "auto":
+        return "bf16-mixed" if bf16 else "32-true"
+    precision = _HALF_TRUE.get(precision, precision)
+    if precision == "16-mixed" or (precision == "bf16-mixed" and bf16):
+        return precision
+    return "32-true"  # 32-true, 64-true, or a bf16 run predicted on a GPU without bf16
+
+
+class Predictor:
+    """A network ready to predict uint8 images: on its device, in eval mode, in its memory format.
+
+    `logits` takes one batch; `labels` walks a whole tensor of images in batches of `batch_size`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        device: torch.device | str = "cpu",
+        precision: str = "32-true",
+        channels_last: bool = True,
+        normalize: Normalize | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise SegxError(f"batch_size={batch_size} must be at least 1.")
+        self.device = torch.device(device)
+        self.precision = str(precision)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = net.to(self.device).to(memory_format=self.memory_format).eval()
+        self.normalize = normalize or Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.batch_size = int(batch_size)
+
+    @classmethod
+    def from_run(cls, net: nn.Module, config: Any, device: torch.device, batch_size: int = 64) -> Predictor:
+        """For a network trained with `config` (a run's resolved config, e.g. from its checkpoint)."""
+        data = config.get("data") or {}
+        model = config.get("model") or {}
+        trainer = config.get("trainer") or {}
+        return cls(net, device, inference_precision(trainer.get("precision", "auto"), device),
+                   channels_last=bool(model.get("channels_last", True)),
+                   normalize=Normalize(list(data.get("mean", IMAGENET_MEAN)), list(data.get("std", IMAGENET_STD))),
+                   batch_size=batch_size)
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,3,H,W] (any device) → logits [N,C,H,W] on this device, in the autocast dtype when mixed."""
+        batch = self.normalize(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
+        with autocast_for(self.precision, self.device):
+            return self.net(batch)
+
+    @torch.inference_mode()
+    def batches(self, images: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first index, logits) for each batch of `images` uint8 [N,3,H,W]."""
+        for begin in range(0, len(images), self.batch_size):
+            yield begin, self.logits(images[begin:begin + self.batch_size])
+
+    @torch.inference_mode()
+    def labels(self, images: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first index, argmax labels [B,H,W] on this device) for each batch."""
+        for begin, logits in self.batches(images):
+            yield begin, logits.argmax(1)
+
+    def synchronize(self) -> None:
+        """Wait for the device (timings must include the queued GPU work)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
