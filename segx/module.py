@@ -61,7 +61,7 @@ class SegmentationModule(pl.LightningModule):
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own code
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:  # a no-op for batches that DeviceBatches already delivers in this format
+        if self.channels_last:  # batches arrive NCHW (normalising is faster so on the CPU)
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 

@@ -152,6 +152,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
              record.fields["host"], " · ".join(f"{k} {v}" for k, v in runtime.record().items()))
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    torch.set_flush_denormal(bool(cfg.get("flush_denormal", True)))  # CPU only; a no-op where unsupported
     options = network_options(cfg.model)
     fetch_pretrained(cfg.model)  # the one download, on rank 0: the constructor never downloads
     net = build_network(cfg.model, apply_options=False)

@@ -37,7 +37,7 @@ def _defaults(cuda: bool) -> dict[str, int]:
     """Sizes that finish in minutes: a CPU times subsets, a GPU the study's full splits."""
     if cuda:
         return {"images": 1464, "predict_images": 1449, "steps": 50, "warmup": 10, "model_batch": 64}
-    return {"images": 512, "predict_images": 64, "steps": 6, "warmup": 2, "model_batch": 8}
+    return {"images": 512, "predict_images": 64, "steps": 8, "warmup": 2, "model_batch": 8}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -32,24 +33,31 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 class StepTimer(pl.Callback):
-    """Writes the mean seconds per training step over steps `warmup` .. `warmup + steps` to `path`."""
+    """Writes the seconds of each training step after `warmup` (batch start to the next batch start, so the
+    loop's own work between steps counts) to `path`. Only the first and last marks wait for a GPU (steps
+    overlap there), so on CUDA only the mean of the durations is meaningful; on the CPU each one is."""
 
     def __init__(self, path: str, warmup: int, steps: int) -> None:
         self.path, self.warmup, self.steps = Path(path), int(warmup), int(steps)
-        self._start: float | None = None
+        self._marks: list[float] = []
+
+    def _mark(self, device: torch.device) -> None:
+        if not self._marks:
+            synchronize(device)
+        self._marks.append(time.perf_counter())
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if trainer.global_step == self.warmup and self._start is None:
-            synchronize(pl_module.device)
-            self._start = time.perf_counter()
+        if trainer.global_step >= self.warmup:
+            self._mark(pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step == self.warmup + self.steps and self._start is not None:
+        if trainer.global_step == self.warmup + self.steps and self._marks:
             synchronize(pl_module.device)
-            seconds = (time.perf_counter() - self._start) / self.steps
-            self.path.write_text(json.dumps({"step_seconds": seconds}))
+            self._marks.append(time.perf_counter())
+            durations = [b - a for a, b in zip(self._marks, self._marks[1:], strict=False)]
+            self.path.write_text(json.dumps({"step_seconds": durations}))
 
 
 def run_config(network: str, root: Path, size: int, batch_size: int, accelerator: str, precision: str,
@@ -67,8 +75,8 @@ def run_config(network: str, root: Path, size: int, batch_size: int, accelerator
         ])
 
 
-def lightning_step_seconds(cfg: DictConfig, warmup: int, steps: int) -> float:
-    """Seconds per step of `segx.training.train` on `cfg` (its data are read from `cfg.data.root`)."""
+def lightning_step_seconds(cfg: DictConfig, warmup: int, steps: int) -> list[float]:
+    """Seconds of each timed step of `segx.training.train` on `cfg` (its data are read from `cfg.data.root`)."""
     from segx.training import train
 
     with tempfile.TemporaryDirectory(prefix="segx-bench-run-") as run_dir:
@@ -77,33 +85,41 @@ def lightning_step_seconds(cfg: DictConfig, warmup: int, steps: int) -> float:
         OmegaConf.set_struct(cfg, False)
         cfg.callbacks.step_timer = {"_target_": f"{__name__}.StepTimer", "path": str(timer_file), "warmup": warmup,
                                     "steps": steps}
-        cfg.data.cache_dir = str(Path(run_dir) / "cache")
         train(cfg, JobInfo(run_dir=Path(run_dir)))
-        return float(json.loads(timer_file.read_text())["step_seconds"])
+        return list(json.loads(timer_file.read_text())["step_seconds"])
 
 
-def bare_step_seconds(net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, precision: str, lr: float,
-                      warmup: int, steps: int) -> float:
-    """Seconds per step of the loop a user writes: forward, cross-entropy, backward, Adam, on fixed batches."""
+def bare_step_seconds(net: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
+                      lr: float, warmup: int) -> list[float]:
+    """Seconds of each timed step of the loop a user writes: forward, cross-entropy, backward, Adam, over
+    ready-made `batches` (the first `warmup` untimed). On CUDA, where steps overlap, every entry is the mean."""
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    device = images.device
+    device = batches[0][0].device
     net.train()
 
-    def step() -> None:
+    def step(images: torch.Tensor, masks: torch.Tensor) -> None:
         with autocast_for(precision, device):
             loss = F.cross_entropy(net(images), masks, ignore_index=255)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
+    for batch in batches[:warmup]:
+        step(*batch)
     synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+    timed = batches[warmup:]
+    if device.type == "cuda":
+        start = time.perf_counter()
+        for batch in timed:
+            step(*batch)
+        synchronize(device)
+        return [(time.perf_counter() - start) / len(timed)] * len(timed)
+    durations = []
+    for batch in timed:
+        start = time.perf_counter()
+        step(*batch)
+        durations.append(time.perf_counter() - start)
+    return durations
 
 
 def training_flops(net: torch.nn.Module, batch_size: int, size: int) -> int:
@@ -115,12 +131,17 @@ def training_flops(net: torch.nn.Module, batch_size: int, size: int) -> int:
     return int(counter.get_total_flops())
 
 
-def training_batch(datamodule: Any, batch_size: int, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One prepared batch of the datamodule's training split on its device, as segx's loop feeds the network."""
-    images, masks = datamodule.prepare_batch(next(iter(datamodule.train_dataloader())), training=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images[:batch_size], masks[:batch_size]
+def training_batches(datamodule: Any, count: int, channels_last: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `count` training batches as segx's loop draws and augments them, made ready for the network
+    in advance (so the bare loop pays nothing for its data)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    batches = []
+    for batch in datamodule.train_dataloader():
+        images, masks = datamodule.prepare_batch(batch, training=True)
+        batches.append((images.contiguous(memory_format=memory_format), masks))
+        if len(batches) == count:
+            return batches
+    raise ValueError(f"the training split has fewer than {count} batches; lower --steps or --warmup")
 
 
 def loop_comparison(cfg: DictConfig, device: torch.device, warmup: int, steps: int, peak_gflops: float,
@@ -133,28 +154,40 @@ def loop_comparison(cfg: DictConfig, device: torch.device, warmup: int, steps: i
     size, batch_size = int(cfg.data.image_size), int(cfg.data.batch_size)
     precision = precision_for(cfg.trainer.precision, cfg.trainer.accelerator)
     channels_last = bool(cfg.model.channels_last)
-    lightning = lightning_step_seconds(copy.deepcopy(cfg), warmup, steps)
+    torch.set_flush_denormal(bool(cfg.get("flush_denormal", True)))  # as segx's run sets it, for both loops
+    datamodule = instantiate(cfg.data)
+    datamodule.target_device = device
+    batches = training_batches(datamodule, warmup + steps, channels_last)
 
-    with tempfile.TemporaryDirectory(prefix="segx-bench-cache-") as cache_dir:
-        datamodule = instantiate(cfg.data, cache_dir=cache_dir)
-        datamodule.target_device = device
-        images, masks = training_batch(datamodule, batch_size, channels_last)
+    def bare_run(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.nn.Module, list[float]]:
         torch.manual_seed(0)
         net = build_network(cfg.model).to(device)
-        bare = bare_step_seconds(net, images, masks, precision, float(cfg.optimizer.lr), warmup, steps)
-        flops = training_flops(build_network(cfg.model, apply_options=False), batch_size, size)
+        return net, bare_step_seconds(net, batches, precision, float(cfg.optimizer.lr), warmup)
 
-        split = datamodule.load_split(datamodule.val_split)
-        count = min(infer_images, len(split))
-        predictor = Predictor(net, device, precision, channels_last=channels_last, normalize=datamodule.normalizer,
-                              batch_size=batch_size)
-        timing = time_prediction(predictor, split.images[:count], passes=3, warmup=1)
+    # The bare loop runs before and after segx's, and the two are averaged: a drift of the machine's speed
+    # (clock, other load) during the measurement then falls on both sides alike.
+    _, bare_before = bare_run(batches)
+    lightning_steps = lightning_step_seconds(copy.deepcopy(cfg), warmup, steps)
+    net, bare_after = bare_run(batches)
+    bare_steps = bare_before + bare_after
+    del batches  # ~15 MB on the device
+    flops = training_flops(build_network(cfg.model, apply_options=False), batch_size, size)
+    split = datamodule.load_split(datamodule.val_split)
+    count = min(infer_images, len(split))
+    predictor = Predictor(net, device, precision, channels_last=channels_last, normalize=datamodule.normalizer,
+                          batch_size=batch_size)
+    timing = time_prediction(predictor, split.images[:count], passes=3, warmup=1)
     infer_flops = forward_flops(net, size) * count
+    cuda = device.type == "cuda"
+    typical = statistics.fmean if cuda else statistics.median  # CPU timings have spikes; GPU steps overlap
+    lightning = typical(lightning_steps)
+    bare = statistics.fmean([typical(bare_before), typical(bare_after)])
     return {
         "lightning_overhead": {
             "ratio": lightning / bare, "lightning_step_seconds": lightning, "bare_step_seconds": bare,
             "network": cfg.model._target_, "batch_size": batch_size, "image_size": size, "steps": steps,
             "warmup_steps": warmup, "precision": precision, "channels_last": channels_last,
+            "statistic": "mean" if cuda else "median", "lightning_steps": lightning_steps, "bare_steps": bare_steps,
         },
         "train_peak_fraction": {
             "fraction": flops / lightning / 1e9 / peak_gflops, "achieved_gflops": flops / lightning / 1e9,

@@ -269,10 +269,6 @@ class VOCDataModule(pl.LightningDataModule):
             return trainer.strategy.root_device
         return self.target_device or torch.device("cpu")
 
-    def _channels_last(self) -> bool:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return bool(getattr(module, "channels_last", False))
-
     def _current_epoch(self) -> int:
         return int(self.trainer.current_epoch) if self.trainer is not None else 0
 
@@ -292,7 +288,7 @@ class VOCDataModule(pl.LightningDataModule):
         images, masks = self._resident[key]
         rank, world = self._rank_and_world()
         return DeviceBatches(images, masks, batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world,
-                             pad=shuffle, epoch=self._current_epoch, channels_last=self._channels_last())
+                             pad=shuffle, epoch=self._current_epoch)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         """The path for data kept off the device: same order as `DeviceBatches` (an `EpochOrderSampler`)."""
