@@ -40,7 +40,9 @@ def _first_line(error: BaseException) -> str:
 
 def _weights_only_refusal(path: Path, message: str) -> SegxError:
     """Our own words for torch's refusal, whose advice is to load the file with code execution allowed."""
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    # torch names the global as "Unsupported global: GLOBAL x.y", or for a blocked module (os, posix,
+    # subprocess, ...) as "unsupported GLOBAL posix.system whose module posix is blocked".
+    refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", message)
     if refused is None:  # not a pickle torch writes (an image, a plain pickle): say what stopped the reader
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
         return _unreadable(path, detail.group(1).strip() if detail else "not a PyTorch checkpoint")

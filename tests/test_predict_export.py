@@ -169,12 +169,23 @@ def test_output_that_is_a_file_is_refused(trained_run: Path, mixed_images: Path,
         predict_images(best_ckpt(trained_run), mixed_images, mixed_images)
 
 
-def test_a_checkpoint_holding_a_custom_object_is_refused_without_torchs_advice(tmp_path: Path) -> None:
+class RunsAShellCommand:
+    """Unpickling this calls os.system: the checkpoint an attacker would hand over."""
+
+    def __reduce__(self) -> tuple:
+        return os.system, ("touch /tmp/segx-pwned",)
+
+
+@pytest.mark.parametrize("payload, named", [(NotATensor, "NotATensor"), (RunsAShellCommand, "system")])
+def test_a_checkpoint_holding_a_custom_object_is_refused_without_torchs_advice(payload: type, named: str,
+                                                                              tmp_path: Path) -> None:
     path = tmp_path / "pickled.ckpt"
-    torch.save({"segx": {"config": {}}, "state_dict": {}, "extra": NotATensor()}, path)
+    torch.save({"segx": {"config": {}}, "state_dict": {}, "extra": payload()}, path)
     with pytest.raises(SegxError) as caught:
         load_checkpoint(path)
     message = str(caught.value)
+    assert not Path("/tmp/segx-pwned").exists()
+    assert named in message  # the global torch refused (posix.system for a blocked module)
     assert str(path) in message and "holds Python objects other than tensors" in message
     assert "could run code" in message and "segx's train.py" in message
     assert "weights_only=False" not in message and "weights_only" not in message
