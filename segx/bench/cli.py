@@ -98,6 +98,17 @@ def check_targets(results: dict[str, Any], device_type: str) -> dict[str, dict[s
     return checked
 
 
+def cpu_name() -> str:
+    """The processor's model name (platform.processor() is empty on many Linux machines)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -109,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = "gpu" if cuda else "cpu"
     precision = precision_for("auto", accelerator)
     results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or 'unknown'}, "
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({cpu_name()}, "
                                                                   f"{torch.get_num_threads()} threads)",
         "torch": torch.__version__, "precision": precision, "memory_format": "channels_last",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"},
