@@ -223,38 +223,30 @@ class _SmpLoss(nn.Module):
         return super().forward(logits, target)
 
 
-class DiceLoss(_SmpLoss, smp_losses.DiceLoss):
+class _OverlapLoss(_SmpLoss):
+    """The constructor smp's multiclass Dice and Jaccard losses share (placed before the smp class)."""
+
+    def __init__(
+        self,
+        ignore_index: int = IGNORE_INDEX,
+        weighting: str | None = None,
+        smooth: float = 0.0,
+        log_loss: bool = False,
+        class_frequencies: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
+                         smooth=smooth, log_loss=log_loss)
+        self._weigh_classes(weighting, class_frequencies)
+
+
+class DiceLoss(_OverlapLoss, smp_losses.DiceLoss):
     """smp's multiclass Dice loss, 1 − soft Dice per class over the batch, averaged over classes (classes absent
     from the batch count 0); with `weighting`, a weighted mean of the per-class terms."""
 
-    def __init__(
-        self,
-        ignore_index: int = IGNORE_INDEX,
-        weighting: str | None = None,
-        smooth: float = 0.0,
-        log_loss: bool = False,
-        class_frequencies: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
-                         smooth=smooth, log_loss=log_loss)
-        self._weigh_classes(weighting, class_frequencies)
 
-
-class JaccardLoss(_SmpLoss, smp_losses.JaccardLoss):
+class JaccardLoss(_OverlapLoss, smp_losses.JaccardLoss):
     """smp's multiclass Jaccard (soft IoU) loss, per class over the batch, averaged over classes; with
     `weighting`, a weighted mean of the per-class terms."""
-
-    def __init__(
-        self,
-        ignore_index: int = IGNORE_INDEX,
-        weighting: str | None = None,
-        smooth: float = 0.0,
-        log_loss: bool = False,
-        class_frequencies: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(mode=smp_losses.MULTICLASS_MODE, from_logits=True, ignore_index=ignore_index,
-                         smooth=smooth, log_loss=log_loss)
-        self._weigh_classes(weighting, class_frequencies)
 
 
 class TverskyLoss(_SmpLoss, smp_losses.TverskyLoss):

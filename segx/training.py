@@ -22,7 +22,6 @@ from segx.models import (
     apply_network_options,
     build_network,
     check_input_size,
-    forward_flops,
     network_options,
     parameter_counts,
 )
@@ -157,8 +156,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     fetch_pretrained(cfg.model)  # the one download, on rank 0: the constructor never downloads
     net = build_network(cfg.model, apply_options=False)
     image_size = int(cfg.data.image_size)
-    check_input_size(net, image_size, f"model {cfg.model._target_}")  # before any data is read
-    flops = forward_flops(net, image_size)
+    flops = check_input_size(net, image_size, f"model {cfg.model._target_}")  # before any data is read
     net = apply_network_options(net, options)
     datamodule = instantiate(cfg.data)
     loss = build_loss(cfg.loss, class_frequencies=datamodule.class_frequencies)

@@ -13,6 +13,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,21 +90,27 @@ def lightning_step_seconds(cfg: DictConfig, warmup: int, steps: int) -> list[flo
         return list(json.loads(timer_file.read_text())["step_seconds"])
 
 
-def bare_step_seconds(net: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
-                      lr: float, warmup: int) -> list[float]:
-    """Seconds of each timed step of the loop a user writes: forward, cross-entropy, backward, Adam, over
-    ready-made `batches` (the first `warmup` untimed). On CUDA, where steps overlap, every entry is the mean."""
+def training_step(net: torch.nn.Module, precision: str, lr: float) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The step a user writes around `net`: forward (autocast when mixed), cross-entropy, backward, Adam."""
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    device = batches[0][0].device
     net.train()
 
     def step(images: torch.Tensor, masks: torch.Tensor) -> None:
-        with autocast_for(precision, device):
+        with autocast_for(precision, images.device):
             loss = F.cross_entropy(net(images), masks, ignore_index=255)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
+    return step
+
+
+def bare_step_seconds(net: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
+                      lr: float, warmup: int) -> list[float]:
+    """Seconds of each timed step of the loop a user writes: forward, cross-entropy, backward, Adam, over
+    ready-made `batches` (the first `warmup` untimed). On CUDA, where steps overlap, every entry is the mean."""
+    device = batches[0][0].device
+    step = training_step(net, precision, lr)
     for batch in batches[:warmup]:
         step(*batch)
     synchronize(device)

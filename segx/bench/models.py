@@ -3,20 +3,18 @@ prediction protocol (`predict_val_seconds`) for its three U-Nets."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from segx.bench.loop import CONF_DIR, training_step
 from segx.bench.peak import best_seconds
-from segx.inference import Predictor, autocast_for
+from segx.inference import Predictor
 from segx.models import build_network, forward_flops, parameter_counts
 from segx.timing import time_prediction
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 STUDY_VAL_IMAGES = 1449  # VOC 2012 val, which the study predicted (mean of 5 passes)
 
 
@@ -41,17 +39,8 @@ def train_step_seconds(net: torch.nn.Module, batch: int, size: int, device: torc
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 21, (batch, size, size), device=device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-    net.train()
-
-    def step() -> None:
-        with autocast_for(precision, device):
-            loss = F.cross_entropy(net(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return best_seconds(step, device, repeats)
+    step = training_step(net, precision, lr=1e-4)
+    return best_seconds(lambda: step(x, y), device, repeats)
 
 
 def model_row(name: str, batch: int, size: int, device: torch.device, precision: str, repeats: int) -> dict[str, Any]:

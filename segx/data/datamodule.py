@@ -27,15 +27,20 @@ AUGMENT_SEED_STRIDE = 1_000_003  # rank r augments with seed + 1 + r * stride: s
 ON_DEVICE_CHOICES = ("auto", True, False)
 
 
+def check_on_device(setting: str | bool) -> str | bool:
+    """`data.on_device` as given, when it is one of the choices."""
+    if setting not in ON_DEVICE_CHOICES:
+        raise SegxError(f"data.on_device={setting!r} is not a choice; use auto, true or false.")
+    return setting
+
+
 def keep_on_device(setting: str | bool, split_bytes: int, device: torch.device, memory_fraction: float) -> bool:
     """Whether a split is served from the training device (`data.on_device`).
 
     `auto`: yes when its uint8 tensors fit in `memory_fraction` of the device's free memory (on the CPU the
     split is already in memory, so always); `true`: always; `false`: never (a DataLoader with `num_workers`).
     """
-    if setting not in ON_DEVICE_CHOICES:
-        raise SegxError(f"data.on_device={setting!r} is not a choice; use auto, true or false.")
-    if setting != "auto":
+    if check_on_device(setting) != "auto":
         return bool(setting)
     if device.type != "cuda":
         return True
@@ -198,11 +203,9 @@ class VOCDataModule(pl.LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else self.root / "segx-cache"
         self.augment = BatchAugment(**dict(augment or {}), seed=int(seed) + 1)
-        if on_device not in ON_DEVICE_CHOICES:
-            raise SegxError(f"data.on_device={on_device!r} is not a choice; use auto, true or false.")
         if not 0 < float(on_device_memory_fraction) <= 1:
             raise SegxError(f"data.on_device_memory_fraction={on_device_memory_fraction} must be in (0, 1].")
-        self.on_device = on_device
+        self.on_device = check_on_device(on_device)  # refused before any data is read
         self.on_device_memory_fraction = float(on_device_memory_fraction)
         self.normalizer = Normalize(mean, std)
         self.mean, self.std = self.normalizer.mean, self.normalizer.std

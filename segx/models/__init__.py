@@ -58,29 +58,34 @@ def apply_network_options(net: nn.Module, options: Mapping[str, Any]) -> nn.Modu
     return net
 
 
-def forward_flops(net: nn.Module, image_size: int, in_channels: int = 3) -> int:
-    """Floating-point operations of one forward pass of one image (a multiply-add counts 2), counted by
-    `torch.utils.flop_counter` on a copy on PyTorch's meta device: no arithmetic, no activation memory.
-    Returns 0 when an operation has no meta kernel."""
+def _meta_forward(net: nn.Module, image_size: int, in_channels: int = 3) -> tuple[torch.Tensor, int]:
+    """The logits of one image and the floating-point operations of computing them (a multiply-add counts 2),
+    from a forward pass of a copy on PyTorch's meta device: shapes only, no arithmetic, no activation memory.
+    Raises what the network raises; NotImplementedError for an operation without a meta kernel."""
     probe = copy.deepcopy(getattr(net, "_orig_mod", net)).to("meta").eval()
     counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        logits = probe(torch.empty(1, in_channels, image_size, image_size, device="meta"))
+    return logits, int(counter.get_total_flops())
+
+
+def forward_flops(net: nn.Module, image_size: int, in_channels: int = 3) -> int:
+    """Forward FLOPs of one image, counted by `torch.utils.flop_counter` on a meta-device copy; 0 when an
+    operation has no meta kernel."""
     try:
-        with torch.no_grad(), counter:
-            probe(torch.empty(1, in_channels, image_size, image_size, device="meta"))
+        return _meta_forward(net, image_size, in_channels)[1]
     except NotImplementedError:
         return 0
-    return int(counter.get_total_flops())
 
 
-def check_input_size(net: nn.Module, image_size: int, model_name: str = "the model") -> None:
-    """Refuse a `data.image_size` the network cannot take before any data is read: a forward pass of a copy on
-    PyTorch's meta device computes shapes only (no arithmetic, no memory for activations)."""
-    probe = copy.deepcopy(net).to("meta").eval()
+def check_input_size(net: nn.Module, image_size: int, model_name: str = "the model") -> int:
+    """Refuse a `data.image_size` the network cannot take before any data is read, by one meta-device forward
+    pass (see `_meta_forward`). Returns the forward FLOPs per image that pass counted (0 when an operation
+    has no meta kernel, and then the first real forward pass is the check)."""
     try:
-        with torch.no_grad():
-            logits = probe(torch.empty(1, 3, image_size, image_size, device="meta"))
+        logits, flops = _meta_forward(net, image_size)
     except NotImplementedError:
-        return  # an operation without a meta kernel: the first real forward pass will tell
+        return 0
     except Exception as error:
         reason = str(find_user_error(error) or error).strip()
         if "image_size" not in reason:
@@ -91,6 +96,7 @@ def check_input_size(net: nn.Module, image_size: int, model_name: str = "the mod
             f"{model_name} turns {image_size}×{image_size} images into {tuple(logits.shape[-2:])} logits, not "
             f"{image_size}×{image_size}; choose a data.image_size it maps to itself (the study used 128)."
         )
+    return flops
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
