@@ -1,35 +1,6 @@
-"""Score a checkpoint: `python evaluate.py ckpt=outputs/.../checkpoints/best.ckpt [split=val full_res=true]`."""
+"""`python evaluate.py ...` in a checkout: the same as `segx-evaluate` (segx/cli/evaluate.py)."""
 
-from __future__ import annotations
-
-from pathlib import Path
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-
-from segx.errors import exit_on_user_error
-from segx.evaluation import evaluate_checkpoint
-from segx.report import confusion_matrix_figure, print_scores
-from segx.runfiles import write_json_atomic
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> float:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    with exit_on_user_error():
-        result = evaluate_checkpoint(
-            cfg.ckpt, split=cfg.split, data_overrides=OmegaConf.to_container(cfg.data),
-            full_res=cfg.full_res, save_predictions=cfg.save_predictions, out_dir=out_dir,
-            batch_size=cfg.batch_size, device=cfg.device,
-        )
-    write_json_atomic(out_dir / "metrics.json", result)
-    confusion_matrix_figure(result["confusion_matrix"], result["class_names"], out_dir / "confusion_matrix.png",
-                            title=f"{cfg.split} split, {result['n_images']} images")
-    print_scores(result)
-    print(f"metrics.json: {out_dir / 'metrics.json'} (normalised confusion matrix: confusion_matrix.png)")
-    return result["miou"]
-
+from segx.cli.evaluate import main
 
 if __name__ == "__main__":
     main()

@@ -1,26 +1,6 @@
-"""Train a segmentation network: `python train.py model=unet_small optimizer=sgd optimizer.lr=1e-3`."""
+"""`python train.py ...` in a checkout: the same as `segx-train` (segx/cli/train.py)."""
 
-from __future__ import annotations
-
-import logging
-
-import hydra
-from omegaconf import DictConfig
-
-from segx.console import log_config_tree
-from segx.errors import exit_on_user_error
-from segx.sweep import JobInfo, run_job
-from segx.training import train
-
-log = logging.getLogger("segx.train")
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float:
-    log_config_tree(cfg, log)  # every run and sweep job: the composed config, first thing in its train.log
-    with exit_on_user_error():
-        return run_job(cfg, JobInfo.from_hydra(), train)
-
+from segx.cli.train import main
 
 if __name__ == "__main__":
     main()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segx.core.errors import SegxError
 from segx.data import VOCDataModule
 from segx.data.cache import decode_pair
-from segx.errors import SegxError
 from tests.conftest import run_entry_point
 
 HEIGHT, WIDTH = 24, 32

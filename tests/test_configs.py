@@ -90,7 +90,7 @@ def test_an_unlisted_trainer_argument_passes_through_with_plus(tmp_path: Path) -
                                           "+trainer.reload_dataloaders_every_n_epochs=2",
                                           "trainer.accelerator=cpu", "trainer.max_steps=1"])
     assert "detect_anomaly" not in _trainer_lines()
-    # The arguments train() supplies itself (segx.training.train), so the node is instantiated as a run does.
+    # The arguments train() supplies itself (segx.training.train.train), so the node is instantiated as a run does.
     trainer: pl.Trainer = instantiate(cfg.trainer, precision="32-true", logger=False, callbacks=[],
                                       enable_checkpointing=False, enable_progress_bar=False,
                                       enable_model_summary=False, default_root_dir=str(tmp_path))

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from segx.console import GROUPS, config_tree, log_config_tree
+from segx.core.console import GROUPS, config_tree, log_config_tree
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_entry_point
 
 

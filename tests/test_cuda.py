@@ -24,7 +24,7 @@ def test_bf16_training_on_gpu_and_cuda_evaluation(shapes_root: Path, tmp_path: P
     assert metrics["precision"] == expected and metrics["accelerator"] == "cuda"
     run_entry_point("evaluate.py", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", "device=cuda",
                     f"hydra.run.dir={eval_dir}")
-    # evaluation runs through segx.inference in the run's precision, batched differently: close, not identical
+    # evaluation runs through segx.inference.predictor in the run's precision, batched differently: close, not identical
     assert read_json(eval_dir / "metrics.json")["miou"] == pytest.approx(metrics["best"]["val/miou"], abs=0.05)
 
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from segx.core.errors import SegxError
 from segx.data import VOCDataModule
 from segx.data.augment import BatchAugment
 from segx.data.cache import CACHE_FORMAT
 from segx.data.datamodule import voc_split_files
 from segx.data.shapes import write_shapes_dataset
-from segx.errors import SegxError
 
 
 @pytest.fixture()

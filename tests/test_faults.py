@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from segx.checkpoint import load_checkpoint
+from segx.inference.checkpoint import load_checkpoint
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
 
 EPOCHS = 6

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from segx.errors import ConfigError, SegxError
-from segx.losses import (
+from segx.core.errors import ConfigError, SegxError
+from segx.training.losses import (
     CategoricalHingeLoss,
     CrossEntropyLoss,
     LovaszLoss,

@@ -14,11 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from segx.checkpoint import load_checkpoint, network_from_checkpoint
 from segx.data import ShapesDataModule
-from segx.losses import CrossEntropyLoss
+from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint
 from segx.models import build_network, parameter_counts
-from segx.module import SegmentationModule
+from segx.training.losses import CrossEntropyLoss
+from segx.training.module import SegmentationModule
 from tests.conftest import ROOT
 
 MODEL_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))

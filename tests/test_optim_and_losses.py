@@ -9,8 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from segx.errors import SegxError
-from segx.optim import build_optimizer, keras_decay
+from segx.core.errors import SegxError
+from segx.training.optim import build_optimizer, keras_decay
 from tests.conftest import ROOT
 
 

@@ -1,4 +1,4 @@
-"""`python -m segx.predict` and `python -m segx.export` on a real trained checkpoint, and the safe loader's refusal."""
+"""Prediction and ONNX export on a real trained checkpoint, and the safe loader's refusal."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from segx.checkpoint import load_checkpoint, network_from_checkpoint
-from segx.errors import SegxError
-from segx.evaluation import evaluate_checkpoint
-from segx.export import export_checkpoint, export_network, export_onnx
+from segx.core.errors import SegxError
+from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint
+from segx.inference.evaluate import evaluate_checkpoint
+from segx.inference.export import export_checkpoint, export_network, export_onnx
+from segx.inference.predict import labels_at_size, predict_images
 from segx.models import build_network
-from segx.predict import labels_at_size, predict_images
 from tests.conftest import ROOT
 
 # (file name, PIL mode, (width, height)) of the mixed folder: every kind of image a user may point at.
@@ -74,7 +74,7 @@ def best_ckpt(run_dir: Path) -> Path:
 def test_predict_command_writes_palette_masks_at_each_images_own_size(trained_run: Path, mixed_images: Path,
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "masks"
-    [(code, output)] = run_all(("segx.predict", f"ckpt={best_ckpt(trained_run)}", f"input={mixed_images}",
+    [(code, output)] = run_all(("segx.inference.predict", f"ckpt={best_ckpt(trained_run)}", f"input={mixed_images}",
                                 f"output={out}", "batch_size=2", f"hydra.run.dir={tmp_path / 'hydra'}"))
     assert code == 0, output
     assert f"Wrote 3 mask(s) to {out}" in output
@@ -146,7 +146,7 @@ def test_bad_inputs_are_one_paragraph_naming_the_culprit_and_write_nothing(train
                          ["evil.ckpt holds Python objects other than tensors", "could run code", "train.py"]),
     }
     outputs = {case: tmp_path / f"out-{i}" for i, case in enumerate(cases)}
-    results = run_all(*[("segx.predict", ckpt_arg, input_arg, f"output={outputs[case]}",
+    results = run_all(*[("segx.inference.predict", ckpt_arg, input_arg, f"output={outputs[case]}",
                          f"hydra.run.dir={tmp_path / 'hydra' / str(i)}")
                         for i, (case, (ckpt_arg, input_arg, _)) in enumerate(cases.items())])
     for (case, (_, _, expected)), (code, output) in zip(cases.items(), results, strict=True):
@@ -201,7 +201,7 @@ def test_a_text_file_as_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 # -- export --------------------------------------------------------------------------------------------------
 def test_export_command_writes_a_verified_dynamic_onnx_model(trained_run: Path, tmp_path: Path) -> None:
     model_path = tmp_path / "export" / "model.onnx"
-    [(code, output)] = run_all(("segx.export", f"ckpt={best_ckpt(trained_run)}", "format=onnx",
+    [(code, output)] = run_all(("segx.inference.export", f"ckpt={best_ckpt(trained_run)}", "format=onnx",
                                 f"output={model_path}", f"hydra.run.dir={tmp_path / 'hydra'}"))
     assert code == 0, output
     differences = [float(d) for d in re.findall(r"max abs difference ([0-9.e+-]+)", output)]

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from segx import report
-from segx.sweep import COMPLETED, read_record
+from segx.runs.job import COMPLETED, read_record
 from tests.conftest import QUIET, ROOT, TINY_SHAPES, run_entry_point
 
 PRESET_JOBS = {"optimizer_grid": 36, "loss_grid": 3 * len(list((ROOT / "conf" / "loss").glob("*.yaml"))),

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from segx import report
+from segx.core.files import atomic_path
 from segx.report.plots import normalize_rows
-from segx.runfiles import atomic_path
 from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -134,8 +134,7 @@ def test_a_single_run_gets_its_curves_and_confusion_matrix(sweep: Path, tmp_path
 def test_predictions_are_skipped_with_the_reason_when_the_data_is_gone(sweep: Path, tmp_path: Path) -> None:
     import torch
 
-    from segx.checkpoint import load_checkpoint
-    from segx.module import CHECKPOINT_KEY
+    from segx.inference.checkpoint import CHECKPOINT_KEY, load_checkpoint
 
     run_dir = tmp_path / "run"
     shutil.copytree(sweep / "2", run_dir)

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from segx.callbacks import RunCheckpoint
-from segx.checkpoint import load_checkpoint
+from segx.inference.checkpoint import load_checkpoint
+from segx.training.callbacks import RunCheckpoint
 from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
 
 BEST = 1.0  # the highest val mIoU there is: ModelCheckpoint replaces its best only on a strictly higher score

@@ -10,10 +10,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from segx.errors import ConfigError
-from segx.inference import Predictor
-from segx.optim import build_optimizer
-from segx.timing import time_prediction
+from segx.core.errors import ConfigError
+from segx.inference.predictor import Predictor
+from segx.inference.timing import time_prediction
+from segx.training.optim import build_optimizer
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
 
 

@@ -10,19 +10,19 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from segx.checkpoint import load_checkpoint, network_from_checkpoint
+from segx.core.errors import SegxError
 from segx.data import ShapesDataModule
 from segx.data.augment import BatchAugment
 from segx.data.datamodule import keep_on_device
 from segx.data.device_batches import DeviceBatches, EpochOrderSampler
 from segx.data.normalize import Normalize
-from segx.errors import SegxError
-from segx.inference import Predictor, inference_precision
-from segx.losses import CrossEntropyLoss
+from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint
+from segx.inference.predictor import Predictor, inference_precision
+from segx.inference.timing import time_prediction
 from segx.models import UNet, build_network, forward_flops, network_options
-from segx.module import SegmentationModule
-from segx.runtime import resolve_benchmark
-from segx.timing import time_prediction
+from segx.training.losses import CrossEntropyLoss
+from segx.training.module import SegmentationModule
+from segx.training.runtime import resolve_benchmark
 from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -16,8 +16,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from segx.data.augment import BatchAugment
-from segx.runtime import resolve_precision, strategy_for_sweep_job
-from segx.sweep import COMPLETED, FAILED, read_record
+from segx.runs.job import COMPLETED, FAILED, read_record
+from segx.training.runtime import resolve_precision, strategy_for_sweep_job
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_entry_point
 
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]

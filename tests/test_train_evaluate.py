@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from segx.checkpoint import load_checkpoint, network_from_checkpoint
+from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint
 from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
 
 CHANCE_MIOU = 0.05  # all-background on shapes: ~0.7 IoU for one class out of 21 present

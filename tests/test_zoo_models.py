@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from segx.errors import SegxError
+from segx.core.errors import SegxError
 from segx.models.fcn import FCN
 from segx.models.pspnet import PSPNet
 from segx.models.resunet import ResUNet
@@ -470,7 +470,7 @@ def test_train_fetches_the_weights_before_building_the_model(
     no_network: list[str], empty_hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from segx import training
-    from segx.sweep import JobInfo
+    from segx.runs.job import JobInfo
 
     def build(*args: object, **kwargs: object) -> None:
         raise AssertionError("train() built the model before fetching its weights")

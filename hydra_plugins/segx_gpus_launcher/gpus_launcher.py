@@ -20,7 +20,7 @@ from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray, s
 from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 from omegaconf import OmegaConf, open_dict
 
-from segx.sweep import record_worker_death
+from segx.runs.job import record_worker_death
 
 log = logging.getLogger(__name__)
 

@@ -1,3 +1,3 @@
-from segx.bench.cli import main
+from segx.bench.cli import console
 
-main()
+console()

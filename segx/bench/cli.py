@@ -19,8 +19,8 @@ from segx.bench.data_speed import data_speedup, voc_sized_tree
 from segx.bench.loop import loop_comparison, run_config
 from segx.bench.models import channels_last_speedup, model_names, model_row, predict_val_seconds
 from segx.bench.peak import device_peak
-from segx.runfiles import write_json_atomic
-from segx.runtime import precision_for
+from segx.core.files import write_json_atomic
+from segx.training.runtime import precision_for
 
 SECTIONS = ("data", "loop", "predict", "models", "memory_format")
 STUDY_UNETS = ("unet", "unet_medium", "unet_small")
@@ -207,3 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     return run(parse_args(argv))
+
+
+def console() -> None:
+    """`segx-bench` and `python -m segx.bench` (a console command's return value would become its exit code)."""
+    main()

@@ -1,6 +1,6 @@
 """`lightning_overhead` and the peak fractions: segx's real training step and inference path against a bare loop.
 
-The Lightning side is `segx.training.train` itself (data on the device, augmentation, loss, confusion-matrix
+The Lightning side is `segx.training.train.train` itself (data on the device, augmentation, loss, confusion-matrix
 metrics, logging, the non-finite-loss check, optimizer and schedule), timed per step by a callback from the
 first step after `warmup` to the last; start-up, validation and checkpoints are left out. The bare side is
 the loop a user would write around the same network, batches, optimizer, precision and memory format.
@@ -25,12 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from segx.bench.peak import synchronize
-from segx.inference import Predictor, autocast_for
+from segx.core.config_dir import config_dir
+from segx.inference.predictor import Predictor, autocast_for
+from segx.inference.timing import time_prediction
 from segx.models import build_network, forward_flops
-from segx.sweep import JobInfo
-from segx.timing import time_prediction
+from segx.runs.job import JobInfo
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_dir()
 
 
 class StepTimer(pl.Callback):
@@ -77,8 +78,8 @@ def run_config(network: str, root: Path, size: int, batch_size: int, accelerator
 
 
 def lightning_step_seconds(cfg: DictConfig, warmup: int, steps: int) -> list[float]:
-    """Seconds of each timed step of `segx.training.train` on `cfg` (its data are read from `cfg.data.root`)."""
-    from segx.training import train
+    """Seconds of each timed step of `segx.training.train.train` on `cfg` (its data are read from `cfg.data.root`)."""
+    from segx.training.train import train
 
     with tempfile.TemporaryDirectory(prefix="segx-bench-run-") as run_dir:
         timer_file = Path(run_dir) / "steps.json"
@@ -156,7 +157,7 @@ def loop_comparison(cfg: DictConfig, device: torch.device, warmup: int, steps: i
     """`lightning_overhead`, `train_peak_fraction` and `infer_peak_fraction` for the network of `cfg`."""
     from hydra.utils import instantiate
 
-    from segx.runtime import precision_for
+    from segx.training.runtime import precision_for
 
     size, batch_size = int(cfg.data.image_size), int(cfg.data.batch_size)
     precision = precision_for(cfg.trainer.precision, cfg.trainer.accelerator)
@@ -199,11 +200,11 @@ def loop_comparison(cfg: DictConfig, device: torch.device, warmup: int, steps: i
         "train_peak_fraction": {
             "fraction": flops / lightning / 1e9 / peak_gflops, "achieved_gflops": flops / lightning / 1e9,
             "bare_loop_fraction": flops / bare / 1e9 / peak_gflops, "flops_per_step": flops,
-            "through": "segx.training.train (Lightning, loss, metrics, optimizer)",
+            "through": "segx.training.train.train (Lightning, loss, metrics, optimizer)",
         },
         "infer_peak_fraction": {
             "fraction": infer_flops / timing["predict_val_seconds"] / 1e9 / peak_gflops,
             "achieved_gflops": infer_flops / timing["predict_val_seconds"] / 1e9, "images": count,
-            "batch_size": batch_size, "through": "segx.inference.Predictor (labels of uint8 images)",
+            "batch_size": batch_size, "through": "segx.inference.predictor.Predictor (labels of uint8 images)",
         },
     }

@@ -11,9 +11,9 @@ from omegaconf import DictConfig
 
 from segx.bench.loop import CONF_DIR, training_step
 from segx.bench.peak import best_seconds
-from segx.inference import Predictor
+from segx.inference.predictor import Predictor
+from segx.inference.timing import time_prediction
 from segx.models import build_network, forward_flops, parameter_counts
-from segx.timing import time_prediction
 
 STUDY_VAL_IMAGES = 1449  # VOC 2012 val, which the study predicted (mean of 5 passes)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from segx.core.errors import ConfigError
 from segx.data.voc import IGNORE_INDEX
-from segx.errors import ConfigError
 
 
 class BatchAugment:

@@ -22,9 +22,9 @@ import torchvision.transforms.v2.functional as TF
 from filelock import FileLock
 from PIL import Image
 
+from segx.core.errors import SegxError
+from segx.core.files import atomic_path
 from segx.data.voc import NUM_CLASSES
-from segx.errors import SegxError
-from segx.runfiles import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import VOCSegmentation
 
+from segx.core.errors import SegxError
 from segx.data.augment import BatchAugment
 from segx.data.cache import CachedSplit, load_or_build, name_list
 from segx.data.device_batches import DeviceBatches, EpochOrderSampler
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from segx.data.voc import IGNORE_INDEX, NUM_CLASSES, SPLITS, VOC_CLASSES
-from segx.errors import SegxError
 
 log = logging.getLogger(__name__)
 

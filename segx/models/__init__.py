@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from segx.errors import ConfigError, find_user_error
+from segx.core.errors import ConfigError, find_user_error
 from segx.models.unet import UNet
 
 __all__ = [

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segx.errors import ConfigError
+from segx.core.errors import ConfigError
 from segx.models.keras_init import check_input_size, glorot
 
 UPSAMPLE_MODES = ("bilinear", "nearest")

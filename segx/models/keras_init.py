@@ -7,7 +7,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from segx.errors import ConfigError
+from segx.core.errors import ConfigError
 
 M = TypeVar("M", bound=nn.Module)
 

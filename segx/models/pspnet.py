@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segx.errors import ConfigError
+from segx.core.errors import ConfigError
 
 OUTPUT_STRIDES = (8, 16)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from segx.errors import ConfigError, SegxError
+from segx.core.errors import ConfigError, SegxError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from segx.errors import ConfigError
+from segx.core.errors import ConfigError
 from segx.models.keras_init import check_input_size, glorot, he_normal
 
 

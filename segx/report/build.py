@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segx.core.files import write_text_atomic
 from segx.report.figures import Figure, draw_figures
 from segx.report.markdown import run_markdown, sweep_markdown
 from segx.report.runs import Run, group_runs, rank
 from segx.report.tables import configuration_row, to_csv
-from segx.runfiles import write_text_atomic
 
 
 @dataclass

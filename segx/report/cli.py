@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from segx.core.files import write_text_atomic
 from segx.report.build import write_report
 from segx.report.runs import collect_runs, common_overrides
 from segx.report.tables import print_summary
-from segx.runfiles import write_text_atomic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,3 +52,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if figure.skipped:
             print(f"  {figure.name} not drawn: {figure.skipped}")
     return report.rows
+
+
+def console() -> None:
+    """`segx-report` and `python -m segx.report`: `main` with Ctrl-C as exit code 130 (every file is written
+    atomically, so nothing half-written is left behind)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("segx.report: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segx.errors import find_user_error
+from segx.core.errors import find_user_error
 from segx.report import plots
 from segx.report.runs import Configuration, Run
 

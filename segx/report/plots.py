@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from segx.core.files import atomic_path
 from segx.report.runs import COMPLETED, RUNNING, Configuration
-from segx.runfiles import atomic_path
 
 DPI = 120
 METRIC_NAMES = {"val/miou": "val mIoU", "val/miou_no_bg": "val mIoU without background",
@@ -189,12 +189,12 @@ def per_class_iou(configs: Sequence[Configuration], class_names: Sequence[str], 
 
 def prediction_examples(images: Any, masks: Any, preds: Any, class_names: Sequence[str], path: str | Path,
                         title: str, ids: Sequence[str] = ()) -> Path:
-    """image | ground truth | prediction, one row per image (`segx.visualize.prediction_grid`), with a legend
+    """image | ground truth | prediction, one row per image (`segx.inference.visualize.prediction_grid`), with a legend
     of the classes that appear."""
     import torch
 
     from segx.data.voc import VOC_PALETTE
-    from segx.visualize import prediction_grid
+    from segx.inference.visualize import prediction_grid
 
     plt = _pyplot()
     from matplotlib.patches import Patch

@@ -1,4 +1,4 @@
-"""Example predictions from a run's best checkpoint, rebuilt as `segx.evaluation` does (model and data config
+"""Example predictions from a run's best checkpoint, rebuilt as `segx.inference.evaluate` does (model and data config
 from the checkpoint), for the report's image | ground truth | prediction figure."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from segx.errors import SegxError
+from segx.core.errors import SegxError
 
 
 @dataclass
@@ -30,8 +30,8 @@ def predict_examples(checkpoint_path: str | Path, count: int = 4) -> Examples:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
-    from segx.inference import Predictor
+    from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+    from segx.inference.predictor import Predictor
 
     checkpoint = load_checkpoint(checkpoint_path)
     config = run_config(checkpoint)

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from segx.sweep import COMPLETED, FAILED, RECORD_FILE, RUNNING, read_record
+from segx.runs.job import COMPLETED, FAILED, RECORD_FILE, RUNNING, read_record
 
 MISSING, UNREADABLE = "missing", "unreadable"  # no metrics.json / one that cannot be parsed
 DEFAULT_MONITOR = "val/miou"

@@ -24,13 +24,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segx.errors import SegxError, find_user_error
-from segx.interrupt import interruption
-from segx.runfiles import write_json_atomic
+from segx.core.errors import SegxError, find_user_error
+from segx.core.files import write_json_atomic
+from segx.runs.status import COMPLETED, FAILED, RUNNING, interruption
 
 log = logging.getLogger(__name__)
 
-RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
 RECORD_FILE = "metrics.json"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 

@@ -15,10 +15,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+from segx.core.errors import SegxError
 from segx.data.voc import VOC_PALETTE
-from segx.errors import SegxError
-from segx.inference import Predictor
+from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+from segx.inference.predictor import Predictor
 from segx.metrics import confusion_matrix_metric, segmentation_scores
 
 log = logging.getLogger(__name__)

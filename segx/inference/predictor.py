@@ -1,4 +1,4 @@
-"""The one inference path: evaluation, `segx.predict`, the report's examples and the timing protocol all run here.
+"""The one inference path: evaluation, prediction, the report's examples and the timing protocol all run here.
 
 `torch.inference_mode`, large batches, the run's mixed precision (autocast) and its memory format, so a
 score, a saved mask and a timing all come from the same computation.
@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from segx.core.errors import SegxError
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from segx.errors import SegxError
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 _HALF_TRUE = {"bf16-true": "bf16-mixed", "bf16": "bf16-mixed", "16-true": "16-mixed", "16": "16-mixed"}

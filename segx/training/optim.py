@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, PolynomialLR, SequentialLR
 
-from segx.errors import ConfigError, SegxError
+from segx.core.errors import ConfigError, SegxError
 
-KERAS_DECAY = "segx.optim.keras_decay_schedule"
+KERAS_DECAY = "segx.training.optim.keras_decay_schedule"
 
 
 def keras_decay(decay: float) -> Callable[[int], float]:

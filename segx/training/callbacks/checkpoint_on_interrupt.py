@@ -8,18 +8,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from segx.runs.status import interruption
 
 log = logging.getLogger(__name__)
-
-
-def interruption(error: BaseException) -> str | None:
-    """What interrupted a run, or None for an ordinary error (Lightning turns Ctrl-C into `sys.exit(1)`)."""
-    if isinstance(error, SIGTERMException):
-        return "SIGTERM"
-    if isinstance(error, KeyboardInterrupt | SystemExit):
-        return "Ctrl-C"
-    return None
 
 
 class CheckpointOnInterrupt(pl.Callback):

@@ -2,7 +2,7 @@
 
 The study reported the mean of 5 passes over VOC's 1,449 val images (U-Net 11.77 s, medium 9.85 s,
 small 9.28 s on a Colab GPU). Here: `warmup` untimed passes (allocator, cudnn autotuning), then `passes`
-timed ones, each ending with a CUDA synchronisation, through `segx.inference.Predictor` (inference mode,
+timed ones, each ending with a CUDA synchronisation, through `segx.inference.predictor.Predictor` (inference mode,
 the run's precision and memory format, large batches).
 """
 
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from segx.inference import Predictor, autocast_for
+from segx.inference.predictor import Predictor, autocast_for
 
 __all__ = ["autocast_for", "time_prediction"]
 

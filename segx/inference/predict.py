@@ -1,6 +1,6 @@
 """`predict_images`: label masks and overlays for any images, from a checkpoint alone.
 
-`python -m segx.predict ckpt=PATH input=<image, folder or glob> output=DIR [batch_size=16] [device=auto]`
+`python -m segx.inference.predict ckpt=PATH input=<image, folder or glob> output=DIR [batch_size=16] [device=auto]`
 writes `DIR/<name>.png` (a VOC-palette mask at the image's own size) and `DIR/overlays/<name>.jpg`.
 """
 
@@ -15,20 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from omegaconf import DictConfig
 from PIL import Image, ImageOps
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+from segx.core.errors import SegxError
 from segx.data.voc import VOC_PALETTE
-from segx.errors import SegxError, exit_on_user_error
-from segx.evaluation import resolve_device, save_palette_png
-from segx.inference import Predictor
+from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+from segx.inference.evaluate import resolve_device, save_palette_png
+from segx.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -237,17 +235,3 @@ def predict_images(
     log.debug("Predicted %d images on %s (%s)", len(files), target, predictor.precision)
     return Predictions(masks, overlays, out_dir, str(target), predictor.precision, size, time.perf_counter() - start,
                        files)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
-    """`python -m segx.predict ckpt=... input=... output=...` (Hydra overrides, as train.py takes them)."""
-    with exit_on_user_error():
-        result = predict_images(cfg.ckpt, cfg.input, cfg.output, batch_size=cfg.batch_size, device=cfg.device,
-                                progress=cfg.progress)
-    print(f"Wrote {len(result.masks)} mask(s) to {result.output} and their overlays to "
-          f"{result.output / 'overlays'} ({result.device}, {result.precision}, {result.seconds:.1f} s).")
-
-
-if __name__ == "__main__":
-    main()

@@ -13,11 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
-from segx.callbacks import RunSummary
-from segx.errors import ConfigError
-from segx.inference import Predictor, inference_precision
-from segx.interrupt import CheckpointOnInterrupt
-from segx.losses import build_loss
+from segx.core.errors import ConfigError
+from segx.core.files import write_json_atomic
+from segx.inference.predictor import Predictor, inference_precision
+from segx.inference.timing import time_prediction
 from segx.models import (
     apply_network_options,
     build_network,
@@ -26,11 +25,12 @@ from segx.models import (
     parameter_counts,
 )
 from segx.models.smp_model import fetch_pretrained
-from segx.module import SegmentationModule
-from segx.runfiles import write_json_atomic
-from segx.runtime import Runtime, resolve_runtime
-from segx.sweep import JobInfo, JobRecord, best_value, read_record
-from segx.timing import time_prediction
+from segx.runs.job import JobInfo, JobRecord, best_value, read_record
+from segx.training.callbacks import RunSummary
+from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
+from segx.training.losses import build_loss
+from segx.training.module import SegmentationModule
+from segx.training.runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
 

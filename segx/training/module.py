@@ -12,17 +12,16 @@ import torch
 from torch import nn
 
 from segx.data.voc import IGNORE_INDEX, VOC_CLASSES
+from segx.inference.checkpoint import CHECKPOINT_KEY
 from segx.metrics import confusion_matrix_metric, segmentation_scores
-from segx.optim import build_optimizer
-
-CHECKPOINT_KEY = "segx"
+from segx.training.optim import build_optimizer
 
 
 class SegmentationModule(pl.LightningModule):
     """Wraps a network mapping [N,3,H,W] to logits [N,C,H,W] with a loss, an optimizer and the metrics.
 
     Metrics are confusion matrices accumulated over the whole epoch and reduced once at its end (see
-    `segx.metrics`). `run_config` (the resolved Hydra config) is stored in every checkpoint so that
+    `segx.metrics.confusion`). `run_config` (the resolved Hydra config) is stored in every checkpoint so that
     `evaluate.py ckpt=...` can rebuild the network and its data without any other file.
     """
 

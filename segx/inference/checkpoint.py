@@ -13,9 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.parsing import AttributeDict
 from torch import nn
 
-from segx.errors import SegxError
+from segx.core.errors import SegxError
 from segx.models import build_network
-from segx.module import CHECKPOINT_KEY
+
+CHECKPOINT_KEY = "segx"  # the entry of a Lightning checkpoint holding the run config and class names
 
 # Lightning stores the type of `hparams` next to them; allowing that one harmless dict subclass
 # keeps `weights_only=True` (no arbitrary unpickling) usable on Lightning checkpoints.
@@ -93,7 +94,7 @@ def network_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     if model_cfg.get("encoder_weights") is not None:
         # The checkpoint holds every weight: fetching the pretrained encoder again would only fail offline.
         model_cfg.encoder_weights = None
-    net = build_network(model_cfg, apply_options=False)  # callers pick the memory format (segx.inference)
+    net = build_network(model_cfg, apply_options=False)  # callers pick the memory format (segx.inference.predictor)
     prefix = "net."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state, strict=True)

@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 from segmentation_models_pytorch import losses as smp_losses
 from torch import nn
 
+from segx.core.errors import ConfigError, SegxError
 from segx.data.voc import IGNORE_INDEX
-from segx.errors import ConfigError, SegxError
 
 WEIGHTINGS = ("neg_log", "inverse", "median")
 NORMALIZATIONS = ("pixels", "weights")
@@ -61,7 +61,7 @@ def _weights_or_none(class_frequencies: Any, weighting: str | None, loss: str) -
         return None
     if class_frequencies is None:
         raise SegxError(f"loss {loss} with weighting={weighting!r} needs the training split's class frequencies "
-                        "(build it with segx.losses.build_loss, or pass class_frequencies).")
+                        "(build it with segx.training.losses.build_loss, or pass class_frequencies).")
     return class_weights(class_frequencies, weighting)
 
 

@@ -1,6 +1,6 @@
 """`export_onnx`: a checkpoint's network as an ONNX file with dynamic batch, height and width, verified.
 
-`python -m segx.export ckpt=PATH format=onnx output=FILE.onnx [opset=17]`. The file maps normalised
+`python -m segx.inference.export ckpt=PATH format=onnx output=FILE.onnx [opset=17]`. The file maps normalised
 float [N,3,H,W] to logits [N,21,H,W]; it is written (atomically) only after onnxruntime and PyTorch
 agree on random inputs of two sizes and batch sizes.
 """
@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
-from segx.checkpoint import load_checkpoint, network_from_checkpoint, run_config
-from segx.errors import SegxError, exit_on_user_error
-from segx.runfiles import atomic_path
+from segx.core.errors import SegxError
+from segx.core.files import atomic_path
+from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
 
 FORMATS = ("onnx",)
 DEFAULT_TOLERANCE = 1e-3
@@ -299,20 +297,3 @@ def export_onnx(
     }
     return export_network(net, output, opset=opset, tolerance=tolerance, example_size=int(data.image_size),
                           metadata=metadata)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
-def main(cfg: DictConfig) -> None:
-    """`python -m segx.export ckpt=... format=onnx output=model.onnx` (Hydra overrides)."""
-    with exit_on_user_error():
-        report = export_checkpoint(cfg.ckpt, cfg.output, format=cfg.format, opset=cfg.opset,
-                                   tolerance=cfg.tolerance)
-    for shape, difference in report.differences:
-        print(f"onnxruntime vs PyTorch at {list(shape)}: max abs difference {difference:.3g}")
-    print(f"max abs difference {report.max_abs_difference:.3g} (tolerance {cfg.tolerance:g})")
-    print(f"Wrote {report.path} (opset {report.opset}; dynamic batch, height and width, multiples of "
-          f"{report.size_divisor}; {report.seconds:.1f} s).")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,27 @@
+"""Train a segmentation network: `segx-train` or `python train.py model=unet_small optimizer=sgd optimizer.lr=1e-3`."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from segx.core.config_dir import CONF_DIR
+from segx.core.console import log_config_tree
+from segx.core.errors import exit_on_user_error
+from segx.runs.job import JobInfo, run_job
+from segx.training.train import train
+
+log = logging.getLogger("segx.train")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    log_config_tree(cfg, log)  # every run and sweep job: the composed config, first thing in its train.log
+    with exit_on_user_error():
+        return run_job(cfg, JobInfo.from_hydra(), train)
+
+
+if __name__ == "__main__":
+    main()

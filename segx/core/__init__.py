@@ -1,0 +1,1 @@
+"""The bottom layer: user-facing errors, atomic file writes, the config tree printout, process ranks."""

@@ -1,0 +1,122 @@
+"""Stops training at the first batch whose loss is NaN or infinite, before a checkpoint of it is written."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from segx.core.errors import SegxError
+
+log = logging.getLogger(__name__)
+
+
+
+class NonFiniteLossError(SegxError):
+    """The training loss became NaN or infinite: the run diverged."""
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    """The training step's loss as Lightning hands it to `on_train_batch_end` (a dict with "loss", or the tensor)."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Stops training with a `NonFiniteLossError` (a `SegxError`) when a batch's loss is NaN or infinite.
+
+    A diverged network only ever produces NaN after that, so the run stops rather than spending the
+    remaining epochs. Losses are checked every `check_every_n_steps` batches (null: every batch on the
+    CPU, every 32 on a GPU, where reading a loss back each batch would stall the queue of GPU work) and
+    always at an epoch's last batch and before a validation, i.e. before any checkpoint of that state
+    could be written (Lightning runs checkpoint callbacks after the others; ModelCheckpoint saves on an
+    exception only with `save_on_exception=true`), so `last.ckpt` keeps the last finite state. The error
+    names the epoch, the step and the learning rate of the first non-finite batch; `metrics.json` records
+    it with status `failed` and train.py exits with status 2. Under DDP every rank stops when any rank's
+    loss is not finite (one boolean all-reduce per check), so no rank waits for the others forever.
+    """
+
+    def __init__(self, check_every_n_steps: int | None = None) -> None:
+        if check_every_n_steps is not None and int(check_every_n_steps) < 1:
+            raise SegxError(f"callbacks.stop_on_nonfinite_loss.check_every_n_steps={check_every_n_steps} must be "
+                            "at least 1 (or null for the device's default).")
+        self.check_every_n_steps = check_every_n_steps
+        self._step = 0
+        self._lr: float | None = None
+        self._losses: list[torch.Tensor] = []  # unchecked losses, still on the device
+        self._batches: list[tuple[int, int, float | None, int]] = []  # their (epoch, step, lr, batch index)
+        self._saved: tuple[int, int] | None = None  # (epoch, step) of the newest checkpoint written or loaded
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Recorded before the step: Lightning steps the schedulers before `on_train_batch_end`.
+        self._step = trainer.global_step
+        optimizers = trainer.optimizers
+        self._lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = _loss_of(outputs)
+        if loss is None:
+            return
+        self._losses.append(loss.detach().float().reshape(()))
+        self._batches.append((trainer.current_epoch, self._step, self._lr, batch_idx))
+        every = self.check_every_n_steps or (1 if pl_module.device.type == "cpu" else 32)
+        if len(self._losses) >= every or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self.check(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.check(trainer)
+
+    def check(self, trainer: pl.Trainer) -> None:
+        """Read the unchecked losses back (one synchronisation) and stop at the first non-finite one."""
+        if not self._losses:
+            return
+        values = torch.stack(self._losses).cpu()
+        batches = self._batches
+        self._losses, self._batches = [], []
+        finite = torch.isfinite(values)
+        diverged_here = not bool(finite.all())
+        if trainer.strategy.reduce_boolean_decision(diverged_here, all=False):
+            first = int((~finite).nonzero()[0, 0]) if diverged_here else len(batches) - 1
+            value = float(values[first]) if diverged_here else 0.0
+            raise NonFiniteLossError(self.message(trainer, value, *batches[first]))
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._saved = (int(checkpoint.get("epoch", trainer.current_epoch)), int(checkpoint.get("global_step", 0)))
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._saved = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
+
+    def message(self, trainer: pl.Trainer, value: float, epoch: int, step: int, lr: float | None,
+                batch_idx: int) -> str:
+        """One paragraph: where the loss diverged, what is left of the run, and what to change."""
+        if math.isnan(value) or math.isinf(value):
+            what = str(value)  # nan, inf or -inf
+        else:  # DDP: finite here, not on another process
+            what = "nan or infinite on another process"
+        lr = "unknown" if lr is None else f"{lr:.3g}"
+        head = (f"The training loss became {what} at epoch {epoch}, step {step} (learning "
+                f"rate {lr}; batch {batch_idx} of the epoch, all counted from 0 as in metrics.json): training "
+                "diverged and was stopped.")
+        checkpoint = trainer.checkpoint_callback
+        last = Path(checkpoint.dirpath) / "last.ckpt" if isinstance(checkpoint, ModelCheckpoint) \
+            and checkpoint.dirpath else None
+        if last is not None and last.is_file():
+            when = f" (epoch {self._saved[0]}, step {self._saved[1]})" if self._saved is not None else ""
+            kept = f"{last} keeps the last good state{when}, written before the loss diverged."
+        else:
+            kept = "No checkpoint was written before it diverged."
+        return (f"{head} {kept} Lower optimizer.lr (e.g. by 10x), add a decay (optimizer.decay) or a warm-up "
+                "(scheduler=cosine), or clip gradients (trainer.gradient_clip_val=1.0), and start a new run: one "
+                "resumed from last.ckpt keeps the learning rate stored in it.")
+
+
