@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR := outputs/demo
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 # The stamp is rebuilt when pyproject.toml changes or the environment no longer imports.
 $(VENV)/.installed: pyproject.toml
@@ -33,6 +33,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The edit loop: everything but the end-to-end tests marked `slow`.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
 
 lint: venv
 	$(VENV)/bin/ruff check .

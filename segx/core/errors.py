@@ -43,3 +43,11 @@ class ConfigError(SegxError, ValueError):
 
 class DataRootTakenError(SegxError, FileExistsError):
     """A generated dataset would overwrite a folder that is not ours."""
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first line of an error's message (or of a text), for one-line summaries; the type's name when empty."""
+    text = str(error).strip()
+    if not text and isinstance(error, BaseException):
+        return type(error).__name__
+    return text.splitlines()[0] if text else ""

@@ -1,8 +1,9 @@
-"""Cached tensor store: decode a VOC split once, keep it as uint8 tensors at the training size.
+"""Cached tensor store: decode a split once, keep it as uint8 tensors at the training size.
 
-Decoding ~1,500 JPEGs and palette PNGs takes minutes on a small machine and is identical for every
+Decoding a few thousand images and masks takes minutes on a small machine and is identical for every
 run of a sweep, so it is done once per (split, size, file list) and written atomically under a file
 lock: parallel sweep jobs build it once, and a build killed half-way leaves only a temp file behind.
+Every pair is checked while it is decoded; one message lists every bad file, grouped by problem.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from PIL import Image
 
 from segx.core.errors import SegxError
 from segx.core.files import atomic_path
-from segx.data.voc import NUM_CLASSES
+from segx.data.source import IGNORE_INDEX, SplitFiles
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ CACHE_FORMAT = 1
 
 @dataclass
 class CachedSplit:
-    """One split at one size: `images` uint8 [N,3,S,S], `masks` uint8 [N,S,S] (255 = ignore)."""
+    """One split at one size: `images` uint8 [N,3,S,S], `masks` uint8 [N,S,S] (class indices or the ignore index)."""
 
     split: str
     image_size: int
@@ -68,12 +69,22 @@ def name_list(names: list[str], limit: int = LIST_LIMIT) -> str:
 
 # Problems a decoded pair can have, in the order a message lists them: (key, how the group is described).
 PROBLEMS = {
-    "image": "image(s) that cannot be decoded (truncated or corrupt JPEG)",
-    "mask": "mask(s) that cannot be decoded (truncated or corrupt PNG)",
-    "mode": "mask(s) that are not index images (VOC masks are palette 'P' PNGs of class indices)",
+    "image": "image(s) that cannot be decoded (truncated or corrupt {format})",
+    "mask": "mask(s) that cannot be decoded (truncated or corrupt {format})",
+    "mode": "mask(s) that are not index images (a mask holds one class index per pixel: a palette 'P' or "
+            "greyscale 'L' image)",
     "labels": "mask(s) with values outside the classes",
     "size": "mask(s) whose height and width differ from their image's",
 }
+FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+           ".webp": "WebP"}
+DEFAULT_FIX = "Replace these files with good copies, or leave them out of the split, and run again."
+
+
+def _format_of(paths: list[str]) -> str:
+    """'JPEG' when every file of a group has that kind of name, else 'file': the words a user recognises."""
+    kinds = {FORMATS.get(os.path.splitext(path)[1].lower(), "file") for path in paths}
+    return kinds.pop() if len(kinds) == 1 else "file"
 
 
 @dataclass(frozen=True)
@@ -85,15 +96,17 @@ class BadFile:
     detail: str = ""
 
 
-def describe_bad_files(bad: list[BadFile], split: str, num_classes: int, fix: str) -> str:
+def describe_bad_files(bad: list[BadFile], split: str, num_classes: int, fix: str,
+                       ignore_index: int = IGNORE_INDEX) -> str:
     """One paragraph: every problem group with its files (the first LIST_LIMIT by name, then a count)."""
     groups = []
     for key, what in PROBLEMS.items():
         files = sorted((b for b in bad if b.problem == key), key=lambda b: os.path.basename(b.path))
         if not files:
             continue
+        what = what.format(format=_format_of([b.path for b in files]))
         if key == "labels":
-            what = f"{what} (0..{num_classes - 1} and 255 are allowed)"
+            what = f"{what} (0..{num_classes - 1} and {ignore_index} are allowed)"
         folders = {os.path.dirname(b.path) for b in files}
         where = f" in {folders.pop()}" if len(folders) == 1 else ""
         names = [os.path.basename(b.path) if where else b.path for b in files]
@@ -112,7 +125,7 @@ def _pil_error(error: BaseException, path: str) -> str:
 
 
 def check_pair(
-    image_file: str, mask_file: str, size: int, num_classes: int,
+    image_file: str, mask_file: str, size: int, num_classes: int, ignore_index: int = IGNORE_INDEX,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None, list[BadFile]]:
     """Decode and check one pair fully: (image, mask, original size) or None, and every problem found.
 
@@ -139,7 +152,7 @@ def check_pair(
         bad.append(BadFile("mask", mask_file, _pil_error(error, mask_file)))
     if mask is not None:
         values = torch.unique(mask)
-        wrong = values[(values >= num_classes) & (values != 255)].tolist()
+        wrong = values[(values >= num_classes) & (values != ignore_index)].tolist()
         if wrong:
             shown = ", ".join(map(str, wrong[:5])) + (", ..." if len(wrong) > 5 else "")
             bad.append(BadFile("labels", mask_file, f"values {shown}"))
@@ -156,35 +169,25 @@ def check_pair(
     return (image, mask[0], original), bad
 
 
-def decode_pair(
-    image_file: str, mask_file: str, size: int, num_classes: int = NUM_CLASSES,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """One checked pair at `size`; raises SegxError naming the file and its problem."""
-    decoded, bad = check_pair(image_file, mask_file, size, num_classes)
-    if decoded is None:
-        raise SegxError(describe_bad_files(bad, "requested", num_classes, "Replace or fix this pair."))
-    return decoded
-
-
 def _atomic_save(obj: object, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def _build(
-    split: str, ids: list[str], image_files: list[str], mask_files: list[str], size: int, num_classes: int,
+    split: str, files: SplitFiles, size: int, num_classes: int, ignore_index: int, bad_files_fix: str,
     progress: Callable[[int, int], None] | None,
 ) -> CachedSplit:
     """Decode every pair, checking each; one SegxError at the end lists every bad file, grouped by problem."""
-    n = len(ids)
+    n = len(files.ids)
     images = torch.empty((n, 3, size, size), dtype=torch.uint8)
     masks = torch.empty((n, size, size), dtype=torch.uint8)
     original = torch.empty((n, 2), dtype=torch.int32)
     bad: list[BadFile] = []
     # PIL decodes and resizes with the GIL released, so threads use every core without pickling tensors.
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        results = pool.map(lambda pair: check_pair(pair[0], pair[1], size, num_classes),
-                           zip(image_files, mask_files, strict=True))
+        results = pool.map(lambda pair: check_pair(pair[0], pair[1], size, num_classes, ignore_index),
+                           zip(files.images, files.masks, strict=True))
         for i, (decoded, problems) in enumerate(results):
             bad.extend(problems)
             if decoded is not None:
@@ -192,13 +195,8 @@ def _build(
             if progress is not None:
                 progress(i + 1, n)
     if bad:
-        split_file = Path(image_files[0]).parent.parent / "ImageSets" / "Segmentation" / f"{split}.txt"
-        raise SegxError(describe_bad_files(
-            bad, split, num_classes,
-            "Replace these files with good copies (re-extract the VOC archive), or remove their ids from "
-            f"{split_file}, and run again.",
-        ))
-    return CachedSplit(split, size, list(ids), images, masks, original)
+        raise SegxError(describe_bad_files(bad, split, num_classes, bad_files_fix, ignore_index))
+    return CachedSplit(split, size, list(files.ids), images, masks, original)
 
 
 def _cache_problem(blob: object, ids: list[str], size: int) -> str | None:
@@ -211,7 +209,7 @@ def _cache_problem(blob: object, ids: list[str], size: int) -> str | None:
     if missing:
         return f"keys {', '.join(missing)} are missing"
     if blob["ids"] != list(ids):
-        return "its ids differ from the split file's"
+        return "its ids differ from the split's"
     n = len(ids)
     expected = {
         "images": ((n, 3, size, size), torch.uint8), "masks": ((n, size, size), torch.uint8),
@@ -226,16 +224,18 @@ def _cache_problem(blob: object, ids: list[str], size: int) -> str | None:
 
 
 def load_or_build(
-    cache_dir: Path, split: str, ids: list[str], image_files: list[str], mask_files: list[str], size: int,
-    num_classes: int = NUM_CLASSES,
+    cache_dir: Path, split: str, files: SplitFiles, size: int, num_classes: int,
+    ignore_index: int = IGNORE_INDEX, bad_files_fix: str = DEFAULT_FIX,
 ) -> CachedSplit:
     """Return the cached split, building it first if no cache matches this file list and size.
 
     A cache that is truncated, from another format or inconsistent with the ids is rebuilt, never used.
-    Building checks every file (see `check_pair`) and writes nothing when any is bad.
+    Building checks every file (see `check_pair`) and writes nothing when any is bad; the SegxError that
+    lists them ends with `bad_files_fix`, the source's words for replacing them.
     """
+    ids = files.ids
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{split}-{size}px-{fingerprint(image_files, mask_files)}.pt"
+    path = cache_dir / f"{split}-{size}px-{fingerprint(files.images, files.masks)}.pt"
     with FileLock(str(path) + ".lock"):
         if path.exists():
             try:
@@ -257,7 +257,7 @@ def load_or_build(
                 log.info("Caching %s split at %dpx: %d/%d images (%.0fs)", split, size, done, total, now - start)
 
         log.info("Building the %s cache at %dpx from %d images into %s", split, size, len(ids), path)
-        cached = _build(split, ids, image_files, mask_files, size, num_classes, progress)
+        cached = _build(split, files, size, num_classes, ignore_index, bad_files_fix, progress)
         blob = {
             "format": CACHE_FORMAT, "ids": cached.ids, "images": cached.images, "masks": cached.masks,
             "original_sizes": cached.original_sizes,

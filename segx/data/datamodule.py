@@ -1,25 +1,24 @@
-"""`VOCDataModule`: Pascal VOC 2012 through torchvision's reader and the cached tensor store."""
+"""`CachedSegmentationDataModule`: any segmentation source, checked and cached as uint8 tensors, batched on the
+training device. The sources (VOC, shapes) only list files and name classes; see `segx.data.source`."""
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import VOCSegmentation
 
-from segx.core.errors import SegxError
-from segx.data.augment import BatchAugment
-from segx.data.cache import CachedSplit, load_or_build, name_list
+from segx.core.errors import ConfigError, SegxError
+from segx.data.augment import augment_from_config
+from segx.data.cache import CachedSplit, load_or_build
 from segx.data.device_batches import DeviceBatches, EpochOrderSampler
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from segx.data.voc import IGNORE_INDEX, NUM_CLASSES, SPLITS, VOC_CLASSES
+from segx.data.source import IGNORE_INDEX, SegmentationSource, SplitFiles
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +29,19 @@ ON_DEVICE_CHOICES = ("auto", True, False)
 def check_on_device(setting: str | bool) -> str | bool:
     """`data.on_device` as given, when it is one of the choices."""
     if setting not in ON_DEVICE_CHOICES:
-        raise SegxError(f"data.on_device={setting!r} is not a choice; use auto, true or false.")
+        raise ConfigError(f"data.on_device={setting!r} is not a choice; use auto, true or false.")
     return setting
+
+
+def check_memory_fraction(fraction: object) -> float:
+    """`data.on_device_memory_fraction` as a float in (0, 1]."""
+    try:
+        value = float(fraction)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 < value <= 1:  # NaN fails this too
+        raise ConfigError(f"data.on_device_memory_fraction={fraction} must be in (0, 1].")
+    return value
 
 
 def keep_on_device(setting: str | bool, split_bytes: int, device: torch.device, memory_fraction: float) -> bool:
@@ -73,102 +83,49 @@ def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
     return batch  # __getitems__ already returns stacked tensors
 
 
-def _layout_problem(root: Path, split: str) -> str | None:
-    """What is missing from a VOC tree under `root`, naming each missing path and what belongs there."""
-    voc_dir = root / "VOCdevkit" / "VOC2012"
-    if not root.is_dir():
-        return None  # the reader's own "not found" message below says what data.root should hold
-    if not voc_dir.is_dir():
-        hint = ""
-        if (root / "JPEGImages").is_dir():
-            hint = f" data.root points at the VOC2012 folder itself: set data.root={root.parent.parent}."
-        elif (root / "VOC2012").is_dir():
-            hint = f" data.root points at VOCdevkit: set data.root={root.parent}."
-        return (
-            f"data.root={root} exists but holds no VOCdevkit/VOC2012 folder ({voc_dir} is missing).{hint} "
-            "data.root must be the folder that holds VOCdevkit/VOC2012 as extracted from "
-            "VOCtrainval_11-May-2012.tar; set data.download=true to fetch it (about 2 GB, needs internet), or "
-            "use data=shapes for the embedded dataset."
-        )
-    expected = {
-        voc_dir / "JPEGImages": "folder of the <id>.jpg images",
-        voc_dir / "SegmentationClass": "folder of the <id>.png class masks",
-        voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt": f"the {split} split file, one image id per line",
-    }
-    missing = [f"{path} ({what})" for path, what in expected.items() if not path.exists()]
-    if not missing:
-        return None
-    return (
-        f"The Pascal VOC 2012 copy under data.root={root} is incomplete: {'; '.join(missing)} "
-        f"{'is' if len(missing) == 1 else 'are'} missing. Place the missing part(s) there as in the official "
-        "VOCtrainval_11-May-2012.tar (extract it over data.root), or use data=shapes for the embedded dataset."
-    )
-
-
-def voc_split_files(root: Path, split: str, download: bool = False) -> tuple[list[str], list[str], list[str]]:
-    """(ids, image files, mask files) of a split, read through torchvision's VOCSegmentation."""
-    if split not in SPLITS:
-        raise SegxError(f"Unknown VOC split {split!r}; choose one of {', '.join(SPLITS)}.")
-    voc_dir = root / "VOCdevkit" / "VOC2012"
-    if not download:
-        problem = _layout_problem(root, split)
-        if problem is not None:
-            raise SegxError(problem)
-    try:
-        dataset = VOCSegmentation(str(root), year="2012", image_set=split, download=download)
-    except (OSError, RuntimeError) as error:
-        if download:
-            raise SegxError(
-                f"Downloading Pascal VOC 2012 into data.root={root} failed ({error}). This machine may have no "
-                "internet access: fetch VOCtrainval_11-May-2012.tar elsewhere, extract it so that "
-                f"{voc_dir}/JPEGImages exists, and run again with data.download=false."
-            ) from error
-        raise SegxError(
-            f"Pascal VOC 2012 was not found under data.root={root} (expected {voc_dir} with JPEGImages, "
-            f"SegmentationClass and ImageSets/Segmentation/{split}.txt; the reader said: {error}). Point "
-            "data.root at the folder that holds VOCdevkit, set data.download=true to fetch it (about 2 GB, needs "
-            "internet), or use data=shapes for the embedded dataset."
-        ) from error
-    missing_images = [f for f in dataset.images if not os.path.isfile(f)]
-    missing_masks = [f for f in dataset.masks if not os.path.isfile(f)]
-    if missing_images or missing_masks:
-        groups = [
-            f"{len(files)} {kind} missing from {folder}: {name_list([Path(f).name for f in files])}"
-            for files, kind, folder in ((missing_images, "image(s)", voc_dir / "JPEGImages"),
-                                        (missing_masks, "mask(s)", voc_dir / "SegmentationClass"))
-            if files
-        ]
-        count = len({Path(f).stem for f in (*missing_images, *missing_masks)})
-        raise SegxError(
-            f"The VOC {split} split under data.root={root} lists {count} id(s) whose files do not exist: "
-            f"{'; '.join(groups)}. The copy is incomplete: re-extract the VOC archive, or remove those ids from "
-            f"{voc_dir}/ImageSets/Segmentation/{split}.txt."
-        )
-    ids = [Path(f).stem for f in dataset.images]
-    return ids, list(dataset.images), list(dataset.masks)
-
-
-def class_frequencies(masks: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """Fraction of labelled (non-255) pixels in each class, float64 [num_classes]."""
-    counts = torch.bincount(masks.flatten().long(), minlength=256)[:num_classes].double()
+def class_frequencies(masks: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Fraction of labelled pixels (not `ignore_index`) in each class, float64 [num_classes]."""
+    counts = torch.bincount(masks.flatten().long(), minlength=num_classes)[:num_classes].double()
     total = counts.sum()
     if total == 0:
-        raise SegxError("The training masks hold no labelled pixel (all 255); class weights cannot be computed.")
+        raise SegxError(f"The training masks hold no labelled pixel (all {ignore_index}); class weights cannot be "
+                        "computed.")
     return counts / total
 
 
-class VOCDataModule(pl.LightningDataModule):
-    """Pascal VOC 2012 segmentation at a fixed square size, served from the cached tensor store.
+def _whole(name: str, value: object) -> int:
+    """A config value as an int (Hydra may hand over 64.0 or "64"), or a ConfigError naming the option."""
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} must be a whole number.") from None
 
-    Batches leave the loader as uint8; `on_after_batch_transfer` converts, augments (training only)
-    and normalises them on the training device, so the same code path feeds CPU and GPU runs. With
-    `on_device` (default `auto`) the loaders are `DeviceBatches` over splits moved to that device once.
+
+def _channel_values(name: str, values: object, positive: bool = False) -> list[float]:
+    """`data.mean` / `data.std`: one number per RGB channel (the cache stores every image as RGB)."""
+    try:
+        numbers = [float(v) for v in values]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != 3 or (positive and min(numbers) <= 0):
+        kind = "positive numbers" if positive else "numbers"
+        raise ConfigError(f"{name}={values!r} must be 3 {kind}, one per RGB channel (ImageNet's are the default).")
+    return numbers
+
+
+class CachedSegmentationDataModule(pl.LightningDataModule):
+    """A segmentation source at a fixed square size, served from the cached tensor store.
+
+    The source lists each split's files and names the classes; this module checks and caches them
+    (`load_or_build`), batches them and shards them under DDP. Batches leave the loader as uint8;
+    `on_after_batch_transfer` converts, augments (training only) and normalises them on the training
+    device, so the same code path feeds CPU and GPU runs. With `on_device` (default `auto`) the loaders
+    are `DeviceBatches` over splits moved to that device once.
     """
 
     def __init__(
         self,
-        root: str = "data/voc",
-        download: bool = False,
+        source: SegmentationSource,
         image_size: int = 128,
         batch_size: int = 16,
         val_batch_size: int | None = None,
@@ -176,76 +133,88 @@ class VOCDataModule(pl.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         cache_dir: str | None = None,
-        augment: dict[str, Any] | None = None,
+        augment: Mapping[str, Any] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        num_classes: int = NUM_CLASSES,
-        class_names: Sequence[str] = VOC_CLASSES,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
         seed: int = 0,
         on_device: str | bool = "auto",
         on_device_memory_fraction: float = 0.5,
     ) -> None:
         super().__init__()
-        if int(image_size) < 16:
-            raise SegxError(f"data.image_size={image_size} is too small; use 16 or more (the study used 128).")
-        if int(batch_size) < 1:
-            raise SegxError(f"data.batch_size={batch_size} must be at least 1.")
-        if len(class_names) != num_classes:
-            raise SegxError(
+        self.source = source
+        self.image_size = _whole("data.image_size", image_size)
+        if self.image_size < 16:
+            raise ConfigError(f"data.image_size={image_size} is too small; use 16 or more (the study used 128).")
+        self.batch_size = _whole("data.batch_size", batch_size)
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be at least 1.")
+        self.val_batch_size = _whole("data.val_batch_size", val_batch_size) if val_batch_size is not None else None
+        if self.val_batch_size is not None and self.val_batch_size < 1:
+            raise ConfigError(f"data.val_batch_size={val_batch_size} must be at least 1 (or null: data.batch_size).")
+        self.val_batch_size = self.val_batch_size or self.batch_size
+        self.num_workers = _whole("data.num_workers", num_workers)
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
+        class_names = list(source.classes if class_names is None else class_names)
+        self.num_classes = len(class_names) if num_classes is None else _whole("data.num_classes", num_classes)
+        if len(class_names) != self.num_classes:
+            raise ConfigError(
                 f"data.class_names has {len(class_names)} names but data.num_classes={num_classes}; make them agree."
             )
-        self.root = Path(root).expanduser().resolve()
-        self.download = bool(download)
-        self.image_size = int(image_size)
-        self.batch_size = int(batch_size)
-        self.val_batch_size = int(val_batch_size or batch_size)
-        self.num_workers = int(num_workers)
+        if not 0 < self.num_classes <= source.ignore_index:
+            raise ConfigError(f"data.num_classes={num_classes} must be in 1..{source.ignore_index} (mask values "
+                              f"0..num_classes-1 are classes, {source.ignore_index} is ignored).")
+        self.class_names = class_names
+        for name, split in (("data.train_split", train_split), ("data.val_split", val_split)):
+            if source.splits is not None and split not in source.splits:
+                raise ConfigError(f"{name}={split!r} is not a split of this dataset; choose one of "
+                                  f"{', '.join(source.splits)}.")
         self.train_split, self.val_split = train_split, val_split
+        self.root = source.root
         self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else self.root / "segx-cache"
-        self.augment = BatchAugment(**dict(augment or {}), seed=int(seed) + 1)
-        if not 0 < float(on_device_memory_fraction) <= 1:
-            raise SegxError(f"data.on_device_memory_fraction={on_device_memory_fraction} must be in (0, 1].")
+        self.seed = _whole("seed", seed)
+        self.augment = augment_from_config(augment, seed=self.seed + 1, ignore_index=source.ignore_index)
         self.on_device = check_on_device(on_device)  # refused before any data is read
-        self.on_device_memory_fraction = float(on_device_memory_fraction)
-        self.normalizer = Normalize(mean, std)
-        self.mean, self.std = self.normalizer.mean, self.normalizer.std
-        self.num_classes = int(num_classes)
-        self.class_names = list(class_names)
-        self.seed = int(seed)
+        self.on_device_memory_fraction = check_memory_fraction(on_device_memory_fraction)
+        self.normalizer = Normalize(_channel_values("data.mean", mean), _channel_values("data.std", std, positive=True))
         self._splits: dict[str, CachedSplit] = {}
         self._resident: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.target_device: torch.device | None = None  # where batches go without a Trainer (the benchmark)
 
+    @property
+    def palette(self) -> np.ndarray:
+        """uint8 [256, 3]: the colour of each label in the source's masks (and in pictures of predictions)."""
+        return self.source.palette
+
+    @property
+    def ignore_index(self) -> int:
+        """The mask value that marks unlabelled pixels (skipped by loss and metrics)."""
+        return self.source.ignore_index
+
     # -- data on disk -------------------------------------------------------------------------------
-    def prepare_source(self) -> None:
-        """Download VOC when asked and it is missing (once, under a lock shared by parallel sweep jobs).
-
-        Called before any split is read, not only from Lightning's `prepare_data`, because the class
-        weights of the loss need the training split before the Trainer exists. Subclasses generate theirs.
-        """
-        if not self.download or (self.root / "VOCdevkit" / "VOC2012").is_dir():
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / ".segx-download.lock")):
-            if not (self.root / "VOCdevkit" / "VOC2012").is_dir():
-                log.info("Downloading Pascal VOC 2012 (about 2 GB) into %s", self.root)
-                voc_split_files(self.root, self.train_split, download=True)
-
     def prepare_data(self) -> None:
-        self.prepare_source()
+        self.source.prepare()
 
-    def split_files(self, split: str) -> tuple[list[str], list[str], list[str]]:
-        self.prepare_source()
-        return voc_split_files(self.root, split, download=False)
+    def split_files(self, split: str) -> SplitFiles:
+        """The source's (ids, image files, mask files) of `split`, after making sure the files exist.
+
+        Also called outside Lightning's `prepare_data`, because the class weights of the loss need the
+        training split before the Trainer exists.
+        """
+        self.source.prepare()
+        return self.source.split_files(split)
 
     def load_split(self, split: str) -> CachedSplit:
         """The split as cached uint8 tensors at `image_size` (built on first use)."""
         if split not in self._splits:
-            ids, images, masks = self.split_files(split)
-            if not ids:
-                raise SegxError(f"The VOC {split} split under data.root={self.root} is empty; check its split file.")
+            files = self.split_files(split)
+            if not files.ids:
+                raise SegxError(f"The {split} split under data.root={self.root} lists no image; check its split list.")
             self._splits[split] = load_or_build(
-                self.cache_dir, split, ids, images, masks, self.image_size, num_classes=self.num_classes,
+                self.cache_dir, split, files, self.image_size, num_classes=self.num_classes,
+                ignore_index=self.source.ignore_index, bad_files_fix=self.source.bad_files_fix(split),
             )
         return self._splits[split]
 
@@ -259,7 +228,7 @@ class VOCDataModule(pl.LightningDataModule):
 
     def class_frequencies(self) -> torch.Tensor:
         """Pixel frequencies of the training split, for class-weighted losses."""
-        return class_frequencies(self.load_split(self.train_split).masks, self.num_classes)
+        return class_frequencies(self.load_split(self.train_split).masks, self.num_classes, self.source.ignore_index)
 
     # -- loaders ------------------------------------------------------------------------------------
     def _rank_and_world(self) -> tuple[int, int]:
@@ -320,10 +289,6 @@ class VOCDataModule(pl.LightningDataModule):
         """uint8 [N,3,H,W] → float, scaled to [0,1] and standardised with `mean`/`std`."""
         return self.normalizer(images)
 
-    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Back to [0,1] floats, for pictures of what the network saw."""
-        return self.normalizer.invert(images)
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, torch.Tensor):  # the module's example input (Lightning's model summary), not data
             return batch
@@ -341,4 +306,4 @@ class VOCDataModule(pl.LightningDataModule):
         return images, masks
 
 
-__all__ = ["VOCDataModule", "CachedSplitDataset", "voc_split_files", "class_frequencies", "IGNORE_INDEX"]
+__all__ = ["CachedSegmentationDataModule", "CachedSplitDataset", "class_frequencies", "keep_on_device"]

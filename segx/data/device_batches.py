@@ -1,8 +1,9 @@
 """Batches drawn from a split that lives on the training device: no DataLoader, no workers, no copies.
 
-At 128 × 128 the whole VOC training split is ~96 MB of uint8, so it is moved to the GPU once and
-every batch is an index into it; conversion, augmentation and normalisation then run on the device
-too (`VOCDataModule.on_after_batch_transfer`). On the CPU it saves the DataLoader's per-batch work.
+A cached split of a few thousand images at 128 × 128 is some 100 MB of uint8, so it is moved to the GPU
+once and every batch is an index into it; conversion, augmentation and normalisation then run on the
+device too (`CachedSegmentationDataModule.on_after_batch_transfer`). On the CPU it saves the DataLoader's
+per-batch work.
 """
 
 from __future__ import annotations

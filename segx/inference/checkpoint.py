@@ -94,7 +94,7 @@ def network_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     if model_cfg.get("encoder_weights") is not None:
         # The checkpoint holds every weight: fetching the pretrained encoder again would only fail offline.
         model_cfg.encoder_weights = None
-    net = build_network(model_cfg, apply_options=False)  # callers pick the memory format (segx.inference.predictor)
+    net = build_network(model_cfg)  # callers pick the memory format (segx.inference.predictor)
     prefix = "net."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     net.load_state_dict(state, strict=True)

@@ -14,44 +14,54 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from segx.core.errors import ConfigError, find_user_error
+from segx.models.memory_format import parse_channels_last
 from segx.models.unet import UNet
 
 __all__ = [
-    "UNet", "apply_network_options", "build_network", "check_input_size", "forward_flops", "network_options",
-    "parameter_counts",
+    "LEGACY_MODEL_KEYS", "RUN_OPTIONS", "UNet", "apply_network_options", "build_network", "check_input_size",
+    "forward_flops", "parameter_counts", "run_options",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Keys of the `model` config that say how segx runs the network, not how it is built (see conf/train.yaml).
-RUN_OPTIONS = {"compile": False, "channels_last": True}
+#: The `run` node of conf/train.yaml: how segx runs the network, not how it is built, with its defaults.
+RUN_OPTIONS = {"channels_last": "auto", "compile": False, "flush_denormal": True}
+#: Run options that checkpoints written before the `run` node kept in their `model` config.
+LEGACY_MODEL_KEYS = ("channels_last", "compile")
 
 
-def network_options(model_cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
-    """`compile` and `channels_last` of a model config, with their defaults (older checkpoints lack them)."""
-    options = {key: model_cfg.get(key, default) for key, default in RUN_OPTIONS.items()}
-    for key, value in options.items():
-        if not isinstance(value, bool):
-            raise ConfigError(f"model.{key}={value!r} must be true or false.")
+def run_options(config: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """`channels_last` (auto/true/false), `compile` and `flush_denormal` of a run config's `run` node, with their
+    defaults; a run config written before that node existed has them as `model.channels_last`,
+    `model.compile` and the top-level `flush_denormal`, which are read instead."""
+    run = config.get("run") or {}
+    model = config.get("model") or {}
+    legacy = {**{key: model[key] for key in LEGACY_MODEL_KEYS if key in model},
+              **({"flush_denormal": config["flush_denormal"]} if "flush_denormal" in config else {})}
+    options = {key: run.get(key, legacy.get(key, default)) for key, default in RUN_OPTIONS.items()}
+    options["channels_last"] = parse_channels_last(options["channels_last"])
+    for key in ("compile", "flush_denormal"):
+        if not isinstance(options[key], bool):
+            raise ConfigError(f"run.{key}={options[key]!r} must be true or false.")
     return options
 
 
-def build_network(model_cfg: Mapping[str, Any] | DictConfig, apply_options: bool = True) -> nn.Module:
-    """Instantiate the network a `model` config describes; its run options (`RUN_OPTIONS`) are applied by
-    `apply_network_options` unless `apply_options` is false (they are not constructor arguments)."""
+def build_network(model_cfg: Mapping[str, Any] | DictConfig, options: Mapping[str, Any] | None = None) -> nn.Module:
+    """Instantiate the network a `model` config describes (constructor arguments; the `LEGACY_MODEL_KEYS` of
+    older checkpoints' configs are dropped), then apply `options` with `apply_network_options` when given."""
     node = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True)) if isinstance(model_cfg, DictConfig) \
         else OmegaConf.create(dict(model_cfg))
-    options = network_options(node)
-    for key in RUN_OPTIONS:
+    for key in LEGACY_MODEL_KEYS:
         node.pop(key, None)
     net = instantiate(node)
-    return apply_network_options(net, options) if apply_options else net
+    return apply_network_options(net, options) if options else net
 
 
 def apply_network_options(net: nn.Module, options: Mapping[str, Any]) -> nn.Module:
-    """`channels_last` converts the weights' memory format; `compile` compiles the module in place
-    (`nn.Module.compile`), so parameter names, and so checkpoints, stay those of the plain network."""
-    if options.get("channels_last"):
+    """`channels_last` (true, not `auto`: see `segx.models.memory_format`) converts the weights' memory format;
+    `compile` compiles the module in place (`nn.Module.compile`), so parameter names, and so checkpoints, stay
+    those of the plain network."""
+    if options.get("channels_last") is True:
         net = net.to(memory_format=torch.channels_last)
     if options.get("compile"):
         net.compile()

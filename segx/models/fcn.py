@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segx.core.errors import ConfigError
-from segx.models.keras_init import check_input_size, glorot
+from segx.models.contract import check_divisible
+from segx.models.keras_init import glorot
 
 UPSAMPLE_MODES = ("bilinear", "nearest")
 
@@ -37,6 +38,8 @@ class FCN(nn.Module):
     because blocky ×16 logits cost boundary accuracy for no benefit, and the choice does not change the
     parameter count (the upsampling has no weights in either mode, unlike FCN's learned deconvolution).
     """
+
+    pads_input = False  # segx.models.contract: sides must be multiples of size_divisor
 
     def __init__(
         self,
@@ -74,7 +77,7 @@ class FCN(nn.Module):
             raise ConfigError(f"FCN dropout must be in [0, 1), got {dropout}")
 
         self.upsample_mode = upsample_mode
-        self.downsample = 2 ** len(widths)
+        self.size_divisor = 2 ** len(widths)
 
         blocks: list[nn.Module] = []
         c_in = int(in_channels)
@@ -101,7 +104,7 @@ class FCN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input's exact size (the interpolation targets H, W, not a fixed ×16)."""
         height, width = x.shape[-2:]
-        check_input_size(x, self.downsample, f"FCN with {len(self.features)} pooling blocks")
+        check_divisible(self, x.shape, f"FCN with {len(self.features)} pooling blocks")
         logits = self.classifier(self.fc2(self.fc1(self.features(x))))
         if self.upsample_mode == "bilinear":
             return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)

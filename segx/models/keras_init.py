@@ -1,13 +1,10 @@
-"""Pieces the hand-written networks share: Keras' initialisers and the input-size check."""
+"""Keras' initialisers for the hand-written networks."""
 
 from __future__ import annotations
 
 from typing import TypeVar
 
-import torch
 from torch import nn
-
-from segx.core.errors import ConfigError
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -25,11 +22,3 @@ def he_normal(module: M) -> M:
     nn.init.zeros_(module.bias)
     return module
 
-
-def check_input_size(x: torch.Tensor, multiple: int, what: str) -> None:
-    """Pooling networks without padding need sides divisible by their total stride; say so plainly."""
-    if x.shape[-2] % multiple or x.shape[-1] % multiple:
-        raise ConfigError(
-            f"{what} needs height and width divisible by {multiple}, got {tuple(x.shape[-2:])}; "
-            "choose data.image_size accordingly."
-        )

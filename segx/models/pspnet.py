@@ -90,6 +90,10 @@ class PSPNet(nn.Module):
     Returns logits.
     """
 
+    # segx.models.contract: any size works (the logits are interpolated back to the input size).
+    size_divisor = 1
+    pads_input = False
+
     def __init__(
         self,
         num_classes: int = 21,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from segx.core.errors import ConfigError
-from segx.models.keras_init import check_input_size
+from segx.models.contract import check_divisible
 
 
 def _init(module: nn.Module) -> None:
@@ -73,6 +73,8 @@ class ResUNet(nn.Module):
     2**(len(widths) - 1), i.e. 8 by default. Returns logits.
     """
 
+    pads_input = False  # segx.models.contract: sides must be multiples of size_divisor
+
     def __init__(
         self,
         num_classes: int = 21,
@@ -87,7 +89,7 @@ class ResUNet(nn.Module):
                 f"got widths={widths}"
             )
         encoder_widths, bottleneck_width = widths[:-1], widths[-1]
-        self.downsample = 2 ** len(encoder_widths)
+        self.size_divisor = 2 ** len(encoder_widths)
 
         self.encoder = nn.ModuleList()
         c_in = int(in_channels)
@@ -112,7 +114,7 @@ class ResUNet(nn.Module):
         _init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.downsample, f"ResUNet with {len(self.encoder)} pooling levels")
+        check_divisible(self, x.shape, f"ResUNet with {len(self.encoder)} pooling levels")
         skips = []
         for block in self.encoder:
             x = block(x)

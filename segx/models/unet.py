@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from segx.core.errors import ConfigError
-from segx.models.keras_init import check_input_size, glorot, he_normal
+from segx.models.contract import check_divisible
+from segx.models.keras_init import glorot, he_normal
 
 
 class EncoderBlock(nn.Sequential):
@@ -54,6 +55,8 @@ class UNet(nn.Module):
     Returns logits; the seed's softmax belongs in the loss, not the network.
     """
 
+    pads_input = False  # segx.models.contract: sides must be multiples of size_divisor
+
     def __init__(
         self,
         num_classes: int = 21,
@@ -65,7 +68,7 @@ class UNet(nn.Module):
         widths = [int(w) for w in encoder_widths]
         if not widths or min(widths + [bottleneck_width]) < 1:
             raise ConfigError(f"UNet needs at least one positive encoder width, got encoder_widths={widths}")
-        self.downsample = 2 ** len(widths)
+        self.size_divisor = 2 ** len(widths)
         self.encoder = nn.ModuleList()
         c_in = in_channels
         for width in widths:
@@ -83,7 +86,7 @@ class UNet(nn.Module):
         glorot(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.downsample, f"UNet with {len(self.encoder)} pooling levels")
+        check_divisible(self, x.shape, f"UNet with {len(self.encoder)} pooling levels")
         skips = []
         for block in self.encoder:
             x = block(x)

@@ -13,7 +13,7 @@ from typing import Any
 from segx.report.build import Report, write_report
 from segx.report.cli import main
 from segx.report.runs import Configuration, Run, collect_runs, common_overrides, group_runs, read_run
-from segx.report.tables import print_scores, print_summary, summarize, to_csv
+from segx.report.tables import print_scores, print_summary, to_csv
 
 
 def confusion_matrix_figure(confmat: Any, class_names: list[str], path: str | Path, title: str | None = None) -> Path:
@@ -25,5 +25,5 @@ def confusion_matrix_figure(confmat: Any, class_names: list[str], path: str | Pa
 
 __all__ = [
     "Configuration", "Report", "Run", "collect_runs", "common_overrides", "confusion_matrix_figure", "group_runs",
-    "main", "print_scores", "print_summary", "read_run", "summarize", "to_csv", "write_report",
+    "main", "print_scores", "print_summary", "read_run", "to_csv", "write_report",
 ]

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from segx.core.files import atomic_path
-from segx.report.runs import COMPLETED, RUNNING, Configuration
+from segx.report.runs import Configuration
+from segx.runs.status import COMPLETED, RUNNING
 
 DPI = 120
 METRIC_NAMES = {"val/miou": "val mIoU", "val/miou_no_bg": "val mIoU without background",

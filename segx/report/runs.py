@@ -1,4 +1,5 @@
-"""Reading run directories: a job's status, settings and scores from its metrics.json and .hydra/ files.
+"""Runs as a report sees them: each run directory (found and read by `segx.runs.discovery`) with its settings,
+scores and history, grouped into configurations that differ only by seed.
 
 Tolerant by design: a job still running, a failed one, one whose metrics.json is missing or corrupt, and runs
 written by older versions (no `status`, `monitor` or `overrides`) all read back as a `Run`, never an exception.
@@ -8,43 +9,23 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from segx.runs.job import COMPLETED, FAILED, RECORD_FILE, RUNNING, read_record
-
-MISSING, UNREADABLE = "missing", "unreadable"  # no metrics.json / one that cannot be parsed
-DEFAULT_MONITOR = "val/miou"
-IGNORED_PREFIXES = ("hydra.", "data.root")  # where a run ran, not what it tried
-
-
-def split_override(override: str) -> tuple[str, str]:
-    """`optimizer.lr=1e-3` → (`optimizer.lr`, `1e-3`); `+`/`~` prefixes dropped."""
-    key, _, value = str(override).partition("=")
-    return key.lstrip("+~"), value
+from segx.runs.discovery import RunDirectory, find_runs, read_run_dir
+from segx.runs.overrides import override_settings
+from segx.runs.record import DEFAULT_MONITOR
 
 
 @dataclass
-class Run:
+class Run(RunDirectory):
     """One training job: where it is, what it overrode, how it ended and what it measured."""
 
-    run_dir: Path
-    settings: dict[str, str]  # override key → value, without data.root and hydra.*
-    status: str  # running | completed | failed | missing | unreadable
-    record: dict[str, Any] = field(default_factory=dict)  # metrics.json ({} when missing or unreadable)
-
-    @property
-    def completed(self) -> bool:
-        return self.status == COMPLETED
-
-    @property
-    def ended_badly(self) -> bool:
-        """Failed, or left no readable metrics.json: counted in a configuration's `failed` column."""
-        return self.status in (FAILED, MISSING, UNREADABLE)
+    settings: dict[str, str] = field(default_factory=dict)  # override key → value, without data.root and hydra.*
 
     @property
     def monitor(self) -> str:
@@ -75,20 +56,6 @@ class Run:
             return None
         value = counts.get("total", counts.get("trainable"))
         return int(value) if isinstance(value, int | float) else None
-
-    @property
-    def reason(self) -> str:
-        """One line on why the job has no result (empty for a completed one)."""
-        if self.status == FAILED:
-            lines = str(self.record.get("error") or "failed (no error recorded)").strip().splitlines()
-            return lines[0] if lines else "failed (no error recorded)"
-        if self.status == RUNNING:
-            return f"status running: still training, or stopped without a word (epochs recorded: {len(self.history)})"
-        if self.status == MISSING:
-            return "no metrics.json: the job ended (or is starting) before training began"
-        if self.status == UNREADABLE:
-            return "metrics.json cannot be read (truncated or not JSON)"
-        return ""
 
     @cached_property
     def config(self) -> Any:
@@ -130,84 +97,20 @@ def _number(value: Any) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
-def is_evaluation(record: dict[str, Any] | None) -> bool:
-    """evaluate.py's metrics.json (scores of a checkpoint, no training history) is not a training run."""
-    return record is not None and "history" not in record and ("per_class_iou" in record or "miou" in record)
-
-
-def _config_is_evaluation(run_dir: Path) -> bool:
-    try:
-        config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    except Exception:
-        return False
-    return "ckpt" in config and "trainer" not in config
-
-
-def _status(record: dict[str, Any]) -> str:
-    status = record.get("status")
-    if status in (RUNNING, COMPLETED, FAILED):
-        return str(status)
-    # Older versions wrote no status: a run with a best epoch finished training (or was stopped after some).
-    return COMPLETED if record.get("best") or record.get("history") else RUNNING
-
-
-def _overrides(record: dict[str, Any], run_dir: Path) -> list[str]:
-    recorded = record.get("overrides")
-    if isinstance(recorded, list):
-        return [str(o) for o in recorded]
-    try:
-        loaded = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
-        return [str(o) for o in loaded] if OmegaConf.is_list(loaded) else []
-    except Exception:  # older or hand-made runs without .hydra/
-        return []
+def _with_settings(found: RunDirectory) -> Run:
+    values = {f.name: getattr(found, f.name) for f in fields(RunDirectory)}
+    return Run(**values, settings=override_settings(found.overrides))
 
 
 def read_run(run_dir: str | Path) -> Run | None:
     """The run in `run_dir`, or None when the directory holds an evaluation rather than a training run."""
-    run_dir = Path(run_dir)
-    path = run_dir / RECORD_FILE
-    record = read_record(run_dir)
-    if record is None:
-        if not path.exists() and _config_is_evaluation(run_dir):
-            return None
-        status, record = (UNREADABLE if path.exists() else MISSING), {}
-    elif is_evaluation(record):
-        return None
-    else:
-        status = _status(record)
-    settings: dict[str, str] = {}
-    for override in _overrides(record, run_dir):
-        key, value = split_override(override)
-        if key and not key.startswith(IGNORED_PREFIXES):
-            settings.pop(key, None)  # a repeated key: the last one wins, in its place
-            settings[key] = value
-    return Run(run_dir=run_dir, settings=settings, status=status, record=record)
-
-
-def find_run_dirs(root: str | Path) -> list[Path]:
-    """Directories under `root` (itself included) holding a metrics.json or a `.hydra/overrides.yaml`."""
-    root = Path(root)
-    found = {p.parent for p in root.rglob(RECORD_FILE)}
-    found |= {p.parent.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"}
-    return sorted(found, key=_job_order)
-
-
-def _job_order(path: Path) -> tuple[Any, ...]:
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts)
+    found = read_run_dir(run_dir)
+    return _with_settings(found) if found is not None else None
 
 
 def collect_runs(*roots: str | Path) -> list[Run]:
     """Every training run under the given folders (sweeps, outputs/, or single run directories), in job order."""
-    runs, seen = [], set()
-    for root in roots:
-        for run_dir in find_run_dirs(root):
-            if run_dir.resolve() in seen:
-                continue
-            seen.add(run_dir.resolve())
-            run = read_run(run_dir)
-            if run is not None:
-                runs.append(run)
-    return runs
+    return [_with_settings(found) for found in find_runs(roots)]
 
 
 def common_overrides(runs: list[Run]) -> list[str]:

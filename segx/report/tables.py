@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from segx.report.runs import Configuration, Run, group_runs, rank
+from segx.report.runs import Configuration
 
 # report.csv's metric columns: val_<name>_{max,mean,std}, each from the jobs' best epochs
 METRICS = {"miou": "val/miou", "miou_no_bg": "val/miou_no_bg", "acc": "val/acc", "loss": "val/loss"}
@@ -49,11 +49,6 @@ def configuration_row(config: Configuration) -> dict[str, Any]:
     row["max"], row["mean"], row["std"] = _stats(config.best_values(config.monitor))
     row["run_dirs"] = [str(r.run_dir) for r in config.runs]
     return row
-
-
-def summarize(runs: list[Run], over: str = "seed") -> list[dict[str, Any]]:
-    """Groups runs that differ only in `over` (the seed) and ranks the groups by their monitor's mean."""
-    return [configuration_row(c) for c in rank(group_runs(runs, over))]
 
 
 def csv_columns(rows: list[dict[str, Any]]) -> list[str]:

@@ -1,16 +1,48 @@
-"""How a run ended: the statuses `metrics.json` records, and what interrupted a run."""
+"""How a run ended: the statuses `metrics.json` records, and telling Ctrl-C, SIGTERM, a scheduler's stop and a
+plain `sys.exit()` apart."""
 
 from __future__ import annotations
 
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
+RUNNING, COMPLETED, FAILED, STOPPED = "running", "completed", "failed", "stopped"
+#: Endings a re-run of the same sweep leaves as they are (a stopped job's verdict is the scheduler's).
+FINAL = (COMPLETED, STOPPED)
+STATUSES = (RUNNING, COMPLETED, FAILED, STOPPED)
+
+CTRL_C, SIGTERM = "Ctrl-C", "SIGTERM"
+#: The shell's exit codes for the two signals (Lightning's own exit after SIGTERM would be 0, after Ctrl-C 1).
+EXIT_CODES = {CTRL_C: 130, SIGTERM: 143}
+
+
+class StopRequested(BaseException):
+    """A search scheduler ended the run early (e.g. ASHA dropped a weak trial): recorded as `stopped` with the
+    epoch reached, not as a failure. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
+
+    def __init__(self, epoch: int, by: str = "the search scheduler") -> None:
+        super().__init__(epoch, by)
+        self.epoch = int(epoch)
+        self.by = by
+
+    def __str__(self) -> str:
+        return f"stopped by {self.by} at epoch {self.epoch}"
 
 
 def interruption(error: BaseException) -> str | None:
-    """What interrupted a run, or None for an ordinary error (Lightning turns Ctrl-C into `sys.exit(1)`)."""
-    if isinstance(error, SIGTERMException):
-        return "SIGTERM"
-    if isinstance(error, KeyboardInterrupt | SystemExit):
-        return "Ctrl-C"
+    """`Ctrl-C` or `SIGTERM` when a signal interrupted the run (it can resume from `last.ckpt`), else None: an
+    ordinary error, a scheduler's stop, or a `sys.exit()` of the code itself."""
+    if isinstance(error, SIGTERMException):  # Lightning's SIGTERM handler ends the loop with it
+        return SIGTERM
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C outside `trainer.fit`, and what Lightning's callbacks see
+        return CTRL_C
+    if isinstance(error, SystemExit) and error.code == 1 and isinstance(error.__context__, KeyboardInterrupt):
+        return CTRL_C  # `trainer.fit` turns Ctrl-C into `sys.exit(1)` raised while handling the KeyboardInterrupt
     return None
+
+
+def describe_exit(error: SystemExit) -> str:
+    """One line on a `sys.exit()` that ended a run before it finished, with its code."""
+    code = error.code
+    if code is None or isinstance(code, int):
+        return f"exited with code {code or 0} (sys.exit) before the run finished, not by a signal"
+    return f"exited (sys.exit) before the run finished: {code}"

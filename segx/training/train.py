@@ -25,7 +25,8 @@ from segx.models import (
     parameter_counts,
 )
 from segx.models.smp_model import fetch_pretrained
-from segx.runs.job import JobInfo, JobRecord, best_value, read_record
+from segx.runs.job import JobInfo
+from segx.runs.record import JobRecord, best_value, read_record
 from segx.training.callbacks import RunSummary
 from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
 from segx.training.losses import build_loss

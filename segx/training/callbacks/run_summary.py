@@ -13,9 +13,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from segx.core.files import write_json_atomic
+from segx.training.callbacks.run_checkpoint import RunCheckpoint
+from segx.training.module import SegmentationModule
 
 log = logging.getLogger(__name__)
-
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -27,8 +28,14 @@ def _best_of(history: list[dict[str, float]], monitor: str, since: int | None = 
     return max(scored, key=lambda h: h[monitor]) if scored else {}
 
 
+def _segmentation_module(trainer: pl.Trainer) -> SegmentationModule | None:
+    module = trainer.lightning_module
+    return module if isinstance(module, SegmentationModule) else None
+
+
 def _val_confusion_matrix(trainer: pl.Trainer) -> list[list[int]] | None:
-    counts = getattr(trainer.lightning_module, "val_confusion_matrix", None)
+    module = _segmentation_module(trainer)
+    counts = module.val_confusion_matrix if module is not None else None
     return counts.tolist() if counts is not None else None
 
 
@@ -40,7 +47,7 @@ class RunSummary(pl.Callback):
     which Lightning calls after callbacks' hook of that name, so each epoch is recorded when the next
     one starts (and the last when training ends); `callback_metrics` holds the values until then.
     At the end the run's choices and scores also go to TensorBoard's hparams tab. `provenance` (the job's
-    status, host, devices, ...; see `segx.runs.job.JobRecord`) leads every write, so no write loses it.
+    status, host, devices, ...; see `segx.runs.record.JobRecord`) leads every write, so no write loses it.
     """
 
     def __init__(self, path: str | Path, parameters: dict[str, int], hparams: dict[str, Any] | None = None,
@@ -69,7 +76,7 @@ class RunSummary(pl.Callback):
 
     def _best_since(self) -> int | None:
         checkpoint = self._trainer.checkpoint_callback if self._trainer is not None else None
-        return getattr(checkpoint, "best_since", None)
+        return checkpoint.best_since if isinstance(checkpoint, RunCheckpoint) else None
 
     def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         checkpoint = trainer.checkpoint_callback
@@ -80,9 +87,9 @@ class RunSummary(pl.Callback):
             "monitor": self.monitor,
             "best": self.best(),
             **({"best_since_epoch": self._best_since()} if self._best_since() is not None else {}),
-            "class_names": list(getattr(trainer.lightning_module, "class_names", []) or []),
+            "class_names": list(module.class_names) if (module := _segmentation_module(trainer)) else [],
             "best_confusion_matrix": self.best_confusion_matrix,
-            "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
+            "best_checkpoint": checkpoint.best_model_path or None if isinstance(checkpoint, ModelCheckpoint) else None,
             "last_checkpoint": str(Path(checkpoint.dirpath) / "last.ckpt")
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath else None,
             "parameters": self.parameters,

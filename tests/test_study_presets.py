@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from segx import report
-from segx.runs.job import COMPLETED, read_record
+from segx.runs.record import read_record
+from segx.runs.status import COMPLETED
 from tests.conftest import QUIET, ROOT, TINY_SHAPES, run_entry_point
 
-PRESET_JOBS = {"optimizer_grid": 36, "loss_grid": 3 * len(list((ROOT / "conf" / "loss").glob("*.yaml"))),
-               "size_study": 9, "best_setting": 3, "compare_models": 45}
+PRESET_JOBS = {"optimizer_grid": 36, "loss_grid": 39, "size_study": 9, "best_setting": 3, "compare_models": 45}
+# The study's loss experiment: each of its losses with and without class weights (its hinge unweighted only).
+STUDY_LOSSES = {"ce", "weighted_ce", "dice", "weighted_dice", "focal", "weighted_focal", "jaccard", "weighted_jaccard",
+                "tversky", "weighted_tversky", "hinge", "lovasz"}
 # No checkpoints: full-size networks with optimizer state are ~0.7 GB per job (best + last), 23 GB per suite run.
 SMOKE = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
          "trainer.num_sanity_val_steps=0", "logger=none", "callbacks.prediction_grid=null", "data.batch_size=4",
@@ -26,27 +28,31 @@ def preset(name: str, *overrides: str) -> DictConfig:
         return compose("train", overrides=[f"experiment={name}", *overrides], return_hydra_config=True)
 
 
-def sweep_size(params: DictConfig) -> int:
-    """Jobs the basic sweeper makes of `hydra.sweeper.params`: the product of each parameter's values."""
-    sizes = []
-    for key, value in params.items():
-        value = str(value)
-        if value.startswith("glob("):
-            sizes.append(len(list((ROOT / "conf" / key).glob("*.yaml"))))
-        else:
-            sizes.append(len(value.split(",")))
-    return math.prod(sizes)
+def expanded_jobs(params: DictConfig) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of `hydra.sweeper.params`, with `glob(*)` expanded by Hydra's own config
+    loader over conf/ (so a loss file added or removed changes the count)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(ROOT / "conf")))
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides([f"{k}={v}" for k, v in params.items()])
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 @pytest.mark.parametrize("name, jobs", PRESET_JOBS.items())
 def test_preset_job_counts_are_the_studys(name: str, jobs: int) -> None:
     params = preset(name).hydra.sweeper.params
     assert params.seed == "1,2,3"
-    assert sweep_size(params) == jobs
+    assert len(expanded_jobs(params)) == jobs
 
 
-def test_the_loss_grid_has_at_least_the_36_jobs_of_the_study() -> None:
-    assert PRESET_JOBS["loss_grid"] >= 36
+def test_the_loss_grid_runs_every_loss_of_the_study_for_three_seeds() -> None:
+    jobs = expanded_jobs(preset("loss_grid").hydra.sweeper.params)
+    losses = [dict(o.split("=", 1) for o in job)["loss"] for job in jobs]
+    assert STUDY_LOSSES <= set(losses)
+    assert all(losses.count(loss) == 3 for loss in set(losses))  # seeds 1, 2, 3 of each
 
 
 def test_optimizer_grid_pairs_learning_rates_with_decay_instead_of_a_product() -> None:

@@ -31,7 +31,7 @@ def test_report_groups_runs_over_seeds(tmp_path: Path) -> None:
     fake_run(tmp_path, "2", ["model=fcn", "seed=1", "data.root=/x"], 0.4)
     (tmp_path / "2" / "evaluate").mkdir()
     (tmp_path / "2" / "evaluate" / "metrics.json").write_text(json.dumps({"miou": 0.1}))  # not a training run
-    rows = report.summarize(report.collect_runs(tmp_path))
+    rows = report.write_report(report.collect_runs(tmp_path), tmp_path / "report").rows
     assert [(r["setting"], r["runs"]) for r in rows] == [("model=unet", 2), ("model=fcn", 1)]
     assert rows[0]["mean"] == pytest.approx(0.6) and rows[0]["max"] == pytest.approx(0.7)
     assert rows[0]["std"] == pytest.approx(statistics.stdev([0.5, 0.7]))

@@ -16,7 +16,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from segx.data.augment import BatchAugment
-from segx.runs.job import COMPLETED, FAILED, read_record
+from segx.runs.record import read_record
+from segx.runs.status import COMPLETED, FAILED
 from segx.training.runtime import resolve_precision, strategy_for_sweep_job
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_entry_point
 

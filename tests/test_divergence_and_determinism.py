@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from segx.runs.job import FAILED
+from segx.runs.status import FAILED
 from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
 
 CPU = ["trainer.accelerator=cpu", "logger=none"]

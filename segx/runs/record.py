@@ -1,0 +1,92 @@
+"""The run record: a run directory's `metrics.json`, its status and provenance, read and merged atomically.
+
+Every run directory's `metrics.json` says whether the run is `running`, `completed`, `failed` or `stopped`
+(by a search scheduler), where and how it ran, and why it failed; `RunSummary` adds the training summary.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from segx.core.files import write_json_atomic
+from segx.core.ranks import is_rank_zero
+from segx.runs.status import COMPLETED, FAILED, RUNNING, STOPPED
+
+if TYPE_CHECKING:
+    from segx.runs.job import JobInfo
+
+RECORD_FILE = "metrics.json"
+DEFAULT_MONITOR = "val/miou"  # the score a run's best epoch is picked by when its record names none
+
+
+def utc_now() -> str:
+    """ISO 8601 time in UTC, to the millisecond (sweep jobs on one device are ordered by it)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def read_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run directory's `metrics.json`, or None when there is none (or it cannot be read)."""
+    path = Path(run_dir) / RECORD_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def best_value(record: dict[str, Any], monitor: str = DEFAULT_MONITOR) -> float:
+    """The monitored score at the best epoch, NaN when the run recorded none (what a sweeper gets back)."""
+    value = (record.get("best") or {}).get(monitor)
+    return float(value) if value is not None else float("nan")
+
+
+class JobRecord:
+    """Status and provenance of one run, merged into its `metrics.json` beside the training summary.
+
+    `fields` is also what `RunSummary` writes with every epoch, so the file never loses them. Only rank
+    zero writes: the other processes of a DDP run keep quiet.
+    """
+
+    def __init__(self, job: JobInfo) -> None:
+        self.path = job.run_dir / RECORD_FILE
+        self.write = is_rank_zero()
+        self.fields: dict[str, Any] = {
+            "status": RUNNING, "host": socket.gethostname(), "launcher": job.launcher, "job": job.num,
+            "overrides": job.overrides, "started_at": utc_now(),
+        }
+
+    def start(self, **fields: Any) -> None:
+        """Mark the run as running (again, when resumed), with `fields` such as devices and precision."""
+        self.fields.update(fields, status=RUNNING)
+        ended = ("error", "ended_at", "stopped_at_epoch", "stopped_by")  # of an earlier attempt
+        for key in ended:
+            self.fields.pop(key, None)
+        self._update(drop=ended)
+
+    def note(self, **fields: Any) -> None:
+        """Add results measured outside training (e.g. prediction timing) to metrics.json."""
+        self.fields.update(fields)
+        self._update()
+
+    def complete(self) -> None:
+        self.fields.update(status=COMPLETED, ended_at=utc_now())
+        self._update(drop=("error",))
+
+    def fail(self, error: str) -> None:
+        self.fields.update(status=FAILED, error=error, ended_at=utc_now())
+        self._update()
+
+    def stop(self, epoch: int, by: str) -> None:
+        """Ended early by a search scheduler at `epoch`: its scores so far are its result, not a failure."""
+        self.fields.update(status=STOPPED, stopped_at_epoch=int(epoch), stopped_by=by, ended_at=utc_now())
+        self._update(drop=("error",))
+
+    def _update(self, drop: tuple[str, ...] = ()) -> None:
+        if not self.write:
+            return
+        record = {k: v for k, v in (read_record(self.path.parent) or {}).items() if k not in drop}
+        write_json_atomic(self.path, {**record, **self.fields})
