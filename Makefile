@@ -45,4 +45,11 @@ bench: venv
 	$(PY) -m segx.bench --json bench.json
 
 clean:
-	rm -rf outputs multirun data/shapes .pytest_cache
+	rm -rf outputs multirun data/shapes .pytest_cache gpu-check.json
+
+# Checks a CUDA machine (python -m segx.bench.gpu_check): `make gpu-check PY=python3` runs with that interpreter as
+# it is (no .venv is built); without PY it uses .venv, built first like the other targets. GPU_CHECK_ARGS passes
+# flags on, e.g. GPU_CHECK_ARGS="--parts train-bf16 evaluate --json out.json".
+.PHONY: gpu-check
+gpu-check: $(if $(filter command line,$(origin PY)),,venv)
+	$(PY) -m segx.bench.gpu_check $(GPU_CHECK_ARGS)

@@ -10,7 +10,6 @@ from PIL import Image
 
 from segx.core.errors import SegxError
 from segx.data import VOCDataModule
-from segx.data.cache import decode_pair
 from tests.conftest import run_entry_point
 
 HEIGHT, WIDTH = 24, 32
@@ -113,14 +112,14 @@ def test_a_mask_of_another_size_or_mode_is_named(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
-def test_decode_pair_raises_one_paragraph(tmp_path: Path) -> None:
+def test_a_one_pair_split_decodes_then_names_its_truncated_image_in_one_paragraph(tmp_path: Path) -> None:
     voc_dir = write_tree(tmp_path, num_train=1, num_val=1)
     image = voc_dir / "JPEGImages" / "2007_000000.jpg"
-    mask = voc_dir / "SegmentationClass" / "2007_000000.png"
-    assert decode_pair(str(image), str(mask), 16)[0].shape == (3, 16, 16)
+    assert VOCDataModule(root=str(tmp_path), image_size=16).load_split("train").images.shape == (1, 3, 16, 16)
     truncate(image)
-    with pytest.raises(SegxError, match="2007_000000.jpg"):
-        decode_pair(str(image), str(mask), 16)
+    with pytest.raises(SegxError, match="2007_000000.jpg") as error:
+        VOCDataModule(root=str(tmp_path), image_size=16).load_split("train")
+    assert "\n" not in str(error.value)
 
 
 def test_the_entry_point_lists_ten_bad_files_and_counts_the_rest(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""VOC reading, the cached tensor store, batching and augmentation, on a shapes tree the tests write."""
+"""The cached data module and its sources: VOC reading, the tensor store, batching, augmentation, option checks."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from segx.core.errors import SegxError
-from segx.data import VOCDataModule
+from segx.core.errors import ConfigError, SegxError
+from segx.data import CachedSegmentationDataModule, SegmentationSource, ShapesDataModule, SplitFiles, VOCDataModule
 from segx.data.augment import BatchAugment
 from segx.data.cache import CACHE_FORMAT
-from segx.data.datamodule import voc_split_files
+from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from segx.data.shapes import write_shapes_dataset
+from segx.data.voc import voc_split_files
 
 
 @pytest.fixture()
@@ -135,10 +136,10 @@ BUILDER = """
 import logging, sys, time
 from pathlib import Path
 from segx.data.cache import load_or_build
-from segx.data.datamodule import voc_split_files
+from segx.data.voc import voc_split_files
 
 root, me, other = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-ids, images, masks = voc_split_files(root, "train")
+files = voc_split_files(root, "train")
 built = []
 class Seen(logging.Handler):
     def emit(self, record):
@@ -150,7 +151,7 @@ logging.getLogger("segx.data.cache").setLevel(logging.INFO)
 deadline = time.monotonic() + 60
 while not (root / other).exists() and time.monotonic() < deadline:
     time.sleep(0.002)
-cached = load_or_build(root / "segx-cache", "train", ids, images, masks, 32)
+cached = load_or_build(root / "segx-cache", "train", files, 32, num_classes=21)
 print("BUILT" if built else "LOADED", int(cached.images.sum()), int(cached.masks.sum()))
 """
 
@@ -249,7 +250,8 @@ def test_batches_are_uint8_slices_and_normalised_after_transfer(shapes_root: Pat
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32) and masks.shape == (8, 32, 32)
     x, y = dm.on_after_batch_transfer((images, masks), 0)
     assert x.dtype == torch.float32 and y.dtype == torch.int64
-    assert torch.allclose(dm.denormalize(x), images.float() / 255, atol=1e-6)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(x * std + mean, images.float() / 255, atol=1e-6)  # standardised with data.mean/std
 
 
 def test_class_frequencies_sum_to_one_and_ignore_void(shapes_root: Path) -> None:
@@ -283,10 +285,116 @@ def test_scale_crop_keeps_size_and_pads_labels_with_void() -> None:
 
 
 def test_shapes_module_generates_then_reads_like_voc(tmp_path: Path) -> None:
-    from segx.data import ShapesDataModule
-
     dm = ShapesDataModule(root=str(tmp_path), num_train=6, num_val=3, min_size=40, max_size=48, image_size=32)
     dm.setup("fit")
     assert len(dm.load_split("train")) == 6 and len(dm.load_split("val")) == 3
     write_shapes_dataset(tmp_path, num_train=6, num_val=3, min_size=40, max_size=48)  # idempotent
     assert len(cache_files(tmp_path)) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"image_size": 8}, r"data\.image_size=8 is too small"),
+        ({"image_size": "big"}, r"data\.image_size='big' must be a whole number"),
+        ({"batch_size": 0}, r"data\.batch_size=0 must be at least 1"),
+        ({"val_batch_size": -2}, r"data\.val_batch_size=-2 must be at least 1"),
+        ({"num_workers": -1}, r"data\.num_workers=-1"),
+        ({"on_device": "gpu"}, r"data\.on_device='gpu' is not a choice"),
+        ({"on_device_memory_fraction": 1.5}, r"data\.on_device_memory_fraction=1\.5 must be in \(0, 1\]"),
+        ({"num_classes": 3}, r"data\.class_names has 21 names but data\.num_classes=3"),
+        ({"augment": {"vflip": True}}, r"data\.augment has no option vflip; its options are hflip, scale_min"),
+        ({"augment": {"hflip": "yes"}}, r"data\.augment\.hflip='yes' must be true or false"),
+        ({"augment": {"scale_min": 2.0, "scale_max": 1.0}}, r"0 < scale_min <= scale_max"),
+        ({"mean": [0.5, 0.5]}, r"data\.mean=\[0\.5, 0\.5\] must be 3 numbers"),
+        ({"std": [0.2, 0.0, 0.2]}, r"data\.std=.* must be 3 positive numbers"),
+        ({"train_split": "test"}, r"data\.train_split='test' is not a split of this dataset; choose one of train"),
+    ],
+)
+def test_a_bad_data_option_is_a_config_error_before_anything_is_read(
+    tmp_path: Path, options: dict, match: str,
+) -> None:
+    """Every bad value of a data option is a ConfigError naming it (it was a plain SegxError for some, a
+    TypeError for an unknown augment key), raised by the constructor: nothing is generated or read."""
+    with pytest.raises(ConfigError, match=match) as error:
+        ShapesDataModule(root=str(tmp_path / "shapes"), **options)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "shapes").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"num_train": 0}, r"data\.num_train must be at least 1"),
+     ({"shapes_seed": -1}, r"data\.shapes_seed must be at least 0"),
+     ({"min_size": 90, "max_size": 60}, r"data\.min_size \(90\) is larger than data\.max_size \(60\)")],
+)
+def test_a_bad_shapes_option_names_its_data_key(tmp_path: Path, options: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ShapesDataModule(root=str(tmp_path / "shapes"), **options)
+    assert not (tmp_path / "shapes").exists()
+
+
+def test_a_missing_or_bad_data_root_is_a_data_error_not_a_config_error(voc_copy: Path) -> None:
+    with pytest.raises(SegxError) as missing:
+        VOCDataModule(root=str(voc_copy / "nowhere")).load_split("train")
+    (voc_copy / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").write_text("")
+    with pytest.raises(SegxError, match=r"The VOC val split under data\.root=.* is empty") as empty:
+        VOCDataModule(root=str(voc_copy)).load_split("val")
+    for error in (missing, empty):
+        assert not isinstance(error.value, ConfigError), error.value
+
+
+class PlainFolder(SegmentationSource):
+    """A source that is not VOC: <root>/<split>/<id>.png images beside <id>_mask.png masks, 3 classes, void 9."""
+
+    classes = ("sky", "sea", "boat")
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    ignore_index = 9
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def split_files(self, split: str) -> SplitFiles:
+        images = sorted(p for p in (self.root / split).glob("*.png") if not p.stem.endswith("_mask"))
+        return SplitFiles([p.stem for p in images], [str(p) for p in images],
+                          [str(p.with_name(f"{p.stem}_mask.png")) for p in images])
+
+    def bad_files_fix(self, split: str) -> str:
+        return f"Fix them in {self.root / split}."
+
+
+def write_plain_folder(root: Path, values: list[int]) -> None:
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        for i, value in enumerate(values):
+            Image.fromarray(np.full((20, 24, 3), 40 * i, dtype=np.uint8)).save(root / split / f"{i}.png")
+            labels = np.zeros((20, 24), dtype=np.uint8)
+            labels[:, 12:] = value
+            Image.fromarray(labels, mode="L").save(root / split / f"{i}_mask.png")
+
+
+def test_the_cached_module_serves_any_source_with_its_classes_and_ignore_index(tmp_path: Path) -> None:
+    """The seam a new dataset plugs into: the cache, the file checks, class weights and augmentation take the
+    source's classes, ignore index and words, and nothing about VOC."""
+    write_plain_folder(tmp_path / "good", [1, 2, 9])
+    dm = CachedSegmentationDataModule(PlainFolder(tmp_path / "good"), image_size=16, batch_size=3,
+                                      augment={"hflip": False, "scale_min": 0.5, "scale_max": 0.5})
+    assert dm.class_names == ["sky", "sea", "boat"] and dm.num_classes == 3 and dm.ignore_index == 9
+    assert len(dm.load_split("train")) == 3 and dm.cache_dir == tmp_path / "good" / "segx-cache"
+    freq = dm.class_frequencies()  # 3 images, half of each is class 0; the other halves are 1, 2 and void (9)
+    torch.testing.assert_close(freq, torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64))
+    dm.setup("fit")
+    _, masks = dm.prepare_batch(next(iter(dm.train_dataloader())), training=True)
+    assert set(masks.unique().tolist()) <= {0, 1, 2, 9} and (masks == 9).any()  # a downscale pads with void
+
+    write_plain_folder(tmp_path / "bad", [1, 5, 2])
+    with pytest.raises(SegxError) as error:
+        CachedSegmentationDataModule(PlainFolder(tmp_path / "bad"), image_size=16).load_split("val")
+    message = str(error.value)
+    assert ("The val split has 1 bad file(s), so no cache was written: 1 mask(s) with values outside the classes "
+            f"(0..2 and 9 are allowed) in {tmp_path / 'bad' / 'val'}: 1_mask.png (values 5). Fix them in "
+            f"{tmp_path / 'bad' / 'val'}.") == message
+    assert "VOC" not in message
+    (tmp_path / "bad" / "train" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(SegxError, match=r"1 image\(s\) that cannot be decoded \(truncated or corrupt PNG\)"):
+        CachedSegmentationDataModule(PlainFolder(tmp_path / "bad"), image_size=16).load_split("train")

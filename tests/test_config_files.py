@@ -16,7 +16,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pytorch_lightning.demos.boring_classes import BoringModel
 
-from segx.models import RUN_OPTIONS
 from tests.conftest import ROOT
 
 CHOICES = [(group.name, path.stem) for group in sorted((ROOT / "conf").iterdir()) if group.is_dir()
@@ -46,8 +45,6 @@ def test_every_choice_composes_and_names_real_arguments(group: str, choice: str)
     else:
         return  # takes anything (e.g. smp architecture options)
     own_keys = {"_target_", "_convert_", "_partial_", "decay"}  # `decay` is segx's, taken by build_optimizer
-    if group == "model":
-        own_keys |= set(RUN_OPTIONS)  # how segx runs the network (build_network), not constructor arguments
     assert set(node) - own_keys <= accepted, (group, choice, sorted(set(node) - own_keys - accepted))
 
 

@@ -29,9 +29,9 @@ def test_bf16_training_on_gpu_and_cuda_evaluation(shapes_root: Path, tmp_path: P
 
 
 def test_device_resident_data_and_a_compiled_network_on_gpu(shapes_root: Path, tmp_path: Path) -> None:
-    """data.on_device=auto moves the splits to the GPU; model.compile=true trains; both paths give the same run."""
+    """data.on_device=auto moves the splits to the GPU; run.compile=true trains; both paths give the same run."""
     runs = {}
-    for name, extra in (("resident", ["model.compile=true"]), ("loader", ["data.on_device=false"])):
+    for name, extra in (("resident", ["run.compile=true"]), ("loader", ["data.on_device=false"])):
         run_dir = tmp_path / name
         run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "trainer=gpu",
                         "trainer.max_epochs=2", *extra, f"hydra.run.dir={run_dir}")

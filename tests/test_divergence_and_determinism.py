@@ -19,7 +19,7 @@ STEPS_PER_EPOCH = 96 // 8  # TINY_SHAPES: 96 train images, batches of 8
 
 class PoisonWeightsAt(pl.Callback):
     """Fills the network's first weight with NaN at the first batch of `epoch`: a divergence at a known step
-    (used through `+callbacks.poison._target_=tests.test_trust.PoisonWeightsAt`)."""
+    (used through `+callbacks.poison._target_=tests.test_divergence_and_determinism.PoisonWeightsAt`)."""
 
     def __init__(self, epoch: int = 1) -> None:
         self.epoch = int(epoch)
@@ -67,7 +67,7 @@ def test_a_diverging_learning_rate_stops_the_run_with_where_and_why(tmp_path: Pa
 def test_last_ckpt_keeps_the_last_good_epoch(check_every: str, tmp_path: Path, shapes_root: Path) -> None:
     result = run_entry_point(
         "train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, *CPU, f"data.root={shapes_root}", "trainer.max_epochs=3",
-        "+callbacks.poison._target_=tests.test_trust.PoisonWeightsAt", "+callbacks.poison.epoch=1",
+        "+callbacks.poison._target_=tests.test_divergence_and_determinism.PoisonWeightsAt", "+callbacks.poison.epoch=1",
         f"callbacks.stop_on_nonfinite_loss.check_every_n_steps={check_every}", f"hydra.run.dir={tmp_path}",
         check=False,
     )
@@ -88,7 +88,7 @@ def test_last_ckpt_keeps_the_last_good_epoch(check_every: str, tmp_path: Path, s
 def test_same_seed_same_metrics(tmp_path: Path, shapes_root: Path) -> None:
     def train(name: str) -> dict:
         run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, *CPU, f"data.root={shapes_root}", "seed=3",
-                        "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / name}")
+                        "trainer.max_epochs=2", "run.channels_last=true", f"hydra.run.dir={tmp_path / name}")
         return read_json(tmp_path / name / "metrics.json")
 
     first, second = train("a"), train("b")  # two processes: the two runs share no state

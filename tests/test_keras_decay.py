@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from segx.core.errors import SegxError
+from segx.core.errors import ConfigError
 from segx.training.optim import build_optimizer, keras_decay
 from tests.conftest import ROOT
 
@@ -20,7 +20,7 @@ def test_keras_decay_values() -> None:
     assert math.isclose(factor(1000), 0.5)
     assert math.isclose(factor(3000), 0.25)
     assert keras_decay(0.0)(10**6) == 1.0
-    with pytest.raises(SegxError, match="decay"):
+    with pytest.raises(ConfigError, match="decay"):
         keras_decay(-1.0)
 
 

@@ -14,9 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from segx.core.errors import ConfigError
 from segx.data import ShapesDataModule
 from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint
 from segx.models import build_network, parameter_counts
+from segx.models.contract import SegmentationNetwork, check_input_size, pads_input, size_divisor
 from segx.training.losses import CrossEntropyLoss
 from segx.training.module import SegmentationModule
 from tests.conftest import ROOT
@@ -36,7 +38,7 @@ NARROW = {
     "segx.models.fcn.FCN": ["model.widths=[8,8,16,16]", "model.fc_width=32"],
     "segx.models.resunet.ResUNet": ["model.widths=[8,16,32]"],
     "segx.models.pspnet.PSPNet": ["model.widths=[8,16,32,32]", "model.head_channels=16"],
-    "segx.models.smp_model.SMPModel": ["model.encoder=resnet18"],
+    "segx.models.smp.SMPModel": ["model.encoder=resnet18"],
 }
 
 
@@ -92,7 +94,7 @@ def test_checkpoint_round_trip_gives_identical_logits(name: str, shapes_root: Pa
     data = ShapesDataModule(root=str(shapes_root), num_train=96, num_val=16, min_size=48, max_size=80,
                             image_size=64, batch_size=2)
     module = SegmentationModule(
-        build_network(model_cfg, apply_options=False), CrossEntropyLoss(),
+        build_network(model_cfg), CrossEntropyLoss(),
         optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
         run_config={"model": OmegaConf.to_container(model_cfg, resolve=True)},
     )
@@ -106,3 +108,36 @@ def test_checkpoint_round_trip_gives_identical_logits(name: str, shapes_root: Pa
     x = data.normalize(data.load_split("val").images[:2])
     with torch.no_grad():
         assert torch.equal(module.net.eval()(x), restored(x))
+
+
+# -- the size contract (segx.models.contract) ----------------------------------------------------------------
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_every_network_declares_the_input_sizes_it_takes(name: str) -> None:
+    """`size_divisor` and `pads_input` say what forward() and the build-time check accept, for every config."""
+    net = build_network(model_config(name, narrow=True)).eval()
+    assert isinstance(net, SegmentationNetwork)
+    divisor, pads = size_divisor(net), pads_input(net)
+    odd = 2 * divisor + 1  # a multiple of no divisor above 1
+    if pads or divisor == 1:
+        sizes = [odd, max(1, divisor // 4)] if pads else [odd]  # and where the pad reaches the input's size
+        with torch.no_grad():
+            for size in sizes:
+                assert net(torch.randn(1, 3, size, size)).shape == (1, 21, size, size), (name, size)
+        assert check_input_size(net, odd, name) > 0
+        return
+    with pytest.raises(ConfigError, match=f"needs height and width divisible by {divisor}, got \\({odd}, {odd}\\)"):
+        net(torch.randn(1, 3, odd, odd))
+    build_time = f"data.image_size={odd} cannot be used with {name}: .*divisible by {divisor}"
+    with pytest.raises(ConfigError, match=build_time):
+        check_input_size(net, odd, name)
+    assert check_input_size(net, 2 * divisor, name) > 0
+
+
+def test_the_contract_is_read_through_a_compiled_module_and_checked() -> None:
+    net = build_network(model_config("unet_small", narrow=True))
+    compiled = torch.compile(net)  # wraps only: nothing is compiled before the first call
+    assert (size_divisor(compiled), pads_input(compiled)) == (size_divisor(net), False) == (4, False)
+    assert (size_divisor(torch.nn.Conv2d(3, 21, 1)), pads_input(torch.nn.Conv2d(3, 21, 1))) == (1, False)
+    net.size_divisor = 0
+    with pytest.raises(TypeError, match="size_divisor must be a positive int"):
+        size_divisor(net)

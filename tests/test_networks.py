@@ -28,7 +28,7 @@ from segx.core.errors import SegxError
 from segx.models.fcn import FCN
 from segx.models.pspnet import PSPNet
 from segx.models.resunet import ResUNet
-from segx.models.smp_model import ARCHITECTURES, ModelWeightsUnavailableError, SMPModel, fetch_pretrained
+from segx.models.smp import ARCHITECTURES, ModelWeightsUnavailableError, SMPModel, fetch_pretrained
 
 MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 NARROW = [8, 16, 32, 64]
@@ -277,7 +277,7 @@ def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return hub
 
 
-SMP_CFG = {"_target_": "segx.models.smp_model.SMPModel", "arch": "unet", "encoder": "resnet18",
+SMP_CFG = {"_target_": "segx.models.smp.SMPModel", "arch": "unet", "encoder": "resnet18",
            "encoder_weights": "imagenet"}
 
 
@@ -324,7 +324,7 @@ def test_smp_constructor_never_downloads(no_network: list[str], empty_hub_cache:
     assert "model.encoder_weights='imagenet'" in message and "'resnet18'" in message
     assert "not in the local cache" in message and str(empty_hub_cache) in message
     assert torch.hub.get_dir() in message and "HF_HOME" in message and "TORCH_HOME" in message
-    assert "python train.py" in message and "segx.models.smp_model.fetch_pretrained(cfg.model)" in message
+    assert "python train.py" in message and "segx.models.smp.fetch_pretrained(cfg.model)" in message
     assert "model.encoder_weights=null" in message and "from scratch" in message
     assert "\n" not in message
 
@@ -358,6 +358,16 @@ def test_fetch_pretrained_on_this_machine_fails_fast_without_network_mocks(empty
         pytest.skip("the Hugging Face Hub is reachable here, so the weights downloaded")
 
 
+def test_fetch_pretrained_knows_every_name_of_the_wrapper() -> None:
+    """The targets `fetch_pretrained` acts on are SMPModel's, conf/model/smp.yaml's among them."""
+    from hydra.utils import get_class
+
+    from segx.models.smp.weights import SMP_TARGETS
+
+    assert all(get_class(target) is SMPModel for target in SMP_TARGETS)
+    assert OmegaConf.load(MODEL_CONF / "smp.yaml")._target_ in SMP_TARGETS
+
+
 def test_fetch_pretrained_leaves_other_configs_alone(no_network: list[str], empty_hub_cache: Path) -> None:
     """Other models and `encoder_weights: null` fetch nothing; a misspelt name fails before any request."""
     fetch_pretrained({"_target_": "segx.models.unet.UNet", "encoder_weights": "imagenet"})
@@ -374,6 +384,10 @@ def test_fetch_pretrained_leaves_other_configs_alone(no_network: list[str], empt
 def test_smp_only_rank_zero_fetches_weights(
     variable: str, no_network: list[str], empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The launcher's rank variables decide, as in a fresh process before Lightning has read them."""
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", None)  # segx.core.ranks then reads the environment
     monkeypatch.setenv(variable, "1")
     with _hub_settings_frozen():
         fetch_pretrained(SMP_CFG)  # nothing to do off rank 0
@@ -469,8 +483,11 @@ def test_timm_torch_hub_weights_are_looked_up_in_torch_hubs_folder(
 def test_train_fetches_the_weights_before_building_the_model(
     no_network: list[str], empty_hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from segx import training
+    import importlib
+
     from segx.runs.job import JobInfo
+
+    training = importlib.import_module("segx.training.train")  # the module, not its `train` function
 
     def build(*args: object, **kwargs: object) -> None:
         raise AssertionError("train() built the model before fetching its weights")

@@ -74,7 +74,7 @@ def best_ckpt(run_dir: Path) -> Path:
 def test_predict_command_writes_palette_masks_at_each_images_own_size(trained_run: Path, mixed_images: Path,
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "masks"
-    [(code, output)] = run_all(("segx.inference.predict", f"ckpt={best_ckpt(trained_run)}", f"input={mixed_images}",
+    [(code, output)] = run_all(("segx.cli.predict", f"ckpt={best_ckpt(trained_run)}", f"input={mixed_images}",
                                 f"output={out}", "batch_size=2", f"hydra.run.dir={tmp_path / 'hydra'}"))
     assert code == 0, output
     assert f"Wrote 3 mask(s) to {out}" in output
@@ -146,7 +146,7 @@ def test_bad_inputs_are_one_paragraph_naming_the_culprit_and_write_nothing(train
                          ["evil.ckpt holds Python objects other than tensors", "could run code", "train.py"]),
     }
     outputs = {case: tmp_path / f"out-{i}" for i, case in enumerate(cases)}
-    results = run_all(*[("segx.inference.predict", ckpt_arg, input_arg, f"output={outputs[case]}",
+    results = run_all(*[("segx.cli.predict", ckpt_arg, input_arg, f"output={outputs[case]}",
                          f"hydra.run.dir={tmp_path / 'hydra' / str(i)}")
                         for i, (case, (ckpt_arg, input_arg, _)) in enumerate(cases.items())])
     for (case, (_, _, expected)), (code, output) in zip(cases.items(), results, strict=True):
@@ -201,7 +201,7 @@ def test_a_text_file_as_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 # -- export --------------------------------------------------------------------------------------------------
 def test_export_command_writes_a_verified_dynamic_onnx_model(trained_run: Path, tmp_path: Path) -> None:
     model_path = tmp_path / "export" / "model.onnx"
-    [(code, output)] = run_all(("segx.inference.export", f"ckpt={best_ckpt(trained_run)}", "format=onnx",
+    [(code, output)] = run_all(("segx.cli.export", f"ckpt={best_ckpt(trained_run)}", "format=onnx",
                                 f"output={model_path}", f"hydra.run.dir={tmp_path / 'hydra'}"))
     assert code == 0, output
     differences = [float(d) for d in re.findall(r"max abs difference ([0-9.e+-]+)", output)]
@@ -233,21 +233,29 @@ def test_an_export_that_misses_the_tolerance_writes_nothing(trained_run: Path, t
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temp file
 
 
-@pytest.mark.parametrize("model, overrides", [
+EXPORTED = [
     ("unet", ["model.encoder_widths=[8,16,32,64]", "model.bottleneck_width=32"]),
     ("fcn", ["model.widths=[8,16,16,32]", "model.fc_width=32"]),
     ("pspnet", ["model.widths=[8,16,32,64]", "model.head_channels=32"]),  # adaptive pooling at any size
     ("resunet", ["model.widths=[8,16,32,64]"]),
     ("pspnet_resnet", ["model.encoder=resnet18"]),  # smp: pads to its stride, PSP blocks
-])
+]
+# (size_divisor, pads_input) of each network above, as the export reports and records them.
+EXPORT_CONTRACT = {"unet": (16, False), "fcn": (16, False), "pspnet": (1, False), "resunet": (8, False),
+                   "pspnet_resnet": (8, True)}
+
+
+@pytest.mark.parametrize("model, overrides", EXPORTED)
 def test_every_architecture_exports_with_dynamic_sizes(model: str, overrides: list[str], tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"model={model}", *overrides])
     torch.manual_seed(0)
-    net = build_network(cfg.model, apply_options=False).eval()
+    net = build_network(cfg.model).eval()
     report = export_network(net, tmp_path / f"{model}.onnx")
-    assert report.path.is_file() and len(report.differences) == 2
+    # A network that pads its input is checked once more, where the pad reaches the input's size.
+    assert report.path.is_file() and len(report.differences) == (3 if report.pads_input else 2)
     assert report.max_abs_difference < 1e-3, report.differences
     shapes = [shape for shape, _ in report.differences]
     assert shapes[0][0] == 1 and shapes[1][0] == 2 and shapes[0][2:] != shapes[1][2:]
-    assert all(side % report.size_divisor == 0 for shape in shapes for side in shape[2:])
+    assert all(side % report.input_multiple == 0 for shape in shapes for side in shape[2:])
+    assert (report.size_divisor, report.pads_input) == EXPORT_CONTRACT[model]

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from hydra_plugins.segx_gpus_launcher.gpus_launcher import fit_to_cluster
+from segx.core.errors import ConfigError
 from segx.data.augment import BatchAugment
 from segx.runs.record import read_record
 from segx.runs.status import COMPLETED, FAILED
@@ -22,7 +27,9 @@ from segx.training.runtime import resolve_precision, strategy_for_sweep_job
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_entry_point
 
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
-SIMULATED_GPUS = ["hydra/launcher=gpus", "hydra.launcher.ray.init.num_gpus=2", "hydra.launcher.ray.init.num_cpus=2"]
+# A Ray of the sweep's own, even where $RAY_ADDRESS or a `ray start` on this machine names another one.
+OWN_RAY = ["hydra/launcher=gpus", "hydra.launcher.ray.init.address=local"]
+SIMULATED_GPUS = [*OWN_RAY, "hydra.launcher.ray.init.num_gpus=2", "hydra.launcher.ray.init.num_cpus=2"]
 # The study's U-Net pools 4 times (needs a multiple of 16); unet_small pools twice (a multiple of 4).
 FIRST_JOB_FAILS = ["model=unet,unet_small", "data.image_size=40", "data.batch_size=4", *SHORT]
 
@@ -41,14 +48,92 @@ def overlap(a: dict, b: dict) -> bool:
     return start_a < end_b and start_b < end_a
 
 
-def wait_until_ray_is_gone(timeout: float = 20.0) -> None:
-    """A sweep's Ray instance ends with the sweep: no raylet or worker is left behind."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if subprocess.run(["pgrep", "-f", "raylet|ray::"], capture_output=True).returncode != 0:
-            return
-        time.sleep(0.5)
-    pytest.fail("Ray processes are still running after the sweep ended")
+# Every process a sweep test starts (the driver, Ray's raylet, GCS and workers) inherits this variable with a value
+# of its own, so a test checks its own processes only, never another Ray on the machine.
+TAG = "SEGX_TEST_PROCESS_TAG"
+
+
+def _psutil() -> ModuleType:
+    """psutil as Ray ships it (inside the ray package, not as a distribution of its own)."""
+    import ray  # noqa: F401  # importing Ray puts its bundled psutil on sys.path
+
+    return importlib.import_module("psutil")
+
+
+class OwnProcesses:
+    """The processes one test started: those whose environment carries its tag, and their descendants, recorded
+    while they run (a Ray agent that renames itself loses the tag: setproctitle reuses the environment's memory)."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.known: dict[int, tuple[float, str]] = {}  # pid -> (creation time, so a reused pid is not ours; name)
+
+    def record(self) -> None:
+        psutil = _psutil()
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get(TAG) != self.tag:
+                    continue
+                for own in [process, *process.children(recursive=True)]:
+                    self.known[own.pid] = (own.create_time(), own.name())  # the name after its exec, if any
+            except psutil.Error:  # gone meanwhile, a zombie, or another user's
+                continue
+
+    def alive(self) -> dict[int, str]:
+        """pid -> name of those still running."""
+        psutil = _psutil()
+        self.record()
+        running = {}
+        for pid, (created, name) in self.known.items():
+            try:
+                process = psutil.Process(pid)
+                if process.create_time() == created and process.status() != psutil.STATUS_ZOMBIE:
+                    running[pid] = name
+            except psutil.Error:
+                continue
+        return running
+
+    def kill(self) -> None:
+        psutil = _psutil()
+        for pid in self.alive():
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                continue
+
+    def wait_until_gone(self, timeout: float = 20.0) -> None:
+        """A sweep's Ray instance ends with the sweep: no raylet or worker the test started is left behind."""
+        deadline = time.monotonic() + timeout
+        while (left := self.alive()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if left:
+            self.kill()
+            pytest.fail(f"processes of the sweep are still running after it ended: {left}")
+
+
+def run_sweep(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`train.py -m ...` on Ray, as a user runs it; fails (instead of hanging) past `timeout` seconds, checks
+    that the tag reached Ray's processes (so the check can see them) and that none of them outlives the sweep."""
+    own = OwnProcesses(uuid.uuid4().hex)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", TAG: own.tag}
+    with subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                stdout, stderr = process.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                own.record()
+                if time.monotonic() > deadline:
+                    own.kill()
+                    process.kill()
+                    stdout, stderr = process.communicate()
+                    pytest.fail(f"the sweep did not end within {timeout:g} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    names = {name for _, name in own.known.values()}
+    assert "raylet" in names, f"no raylet among the sweep's processes {sorted(names)}:\n{stderr[-3000:]}"
+    own.wait_until_gone()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 # -- the GPU launcher (Ray) ----------------------------------------------------------------------------------
@@ -58,14 +143,13 @@ def ray_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
     """4 jobs on 2 simulated GPUs, on a data root no job has seen yet. Shared: Ray takes seconds to start."""
     sweep_dir = tmp_path_factory.mktemp("ray_sweep")
     data_root = tmp_path_factory.mktemp("fresh_data") / "shapes"
-    result = run_entry_point(
-        "train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={data_root}",
-        "optimizer=sgd,adam", "seed=1,2", *SIMULATED_GPUS, f"hydra.sweep.dir={sweep_dir}",
-    )
-    wait_until_ray_is_gone()
+    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={data_root}", "optimizer=sgd,adam",
+                       "seed=1,2", *SIMULATED_GPUS, f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return sweep_dir, result
 
 
+@pytest.mark.slow
 def test_gpus_launcher_runs_one_job_per_device_two_at_a_time(ray_sweep: tuple) -> None:
     sweep_dir, _ = ray_sweep
     jobs = records(sweep_dir)
@@ -79,6 +163,7 @@ def test_gpus_launcher_runs_one_job_per_device_two_at_a_time(ray_sweep: tuple) -
     assert any(overlap(a, b) for i, a in enumerate(jobs) for b in jobs[i + 1:]), "no two jobs ran at the same time"
 
 
+@pytest.mark.slow
 def test_every_job_records_its_provenance(ray_sweep: tuple) -> None:
     sweep_dir, _ = ray_sweep
     for number, job in enumerate(records(sweep_dir)):
@@ -89,6 +174,7 @@ def test_every_job_records_its_provenance(ray_sweep: tuple) -> None:
         assert f"seed={1 + number % 2}" in job["overrides"]
 
 
+@pytest.mark.slow
 def test_parallel_jobs_build_the_cache_once_and_log_per_job(ray_sweep: tuple) -> None:
     sweep_dir, result = ray_sweep
     logs = [(sweep_dir / str(n) / "train.log").read_text() for n in range(4)]
@@ -101,10 +187,10 @@ def test_parallel_jobs_build_the_cache_once_and_log_per_job(ray_sweep: tuple) ->
     assert "4 jobs, 4 completed, 0 failed" in output
 
 
+@pytest.mark.slow
 def test_gpus_launcher_isolates_a_failed_job(shapes_root: Path, tmp_path: Path) -> None:
-    result = run_entry_point("train.py", "-m", *TINY_SHAPES, *QUIET, *FIRST_JOB_FAILS, f"data.root={shapes_root}",
-                             *SIMULATED_GPUS, f"hydra.sweep.dir={tmp_path}", check=False)
-    wait_until_ray_is_gone()
+    result = run_sweep(*TINY_SHAPES, *QUIET, *FIRST_JOB_FAILS, f"data.root={shapes_root}", *SIMULATED_GPUS,
+                       f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 1
     failed, completed = records(tmp_path)
     assert failed["status"] == FAILED and "divisible by 16" in failed["error"]
@@ -112,14 +198,14 @@ def test_gpus_launcher_isolates_a_failed_job(shapes_root: Path, tmp_path: Path) 
     assert f"{tmp_path / '0'}: data.image_size=40 cannot be used" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_retried_and_then_isolated(shapes_root: Path, tmp_path: Path) -> None:
     """Job 0's worker is killed once and the retry finishes it; job 1's is killed on every try."""
-    result = run_entry_point(
-        "train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}", *SIMULATED_GPUS,
+    result = run_sweep(
+        *TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}", *SIMULATED_GPUS,
         "+callbacks.kill._target_=tests.crash.KillOwnProcess", "+callbacks.kill.every_time=false,true",
-        "hydra.launcher.ray.remote.max_retries=1", f"hydra.sweep.dir={tmp_path}", check=False,
+        "hydra.launcher.ray.remote.max_retries=1", f"hydra.sweep.dir={tmp_path}",
     )
-    wait_until_ray_is_gone()
     assert result.returncode == 1
     retried, dead = records(tmp_path)
     assert retried["status"] == COMPLETED and (tmp_path / "0" / "killed-once").exists()
@@ -127,8 +213,76 @@ def test_a_dead_worker_is_retried_and_then_isolated(shapes_root: Path, tmp_path:
     assert "retried 1 time(s)" in dead["error"]
 
 
+@pytest.mark.slow
+def test_gpus_launcher_without_a_gpu_runs_the_jobs_on_cpus(shapes_root: Path, tmp_path: Path) -> None:
+    """Ray told there is no GPU: the jobs (one GPU each by default) run on CPUs instead of waiting forever."""
+    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}", "seed=1,2",
+                       *OWN_RAY, "hydra.launcher.ray.init.num_gpus=0", "hydra.launcher.ray.init.num_cpus=2",
+                       f"hydra.sweep.dir={tmp_path}", timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert output.count("The Ray cluster has no GPU (1 node(s), 2 CPU(s)): running the 2 job(s) on CPUs "
+                        "instead of hydra.launcher.ray.remote.num_gpus=1 each") == 1
+    jobs = records(tmp_path)
+    assert [(j["status"], j["devices"]) for j in jobs] == [(COMPLETED, "cpu"), (COMPLETED, "cpu")]
+
+
+@pytest.mark.slow
+def test_gpus_launcher_refuses_a_request_no_node_can_hold_before_any_job_starts(tmp_path: Path) -> None:
+    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, "seed=1,2", *OWN_RAY, "hydra.launcher.ray.init.num_gpus=1",
+                       "hydra.launcher.ray.remote.num_gpus=2", f"hydra.sweep.dir={tmp_path}", timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-4000:]
+    assert "Traceback" not in output
+    assert ("hydra.launcher.ray.remote.num_gpus=2 asks for 2 GPU(s) per job, but the largest node has 1" in output
+            and "set hydra.launcher.ray.remote.num_gpus=1 or less" in output)
+    assert "(job 0 pid=" not in output and not list(tmp_path.glob("*/metrics.json"))
+
+
+def test_job_requests_are_fitted_to_the_nodes_or_refused() -> None:
+    one_gpu = [{"CPU": 2.0, "GPU": 1.0, "memory": 1e9}]
+    assert fit_to_cluster({"num_gpus": 0.5, "num_cpus": 1}, one_gpu, jobs=4) == ({"num_gpus": 0.5, "num_cpus": 1}, None)
+    fitted, note = fit_to_cluster({"num_gpus": 1, "max_retries": 3}, [{"CPU": 8.0}, {"CPU": 4.0}], jobs=3)
+    assert fitted == {"num_gpus": 0, "max_retries": 3}
+    assert note == ("The Ray cluster has no GPU (2 node(s), 12 CPU(s)): running the 3 job(s) on CPUs instead of "
+                    "hydra.launcher.ray.remote.num_gpus=1 each")
+    with pytest.raises(ConfigError, match=r"num_cpus=4 asks for 4 CPU\(s\) per job, but the largest node has 2"):
+        fit_to_cluster({"num_gpus": 1, "num_cpus": 4}, one_gpu, jobs=1)
+    with pytest.raises(ConfigError, match="no single node has all of it at once"):  # CPUs here, GPUs there
+        fit_to_cluster({"num_gpus": 1, "num_cpus": 4}, [{"CPU": 8.0}, {"CPU": 2.0, "GPU": 4.0}], jobs=1)
+    with pytest.raises(ConfigError, match=r"drop hydra\.launcher\.ray\.remote\.resources\.tpu=1"):
+        fit_to_cluster({"num_gpus": 0, "resources": {"tpu": 1}}, one_gpu, jobs=1)
+
+
+def test_the_leftover_check_sees_the_tests_own_processes_and_no_others() -> None:
+    """A survivor the test started fails the check, even one whose environment lost the tag (as a renamed Ray
+    agent's does); another process that looks like Ray (`ray::...`) does not."""
+    own, sleep = OwnProcesses(uuid.uuid4().hex), "import time; time.sleep(60)"
+    spawn_untagged = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleep!r}], env={{}}); " \
+                     "time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", spawn_untagged], env={**os.environ, TAG: own.tag})
+    other = subprocess.Popen([sys.executable, "-c", sleep, "ray::IDLE"],
+                             env={k: v for k, v in os.environ.items() if k != TAG})
+    try:
+        deadline = time.monotonic() + 20
+        while len(own.alive()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the parent's environment is readable and its child started
+        [child] = set(own.alive()) - {parent.pid}
+        parent.kill()
+        parent.wait()
+        with pytest.raises(pytest.fail.Exception, match=f"still running after it ended: {{{child}: "):
+            own.wait_until_gone(timeout=0.5)
+        own.wait_until_gone(timeout=5)  # the failed check killed the child
+        assert other.poll() is None  # not the test's: left alone
+    finally:
+        for process in (parent, other):
+            process.kill()
+            process.wait()
+
+
 # -- the basic launcher and re-runs ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_basic_launcher_isolates_a_failed_job_and_a_rerun_skips_the_completed_one(shapes_root: Path,
                                                                                   tmp_path: Path) -> None:
     command = ["train.py", "-m", *TINY_SHAPES, *QUIET, *FIRST_JOB_FAILS, f"data.root={shapes_root}",
@@ -152,6 +306,7 @@ def test_basic_launcher_isolates_a_failed_job_and_a_rerun_skips_the_completed_on
     assert records(tmp_path) == [failed_again, skipped]
 
 
+@pytest.mark.slow
 def test_a_single_run_with_a_user_error_is_one_paragraph_and_exit_2(shapes_root: Path, tmp_path: Path) -> None:
     result = run_entry_point("train.py", *TINY_SHAPES, *QUIET, "model=unet", "data.image_size=40",
                              f"data.root={shapes_root}", f"hydra.run.dir={tmp_path}", check=False)
@@ -162,6 +317,7 @@ def test_a_single_run_with_a_user_error_is_one_paragraph_and_exit_2(shapes_root:
     assert record["status"] == FAILED and record["job"] is None and record["devices"] == "cpu"
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_its_interrupted_job_from_last_ckpt(shapes_root: Path, tmp_path: Path) -> None:
     command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET,
                f"data.root={shapes_root}", "trainer.max_epochs=40", "seed=5", "logger=none",
@@ -192,6 +348,7 @@ def test_a_killed_sweep_resumes_its_interrupted_job_from_last_ckpt(shapes_root: 
 
 # -- other launchers and configs ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_two_job_sweep(shapes_root: Path, tmp_path: Path) -> None:
     result = run_entry_point("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}",
                              "seed=1,2", "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}")
@@ -211,6 +368,7 @@ def test_launcher_configs_compose_with_their_documented_keys() -> None:
     assert gpus.ray.init.num_gpus == 4 and gpus.ray.init.address is None
     assert gpus.ray.init.include_dashboard is False
     assert gpus.ray.remote.num_gpus == 1 and gpus.ray.remote.max_retries >= 1
+    assert gpus.check_resources is True
     assert slurm._target_.endswith("SlurmLauncher")
     assert slurm.partition == "gpu" and slurm.gpus_per_node == 1 and slurm.tasks_per_node == 1
     assert {"timeout_min", "cpus_per_task", "mem_gb"} <= set(slurm)
@@ -240,6 +398,7 @@ def ddp_overrides(root: Path) -> list[str]:
             "data.val_batch_size=4"]
 
 
+@pytest.mark.slow
 def test_ddp_run_scores_every_val_pixel_exactly_once(odd_val_root: tuple, tmp_path: Path) -> None:
     root, labelled = odd_val_root
     run_entry_point("train.py", *ddp_overrides(root), f"hydra.run.dir={tmp_path}")
@@ -249,6 +408,7 @@ def test_ddp_run_scores_every_val_pixel_exactly_once(odd_val_root: tuple, tmp_pa
     assert (tmp_path / "train_ddp_process_1.log").is_file()  # rank 1 ran, and wrote no run files of its own
 
 
+@pytest.mark.slow
 def test_ddp_job_inside_a_multirun_spawns_its_ranks(odd_val_root: tuple, tmp_path: Path) -> None:
     root, labelled = odd_val_root
     result = run_entry_point("train.py", "-m", *ddp_overrides(root), "seed=1,2", f"hydra.sweep.dir={tmp_path}")

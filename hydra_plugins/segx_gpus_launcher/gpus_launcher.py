@@ -1,16 +1,18 @@
 """`hydra/launcher=gpus`: hydra-ray-launcher with each job named in the log and a dead worker isolated.
 
 Ray does the scheduling (one job per GPU it hands out, on one machine or a cluster); this subclass only
-changes what the plugin leaves rough for sweeps: log lines are prefixed `(job N pid=...)` instead of
-`(_run_job pid=...)`, Ray does not fold identical lines of different jobs into one, and a job whose
-worker died after all its retries is recorded as failed in its own run directory instead of aborting
-the results of every other job.
+changes what the plugin leaves rough for sweeps: a request the cluster cannot hold is fitted (no GPU
+anywhere: the jobs run on CPUs) or refused before any job starts, instead of Ray waiting for it forever;
+log lines are prefixed `(job N pid=...)` instead of `(_run_job pid=...)`, Ray does not fold identical
+lines of different jobs into one, and a job whose worker died after all its retries is recorded as failed
+in its own run directory instead of aborting the results of every other job.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,11 +20,82 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray, start_ray
 from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from segx.core.errors import ConfigError
 from segx.runs.job import record_worker_death
 
 log = logging.getLogger(__name__)
+
+OPTION = "hydra.launcher.ray.remote"
+# Ray's resource names for the ray.remote arguments a job asks with, and the words the log uses for them.
+_ASKED_WITH = {"GPU": ("num_gpus", "GPU(s)"), "CPU": ("num_cpus", "CPU(s)"), "memory": ("memory", "bytes of memory")}
+_MORE_FROM = {
+    "GPU": " (a fraction such as 0.5 puts two jobs on one GPU), or let Ray hand out more GPUs per node "
+           "(hydra.launcher.ray.init.num_gpus on this machine, bigger nodes on a cluster)",
+    "CPU": ", or let Ray hand out more CPUs per node (hydra.launcher.ray.init.num_cpus on this machine, bigger "
+           "nodes on a cluster)",
+}
+
+
+def _number(amount: float) -> str:
+    return f"{amount:g}"
+
+
+def _requested(remote: dict) -> dict[str, float]:
+    """The resources one job asks Ray for, by Ray's names; a task without num_cpus takes one CPU."""
+    cpus = remote.get("num_cpus")
+    asked = {"CPU": float(1 if cpus is None else cpus), "GPU": float(remote.get("num_gpus") or 0)}
+    if remote.get("memory"):
+        asked["memory"] = float(remote["memory"])
+    asked.update({name: float(amount) for name, amount in (remote.get("resources") or {}).items()})
+    return {name: amount for name, amount in asked.items() if amount > 0}
+
+
+def _option(resource: str, amount: float) -> str:
+    key = _ASKED_WITH[resource][0] if resource in _ASKED_WITH else f"resources.{resource}"
+    return f"{OPTION}.{key}={_number(amount)}"
+
+
+def fit_to_cluster(remote: dict, nodes: list[dict[str, float]], jobs: int) -> tuple[dict, str | None]:
+    """Each job's ray.remote arguments checked against the alive nodes' resources (Ray waits forever for a
+    request no node can hold): with no GPU in the cluster the jobs run on CPUs (num_gpus 0, and the line that
+    says so is returned); a request no single node can satisfy raises ConfigError."""
+    fitted, note = dict(remote), None
+    gpus = _requested(remote).get("GPU", 0.0)
+    if gpus and not any(node.get("GPU", 0) for node in nodes):
+        fitted["num_gpus"] = 0
+        cpus = sum(node.get("CPU", 0) for node in nodes)
+        note = (f"The Ray cluster has no GPU ({len(nodes)} node(s), {_number(cpus)} CPU(s)): running the {jobs} "
+                f"job(s) on CPUs instead of {_option('GPU', gpus)} each")
+    asked = _requested(fitted)
+    if any(all(node.get(name, 0) >= amount for name, amount in asked.items()) for node in nodes):
+        return fitted, note
+    largest = {name: max((node.get(name, 0) for node in nodes), default=0) for name in asked}
+    too_big = [name for name, amount in asked.items() if amount > largest[name]]
+    words = {name: _ASKED_WITH.get(name, (name, f"of resource {name!r}"))[1] for name in asked}
+    if too_big:
+        problems = "; ".join(f"{_option(name, asked[name])} asks for {_number(asked[name])} {words[name]} per job, "
+                             f"but the largest node has {_number(largest[name])}" for name in too_big)
+        fixes = "; ".join(f"set {_option(name, largest[name])} or less{_MORE_FROM.get(name, '')}" if largest[name]
+                          else f"drop {_option(name, asked[name])}" for name in too_big)
+    else:  # each amount fits on some node, but never all of them on the same one
+        problems = (f"{' '.join(_option(name, amount) for name, amount in asked.items())} ask for that much of each "
+                    "per job, but no single node has all of it at once")
+        fixes = "ask each job for at most what one of these nodes has"
+    nodes_text = ", ".join("{" + ", ".join(f"{name}: {_number(node.get(name, 0))}" for name in asked) + "}"
+                           for node in nodes) or "none alive"
+    raise ConfigError(
+        f"No node of the Ray cluster can ever run one job as asked, so the sweep would wait forever: {problems}"
+        f" (nodes: {nodes_text}). To fix it, {fixes}. If the "
+        "cluster adds nodes on demand (an autoscaler), hydra.launcher.check_resources=false launches the jobs "
+        "as asked.")
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
 
 
 def _show_every_log_line() -> None:
@@ -41,6 +114,10 @@ def _show_every_log_line() -> None:
 class GpuLauncher(RayLauncher):
     """Launches every job as a Ray task with `hydra.launcher.ray.remote` resources (one GPU by default)."""
 
+    def __init__(self, ray: DictConfig, check_resources: bool = True) -> None:
+        super().__init__(ray)
+        self.check_resources = check_resources
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import ray
 
@@ -52,9 +129,18 @@ class GpuLauncher(RayLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         init = OmegaConf.to_container(self.ray_cfg.init, resolve=True)
         remote = OmegaConf.to_container(self.ray_cfg.remote, resolve=True)
+        start_ray(OmegaConf.create({k: v for k, v in init.items() if v is not None or k == "address"}))
+        if self.check_resources:
+            try:
+                remote, note = fit_to_cluster(remote, _alive_nodes(), len(job_overrides))
+            except ConfigError as error:  # a user's mistake: one paragraph and exit 2, as a single run's would be
+                log.error("%s", error)
+                ray.shutdown()  # this sweep's Ray ends now, not at interpreter exit
+                sys.exit(2)
+            if note:
+                log.warning("%s", note)
         log.info("Launching %d jobs on Ray (%s GPU(s) each) into %s", len(job_overrides), remote.get("num_gpus", 0),
                  sweep_dir)
-        start_ray(OmegaConf.create({k: v for k, v in init.items() if v is not None or k == "address"}))
 
         launched = []
         for offset, overrides in enumerate(job_overrides):

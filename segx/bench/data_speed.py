@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import VOCSegmentation
 
 from segx.bench.peak import synchronize
-from segx.data import VOCDataModule
+from segx.data import CachedSegmentationDataModule, VOCDataModule
 from segx.data.shapes import write_shapes_dataset
 
 VOC_MIN_SIDE, VOC_MAX_SIDE = 375, 500  # most VOC photos are 500 × 375 or 375 × 500
@@ -61,7 +61,7 @@ def torchvision_epoch(root: Path, size: int, batch_size: int, device: torch.devi
     return time.perf_counter() - start, len(dataset)
 
 
-def segx_epoch(datamodule: VOCDataModule) -> float:
+def segx_epoch(datamodule: CachedSegmentationDataModule) -> float:
     """Seconds for one epoch of training batches: drawn, flipped and normalised on the device."""
     start = time.perf_counter()
     for batch in datamodule.train_dataloader():

@@ -28,7 +28,7 @@ from segx.bench.peak import synchronize
 from segx.core.config_dir import config_dir
 from segx.inference.predictor import Predictor, autocast_for
 from segx.inference.timing import time_prediction
-from segx.models import build_network, forward_flops
+from segx.models import build_network, forward_flops, run_options
 from segx.runs.job import JobInfo
 
 CONF_DIR = config_dir()
@@ -73,7 +73,8 @@ def run_config(network: str, root: Path, size: int, batch_size: int, accelerator
             "callbacks.prediction_grid=null", "callbacks.progress=null", "trainer.enable_checkpointing=false",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.limit_val_batches=0",
             "trainer.num_sanity_val_steps=0", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
-            f"trainer.accelerator={accelerator}", f"trainer.precision={precision}", *overrides,
+            f"trainer.accelerator={accelerator}", f"trainer.precision={precision}", "run.channels_last=true",
+            *overrides,
         ])
 
 
@@ -161,15 +162,17 @@ def loop_comparison(cfg: DictConfig, device: torch.device, warmup: int, steps: i
 
     size, batch_size = int(cfg.data.image_size), int(cfg.data.batch_size)
     precision = precision_for(cfg.trainer.precision, cfg.trainer.accelerator)
-    channels_last = bool(cfg.model.channels_last)
-    torch.set_flush_denormal(bool(cfg.get("flush_denormal", True)))  # as segx's run sets it, for both loops
+    options = run_options(cfg)
+    channels_last = options["channels_last"] is True  # not `auto`: both loops must run in one format
+    cfg.run.channels_last = channels_last
+    torch.set_flush_denormal(options["flush_denormal"])  # as segx's run sets it, for both loops
     datamodule = instantiate(cfg.data)
     datamodule.target_device = device
     batches = training_batches(datamodule, warmup + steps, channels_last)
 
     def bare_run(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.nn.Module, list[float]]:
         torch.manual_seed(0)
-        net = build_network(cfg.model).to(device)
+        net = build_network(cfg.model, {"channels_last": channels_last}).to(device)
         return net, bare_step_seconds(net, batches, precision, float(cfg.optimizer.lr), warmup)
 
     # The bare loop runs before and after segx's, and the two are averaged: a drift of the machine's speed
@@ -179,7 +182,7 @@ def loop_comparison(cfg: DictConfig, device: torch.device, warmup: int, steps: i
     net, bare_after = bare_run(batches)
     bare_steps = bare_before + bare_after
     del batches  # ~15 MB on the device
-    flops = training_flops(build_network(cfg.model, apply_options=False), batch_size, size)
+    flops = training_flops(build_network(cfg.model), batch_size, size)
     split = datamodule.load_split(datamodule.val_split)
     count = min(infer_images, len(split))
     predictor = Predictor(net, device, precision, channels_last=channels_last, normalize=datamodule.normalizer,

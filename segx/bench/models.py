@@ -23,9 +23,9 @@ def model_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
-def model_config(name: str, channels_last: bool = True) -> DictConfig:
+def model_config(name: str) -> DictConfig:
     """conf/model/<name>.yaml as training composes it; pretrained weights off (nothing is downloaded)."""
-    overrides = [f"model={name}", f"model.channels_last={str(channels_last).lower()}"]
+    overrides = [f"model={name}"]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     if "encoder_weights" in cfg.model:
@@ -47,9 +47,9 @@ def model_row(name: str, batch: int, size: int, device: torch.device, precision:
     """One row of the `models` table."""
     cfg = model_config(name)
     torch.manual_seed(0)
-    net = build_network(cfg).to(device)
+    net = build_network(cfg, {"channels_last": True}).to(device)
     counts = parameter_counts(net)
-    flops = forward_flops(build_network(cfg, apply_options=False), size)
+    flops = forward_flops(build_network(cfg), size)
     step = train_step_seconds(net, batch, size, device, precision, True, repeats)
     predictor = Predictor(net, device, precision, channels_last=True, batch_size=batch)
     images = torch.randint(0, 256, (2 * batch, 3, size, size), dtype=torch.uint8, device=device)
@@ -66,7 +66,7 @@ def channels_last_speedup(name: str, batch: int, size: int, device: torch.device
     seconds: dict[bool, dict[str, float]] = {}
     for channels_last in (False, True):
         torch.manual_seed(0)
-        net = build_network(model_config(name, channels_last)).to(device)
+        net = build_network(model_config(name), {"channels_last": channels_last}).to(device)
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
         predictor = Predictor(net, device, precision, channels_last=channels_last, batch_size=batch)
         forward = best_seconds(lambda p=predictor, x=images: p.logits(x), device, repeats)

@@ -19,8 +19,9 @@ def main(cfg: DictConfig) -> None:
     for shape, difference in report.differences:
         print(f"onnxruntime vs PyTorch at {list(shape)}: max abs difference {difference:.3g}")
     print(f"max abs difference {report.max_abs_difference:.3g} (tolerance {cfg.tolerance:g})")
-    print(f"Wrote {report.path} (opset {report.opset}; dynamic batch, height and width, multiples of "
-          f"{report.size_divisor}; {report.seconds:.1f} s).")
+    sizes = "any height and width" if report.input_multiple == 1 else f"height and width multiples of " \
+        f"{report.input_multiple}"
+    print(f"Wrote {report.path} (opset {report.opset}; dynamic batch, {sizes}; {report.seconds:.1f} s).")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
-"""Data: VOC reading, the cached tensor store, batch augmentation and the embedded `shapes` dataset."""
+"""Data: a cached segmentation data module and its sources (Pascal VOC, the embedded `shapes` dataset).
 
-from segx.data.datamodule import VOCDataModule, class_frequencies
-from segx.data.shapes_datamodule import ShapesDataModule
-from segx.data.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, VOC_PALETTE
+A source lists each split's files and names the classes (`segx.data.source`); `CachedSegmentationDataModule`
+checks and caches them as uint8 tensors (`segx.data.cache`), batches them (`segx.data.device_batches`) and
+augments and normalises them on the training device (`segx.data.augment`, `segx.data.normalize`).
+"""
+
+from segx.data.datamodule import CachedSegmentationDataModule, class_frequencies
+from segx.data.shapes_datamodule import ShapesDataModule, ShapesSource
+from segx.data.source import IGNORE_INDEX, SegmentationSource, SplitFiles
+from segx.data.voc import NUM_CLASSES, VOC_CLASSES, VOC_PALETTE, VOCDataModule, VOCSource
 
 __all__ = [
-    "VOCDataModule", "ShapesDataModule", "class_frequencies", "IGNORE_INDEX", "NUM_CLASSES", "VOC_CLASSES",
+    "CachedSegmentationDataModule", "SegmentationSource", "SplitFiles", "VOCDataModule", "VOCSource",
+    "ShapesDataModule", "ShapesSource", "class_frequencies", "IGNORE_INDEX", "NUM_CLASSES", "VOC_CLASSES",
     "VOC_PALETTE",
 ]

@@ -74,18 +74,26 @@ def _check_count(name: str, value: object, minimum: int, fix: str) -> int:
 _TOO_SMALL = "images under 16 px leave no room for shapes with an interior"
 
 
-def _validated(num_train: object, num_val: object, seed: object, min_size: object, max_size: object) -> dict:
+def check_shapes_options(num_train: object, num_val: object, seed: object, min_size: object, max_size: object,
+                         names: dict[str, str] | None = None) -> dict:
+    """The generator's arguments as ints, or a ConfigError naming the bad one (as `names` calls it: the data
+    module's `data.shapes_seed` is the generator's `seed`)."""
+    names = names or {}
+
+    def count(key: str, value: object, minimum: int, fix: str) -> int:
+        return _check_count(names.get(key, key), value, minimum, fix)
+
     params = {
-        "num_train": _check_count("num_train", num_train, 1, "ask for at least one training image"),
-        "num_val": _check_count("num_val", num_val, 1, "ask for at least one validation image"),
-        "seed": _check_count("seed", seed, 0, "use a non-negative integer seed"),
-        "min_size": _check_count("min_size", min_size, 16, _TOO_SMALL),
-        "max_size": _check_count("max_size", max_size, 16, _TOO_SMALL),
+        "num_train": count("num_train", num_train, 1, "ask for at least one training image"),
+        "num_val": count("num_val", num_val, 1, "ask for at least one validation image"),
+        "seed": count("seed", seed, 0, "use a non-negative integer seed"),
+        "min_size": count("min_size", min_size, 16, _TOO_SMALL),
+        "max_size": count("max_size", max_size, 16, _TOO_SMALL),
     }
     if params["min_size"] > params["max_size"]:
         raise ConfigError(
-            f"min_size ({params['min_size']}) is larger than max_size ({params['max_size']}); "
-            "set min_size <= max_size."
+            f"{names.get('min_size', 'min_size')} ({params['min_size']}) is larger than "
+            f"{names.get('max_size', 'max_size')} ({params['max_size']}); set min_size <= max_size."
         )
     return params
 
@@ -293,7 +301,7 @@ def write_shapes_dataset(
     Raises ValueError for unusable arguments, and FileExistsError when VOC2012 exists without our
     marker: that is someone's real data, which must never be replaced.
     """
-    params = {"version": FORMAT_VERSION, **_validated(num_train, num_val, seed, min_size, max_size)}
+    params = {"version": FORMAT_VERSION, **check_shapes_options(num_train, num_val, seed, min_size, max_size)}
     root = Path(root)
     devkit = root / "VOCdevkit"
     voc_dir = devkit / "VOC2012"

@@ -35,6 +35,7 @@ class SegmentationSource(ABC):
     def prepare(self) -> None:
         """Make the files exist (download, generate); called before any split is listed, so it must be cheap
         when they already do and safe when parallel sweep jobs call it at once."""
+        return None  # a source over files the user put in place has nothing to do
 
     @abstractmethod
     def split_files(self, split: str) -> SplitFiles:

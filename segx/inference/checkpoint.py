@@ -13,10 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.parsing import AttributeDict
 from torch import nn
 
-from segx.core.errors import SegxError
+from segx.core.errors import SegxError, first_line
 from segx.models import build_network
 
 CHECKPOINT_KEY = "segx"  # the entry of a Lightning checkpoint holding the run config and class names
+
+#: `model._target_` names that older checkpoints store, and where those classes live now.
+LEGACY_TARGETS = {"segx.models.smp_model.SMPModel": "segx.models.smp.SMPModel"}
 
 # Lightning stores the type of `hparams` next to them; allowing that one harmless dict subclass
 # keeps `weights_only=True` (no arbitrary unpickling) usable on Lightning checkpoints.
@@ -33,10 +36,6 @@ def _unreadable(path: Path, reason: str) -> SegxError:
         "not a PyTorch checkpoint, or holds Python objects other than tensors and plain containers; "
         "use a checkpoint written by segx's train.py."
     )
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _weights_only_refusal(path: Path, message: str) -> SegxError:
@@ -70,11 +69,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         if _WEIGHTS_ONLY_REFUSAL in str(error):
             raise _weights_only_refusal(path, str(error)) from None  # no chained trace repeating torch's advice
-        raise _unreadable(path, _first_line(error)) from error
+        raise _unreadable(path, first_line(error)) from error
     except KeyError as error:  # what torch's zip reader raises for some plain text files
         raise _unreadable(path, "not a PyTorch checkpoint") from error
     except (RuntimeError, EOFError, OSError) as error:
-        raise _unreadable(path, _first_line(error)) from error
+        raise _unreadable(path, first_line(error)) from error
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise SegxError(
             f"Checkpoint ckpt={path} was not written by segx's train.py (it has no '{CHECKPOINT_KEY}' entry with "
@@ -84,8 +83,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def run_config(checkpoint: dict[str, Any]) -> DictConfig:
-    """The resolved Hydra config of the run that wrote the checkpoint."""
-    return OmegaConf.create(checkpoint[CHECKPOINT_KEY]["config"])
+    """The resolved Hydra config of the run that wrote the checkpoint, its model's `_target_` renamed where the
+    class has moved since (`LEGACY_TARGETS`)."""
+    config = OmegaConf.create(checkpoint[CHECKPOINT_KEY]["config"])
+    target = OmegaConf.select(config, "model._target_")
+    if target in LEGACY_TARGETS:
+        config.model._target_ = LEGACY_TARGETS[target]
+    return config
 
 
 def network_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:

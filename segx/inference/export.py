@@ -1,8 +1,8 @@
 """`export_onnx`: a checkpoint's network as an ONNX file with dynamic batch, height and width, verified.
 
-`python -m segx.inference.export ckpt=PATH format=onnx output=FILE.onnx [opset=17]`. The file maps normalised
+`segx-export ckpt=PATH format=onnx output=FILE.onnx [opset=17]`. The file maps normalised
 float [N,3,H,W] to logits [N,21,H,W]; it is written (atomically) only after onnxruntime and PyTorch
-agree on random inputs of two sizes and batch sizes.
+agree on random inputs of two sizes and batch sizes (and one more size for models that pad their input).
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from torch import nn
 from segx.core.errors import SegxError
 from segx.core.files import atomic_path
 from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+from segx.models.contract import pads_input, size_divisor
 
 FORMATS = ("onnx",)
 DEFAULT_TOLERANCE = 1e-3
-# (batch, height, width) of the verification inputs, rounded up to the network's size divisor. 100×120 is
-# not a multiple of 8, 16 or 32, so models that pad internally (smp) are checked with padding too.
+# (batch, height, width) of the verification inputs, rounded up to the network's size divisor unless it pads its
+# input itself. 100×120 is not a multiple of 8, 16 or 32, so models that pad internally (smp) are checked with
+# padding too, and with one more shape (`_fallback_shape`) where the pad reaches the input's size.
 CHECK_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 64, 64), (2, 100, 120))
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 _DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
@@ -36,13 +38,20 @@ _DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
 
 @dataclass
 class ExportReport:
-    """Where the model went and how closely onnxruntime reproduced PyTorch at each checked shape."""
+    """Where the model went and how closely onnxruntime reproduced PyTorch at each checked shape; the network's
+    `size_divisor` and `pads_input` (segx.models.contract), as the file's metadata records them."""
 
     path: Path
     opset: int
     size_divisor: int
     differences: list[tuple[tuple[int, ...], float]]
     seconds: float
+    pads_input: bool = False
+
+    @property
+    def input_multiple(self) -> int:
+        """What the exported model's H and W must be multiples of: 1 where it pads them itself."""
+        return 1 if self.pads_input else self.size_divisor
 
     @property
     def max_abs_difference(self) -> float:
@@ -82,23 +91,44 @@ class _TraceableAdaptiveAvgPool2d(nn.Module):
 
 
 class _AlwaysPad(nn.Module):
-    """An smp model's padding without its Python branch (a trace would freeze whether it padded or not).
+    """An smp model's padding without its Python branches (a trace would freeze whether and how it padded).
 
-    Pads bottom/right to the next multiple of `size_divisor` (by zero where already one) and crops back.
+    Pads bottom/right to the next multiple of `size_divisor` (by nothing where already one) and crops back. The
+    reflect and replicate modes gather rows and columns by index, so the wrapper's fallback from reflect to
+    replicate where a pad reaches the input's size (`segx.models.smp.wrapper.padding_mode`) is decided in the
+    graph, for each input size, as the wrapper decides it in Python.
     """
 
-    def __init__(self, smp_model: nn.Module) -> None:
+    def __init__(self, wrapper: nn.Module) -> None:
         super().__init__()
-        self.inner = smp_model.model
-        self.size_divisor = int(smp_model.size_divisor)
-        self.pad_mode = smp_model.pad_mode
+        self.inner = wrapper.model
+        self.size_divisor = size_divisor(wrapper)
+        self.pad_mode = wrapper.pad_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2], x.shape[-1]
         pad_h = (self.size_divisor - height % self.size_divisor) % self.size_divisor
         pad_w = (self.size_divisor - width % self.size_divisor) % self.size_divisor
-        padded = F.pad(x, (0, pad_w, 0, pad_h), mode=self.pad_mode)
+        if self.pad_mode == "constant":
+            padded = F.pad(x, (0, pad_w, 0, pad_h))
+        else:
+            # While tracing, sizes are tensors: `where` keeps the fallback's condition in the graph.
+            replicate = torch.as_tensor(pad_h >= height) | torch.as_tensor(pad_w >= width)
+            if self.pad_mode == "replicate":
+                replicate = torch.ones_like(replicate)
+            rows = self._index(height, pad_h, replicate, x.device)
+            cols = self._index(width, pad_w, replicate, x.device)
+            padded = x.index_select(-2, rows).index_select(-1, cols)
         return self.inner(padded)[..., :height, :width]
+
+    @staticmethod
+    def _index(size: Any, pad: Any, replicate: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Source indices of the `size + pad` padded positions: mirrored past the edge, or the edge repeated."""
+        index = torch.arange(size + pad, device=device)
+        last = torch.as_tensor(size - 1, device=device)
+        reflected = torch.where(index <= last, index, 2 * last - index)  # valid wherever reflect is used
+        repeated = torch.where(index <= last, index, last)
+        return torch.where(replicate, repeated, reflected)
 
 
 class _TraceablePSPBlock(nn.Module):
@@ -127,7 +157,7 @@ def traceable(net: nn.Module) -> nn.Module:
     """
     from segmentation_models_pytorch.decoders.pspnet.decoder import PSPBlock
 
-    from segx.models.smp_model import SMPModel
+    from segx.models.smp import SMPModel
 
     net = copy.deepcopy(net).float().cpu().eval()
     if isinstance(net, SMPModel):
@@ -144,13 +174,22 @@ def traceable(net: nn.Module) -> nn.Module:
     return net
 
 
-def size_divisor(net: nn.Module) -> int:
-    """What H and W must be multiples of: the pooling stride of the hand-written nets; 1 where the net pads."""
-    return int(getattr(net, "downsample", 1))
-
-
 def _round_up(value: int, multiple: int) -> int:
     return int(math.ceil(value / multiple) * multiple)
+
+
+def _fallback_shape(divisor: int) -> tuple[int, int, int]:
+    """A (batch, height, width) whose bottom pad is at least its height (reflect falls back to replicate there)
+    and whose right pad is not (the fallback covers both sides even so)."""
+    side = max(1, divisor // 4)
+    return 1, side, divisor + side
+
+
+def input_description(net: nn.Module) -> str:
+    """The `segx.input` metadata: how to prepare an input for the exported `net`."""
+    sizes = ("any H and W (the model pads them to multiples of size_divisor itself)" if pads_input(net)
+             else "H and W multiples of size_divisor")
+    return f"float32 [N,3,H,W]: RGB scaled to [0,1], then (x - mean) / std per channel; {sizes}"
 
 
 def supported_opsets() -> range:
@@ -244,13 +283,17 @@ def export_network(
             f"output={output} is a folder; pass the path of the .onnx file to write, e.g. {output}/model.onnx."
         )
     output.parent.mkdir(parents=True, exist_ok=True)
-    divisor = size_divisor(net)
-    side = _round_up(example_size, divisor)
+    divisor, pads = size_divisor(net), pads_input(net)
+    multiple = 1 if pads else divisor
+    side = _round_up(example_size, multiple)
     example = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
-    shapes = [(b, _round_up(h, divisor), _round_up(w, divisor)) for b, h, w in CHECK_SHAPES]
+    shapes = [(b, _round_up(h, multiple), _round_up(w, multiple)) for b, h, w in CHECK_SHAPES]
+    if pads and divisor > 1:
+        shapes.append(_fallback_shape(divisor))
     with atomic_path(output) as tmp:  # the file appears only once verified
         _trace_to(traceable(net), tmp, example, opset, type(net).__name__)
-        _add_metadata(tmp, {"size_divisor": divisor, **dict(metadata or {})})
+        _add_metadata(tmp, {"size_divisor": divisor, "pads_input": pads, "segx.input": input_description(net),
+                            **dict(metadata or {})})
         differences = verify_onnx(tmp, net, shapes)  # against the original network, not the traced copy
         worst = max(d for _, d in differences)
         if not worst <= tolerance:  # NaN fails too
@@ -260,7 +303,7 @@ def export_network(
                 f"logits {measured}, above the tolerance {tolerance:g}, so {output} was not written. Try another "
                 "opset= or report the model."
             )
-    return ExportReport(output, int(opset), divisor, differences, time.perf_counter() - start)
+    return ExportReport(output, int(opset), divisor, differences, time.perf_counter() - start, pads)
 
 
 def export_checkpoint(
@@ -285,8 +328,6 @@ def export_onnx(
     net = network_from_checkpoint(checkpoint)
     data = config.data
     metadata = {
-        "segx.input": "float32 [N,3,H,W]: RGB scaled to [0,1], then (x - mean) / std per channel; H and W "
-                      "multiples of size_divisor",
         "segx.output": "float32 logits [N,num_classes,H,W]; argmax over dim 1 gives the class index",
         "mean": list(data.mean),
         "std": list(data.std),

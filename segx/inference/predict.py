@@ -1,6 +1,6 @@
 """`predict_images`: label masks and overlays for any images, from a checkpoint alone.
 
-`python -m segx.inference.predict ckpt=PATH input=<image, folder or glob> output=DIR [batch_size=16] [device=auto]`
+`segx-predict ckpt=PATH input=<image, folder or glob> output=DIR [batch_size=16] [device=auto]`
 writes `DIR/<name>.png` (a VOC-palette mask at the image's own size) and `DIR/overlays/<name>.jpg`.
 """
 

@@ -15,6 +15,8 @@ from torch import nn
 
 from segx.core.errors import SegxError
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from segx.models import run_options
+from segx.models.memory_format import MemoryFormat, choose_memory_format, probe_channels_last
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 _HALF_TRUE = {"bf16-true": "bf16-mixed", "bf16": "bf16-mixed", "16-true": "16-mixed", "16": "16-mixed"}
@@ -43,6 +45,16 @@ def inference_precision(precision: str | int, device: torch.device) -> str:
     return "32-true"  # 32-true, 64-true, or a bf16 run predicted on a GPU without bf16
 
 
+def inference_memory_format(config: Any, net: nn.Module, device: torch.device | str, batch_size: int) -> MemoryFormat:
+    """The memory format to predict with for a run's `config`: its `run.channels_last` (`model.channels_last` in a
+    checkpoint written before the `run` node); `auto` is decided for this device, on a CPU by timing forward
+    passes of `net` at up to `batch_size` images of `data.image_size`."""
+    setting = run_options(config)["channels_last"]
+    size = int((config.get("data") or {}).get("image_size") or 0)
+    probe = (lambda: probe_channels_last(net, batch_size, size, training=False)) if size > 0 else None
+    return choose_memory_format(setting, device, probe, "no data.image_size to time")
+
+
 class Predictor:
     """A network ready to predict uint8 images: on its device, in eval mode, in its memory format.
 
@@ -69,12 +81,13 @@ class Predictor:
 
     @classmethod
     def from_run(cls, net: nn.Module, config: Any, device: torch.device, batch_size: int = 64) -> Predictor:
-        """For a network trained with `config` (a run's resolved config, e.g. from its checkpoint)."""
+        """For a network trained with `config` (a run's resolved config, e.g. from its checkpoint), in the memory
+        format of its `run.channels_last` (`inference_memory_format`)."""
         data = config.get("data") or {}
-        model = config.get("model") or {}
         trainer = config.get("trainer") or {}
+        memory_format = inference_memory_format(config, net, device, batch_size)
         return cls(net, device, inference_precision(trainer.get("precision", "auto"), device),
-                   channels_last=bool(model.get("channels_last", True)),
+                   channels_last=memory_format.channels_last,
                    normalize=Normalize(list(data.get("mean", IMAGENET_MEAN)), list(data.get("std", IMAGENET_STD))),
                    batch_size=batch_size)
 

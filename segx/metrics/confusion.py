@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
-from segx.data.voc import IGNORE_INDEX
+from segx.data.source import IGNORE_INDEX
 
 
 class ConfusionMatrix(Metric):

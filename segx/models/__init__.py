@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from segx.core.errors import ConfigError, find_user_error
+from segx.core.errors import ConfigError
+from segx.models.contract import check_input_size
 from segx.models.memory_format import parse_channels_last
 from segx.models.unet import UNet
 
@@ -86,27 +87,6 @@ def forward_flops(net: nn.Module, image_size: int, in_channels: int = 3) -> int:
         return _meta_forward(net, image_size, in_channels)[1]
     except NotImplementedError:
         return 0
-
-
-def check_input_size(net: nn.Module, image_size: int, model_name: str = "the model") -> int:
-    """Refuse a `data.image_size` the network cannot take before any data is read, by one meta-device forward
-    pass (see `_meta_forward`). Returns the forward FLOPs per image that pass counted (0 when an operation
-    has no meta kernel, and then the first real forward pass is the check)."""
-    try:
-        logits, flops = _meta_forward(net, image_size)
-    except NotImplementedError:
-        return 0
-    except Exception as error:
-        reason = str(find_user_error(error) or error).strip()
-        if "image_size" not in reason:
-            reason += " Choose another data.image_size (the study used 128) or another model."
-        raise ConfigError(f"data.image_size={image_size} cannot be used with {model_name}: {reason}") from error
-    if tuple(logits.shape[-2:]) != (image_size, image_size):
-        raise ConfigError(
-            f"{model_name} turns {image_size}×{image_size} images into {tuple(logits.shape[-2:])} logits, not "
-            f"{image_size}×{image_size}; choose a data.image_size it maps to itself (the study used 128)."
-        )
-    return flops
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -61,11 +61,11 @@ def choose_memory_format(
     setting = parse_channels_last(setting)
     if isinstance(setting, bool):
         return MemoryFormat(setting, f"run.channels_last={str(setting).lower()}")
-    device = torch.device(device)
-    if device.type == "cuda":
+    kind = device.type if isinstance(device, torch.device) else str(device)  # also a Lightning accelerator name
+    if kind == "cuda":
         return MemoryFormat(True, "auto: CUDA")
-    if device.type != "cpu":
-        return MemoryFormat(False, f"auto: {device.type}, not timed")
+    if kind != "cpu":
+        return MemoryFormat(False, f"auto: {kind}, not timed")
     if probe is None:
         return MemoryFormat(False, f"auto: {no_probe}")
     try:
@@ -81,7 +81,7 @@ def probe_channels_last(
 ) -> float:
     """NCHW seconds ÷ channels_last seconds (> 1: channels_last is faster) of a forward pass, plus a backward
     one when `training`, of copies of `net` on the CPU. The batch shrinks below `batch_size` where one pass
-    would take more than its share of `budget_s`, so a large network costs a few single-image passes. `net`
+    would take more than its share of `budget_s`, so a large network costs a few passes of two images. `net`
     and the random number generators are left as they were (the run stays reproducible)."""
     plain = copy.deepcopy(getattr(net, "_orig_mod", net)).cpu().train(training)
     nhwc = copy.deepcopy(plain).to(memory_format=torch.channels_last)
@@ -102,9 +102,10 @@ def probe_channels_last(
         return time.perf_counter() - start
 
     with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator
-        one = seconds(plain, images(1))  # also the first (slow) call of each kernel
+        smallest = min(2, int(batch_size))  # BatchNorm after a global pooling takes no single-image batch in training
+        one = seconds(plain, images(smallest)) / smallest  # also the first (slow) call of each kernel
         share = budget_s / (2 * (rounds + 1))
-        batch = max(1, min(int(batch_size), int(share / max(one, 1e-9))))
+        batch = max(smallest, min(int(batch_size), int(share / max(one, 1e-9))))
         x = images(batch)
         x_nhwc = x.contiguous(memory_format=torch.channels_last)
         seconds(plain, x)  # warm-up at the probe's batch size: kernels are chosen per shape

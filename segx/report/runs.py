@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from segx.runs.discovery import RunDirectory, find_runs, read_run_dir
-from segx.runs.overrides import override_settings
+from segx.runs.overrides import override_settings, split_override
 from segx.runs.record import DEFAULT_MONITOR
 
 
@@ -126,7 +126,7 @@ def varying_keys(runs: list[Run], over: str = "seed") -> list[str]:
     keys: list[str] = []
     for run in runs:
         keys.extend(k for k in run.settings if k not in keys)
-    shared = {o.partition("=")[0] for o in common_overrides(runs)}
+    shared = {split_override(o)[0] for o in common_overrides(runs)}
     return [k for k in keys if k != over and k not in shared]
 
 

@@ -1,2 +1,3 @@
-"""The run record (`metrics.json`: schema, statuses), finding run directories, override parsing, a job's
-lifecycle and the end-of-sweep summary. Depends on nothing of segx above `segx.core`."""
+"""The run layer, on `segx.core` only: `status` (how a run ended), `record` (metrics.json), `discovery` (finding
+and reading run directories), `overrides` (parsing `key=value`), `job` (a job's lifecycle) and `summary` (the
+Hydra end-of-sweep callback)."""

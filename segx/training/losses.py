@@ -24,7 +24,7 @@ from segmentation_models_pytorch import losses as smp_losses
 from torch import nn
 
 from segx.core.errors import ConfigError, SegxError
-from segx.data.voc import IGNORE_INDEX
+from segx.data.source import IGNORE_INDEX
 
 WEIGHTINGS = ("neg_log", "inverse", "median")
 NORMALIZATIONS = ("pixels", "weights")

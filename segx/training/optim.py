@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, PolynomialLR, SequentialLR
 
-from segx.core.errors import ConfigError, SegxError
+from segx.core.errors import ConfigError
 
 KERAS_DECAY = "segx.training.optim.keras_decay_schedule"
 
@@ -22,7 +22,7 @@ KERAS_DECAY = "segx.training.optim.keras_decay_schedule"
 def keras_decay(decay: float) -> Callable[[int], float]:
     """LambdaLR factor for Keras' legacy `decay`: lr_t = lr / (1 + decay · t), t counted in batches."""
     if decay < 0:
-        raise SegxError(f"optimizer.decay={decay} must be >= 0 (0 disables the decay).")
+        raise ConfigError(f"optimizer.decay={decay} must be >= 0 (0 disables the decay).")
     return lambda step: 1.0 / (1.0 + decay * step)
 
 
@@ -79,7 +79,7 @@ def build_optimizer(
     options = dict(cfg)
     decay = float(options.pop("decay", 0.0))
     if float(options.get("lr", 1.0)) <= 0:
-        raise SegxError(f"optimizer.lr={options.get('lr')} must be positive.")
+        raise ConfigError(f"optimizer.lr={options.get('lr')} must be positive.")
     schedule = dict(scheduler or {"_target_": KERAS_DECAY, "_partial_": True})
     if schedule.get("_target_") == KERAS_DECAY:
         schedule["decay"] = decay

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+
+from segx.models.memory_format import MemoryFormat, choose_memory_format, probe_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +110,35 @@ def resolve_benchmark(benchmark: bool | None, cuda: bool, deterministic: bool) -
     if benchmark is not None:
         return bool(benchmark)
     return cuda and not deterministic
+
+
+def processes_per_run(trainer: Any) -> int:
+    """How many processes train this run (devices × nodes, or SLURM's tasks); `auto` devices count one."""
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, int):
+        count = devices
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        count = int(devices)
+    elif isinstance(devices, str) and "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    elif devices is not None and not isinstance(devices, str):
+        count = len(list(devices))  # a list of device indices
+    else:
+        count = 1
+    count *= int(trainer.get("num_nodes", 1) or 1)
+    return max(count, int(os.environ.get("SLURM_NTASKS", "1")))
+
+
+def choose_run_memory_format(setting: Any, net: nn.Module, runtime: Runtime, trainer: Any, batch_size: int,
+                             image_size: int) -> MemoryFormat:
+    """`run.channels_last` for this run (`segx.models.memory_format.choose_memory_format`). On a CPU `auto` times
+    `net`'s training passes at the run's batch and image size, except under `trainer.deterministic` (a choice by
+    timing would not repeat) and with several processes (each would time on its own, and DDP's gradient buckets
+    need every rank in one format): then NCHW."""
+    device = "cuda" if runtime.accelerator == "cuda" else runtime.accelerator
+    if trainer.get("deterministic"):
+        return choose_memory_format(setting, device, None, "trainer.deterministic, no timing probe")
+    processes = processes_per_run(trainer)
+    if processes > 1:
+        return choose_memory_format(setting, device, None, f"{processes} processes, no timing probe")
+    return choose_memory_format(setting, device, lambda: probe_channels_last(net, batch_size, image_size))

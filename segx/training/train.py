@@ -18,20 +18,23 @@ from segx.core.files import write_json_atomic
 from segx.inference.predictor import Predictor, inference_precision
 from segx.inference.timing import time_prediction
 from segx.models import (
+    LEGACY_MODEL_KEYS,
     apply_network_options,
     build_network,
     check_input_size,
-    network_options,
     parameter_counts,
+    run_options,
 )
-from segx.models.smp_model import fetch_pretrained
+from segx.models.memory_format import MemoryFormat
+from segx.models.smp import fetch_pretrained
 from segx.runs.job import JobInfo
+from segx.runs.overrides import override_settings
 from segx.runs.record import JobRecord, best_value, read_record
 from segx.training.callbacks import RunSummary
 from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
 from segx.training.losses import build_loss
 from segx.training.module import SegmentationModule
-from segx.training.runtime import Runtime, resolve_runtime
+from segx.training.runtime import Runtime, choose_run_memory_format, resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +50,6 @@ def _flat_choices(cfg: DictConfig) -> dict[str, Any]:
             elif isinstance(value, list) and len(value) <= 8:  # widths and the like; class names are skipped
                 flat[f"{group}.{key}"] = str(value)
     return flat
-
-
-def _override_hparams(overrides: list[str]) -> list[tuple[str, str]]:
-    """The run's command-line choices (`optimizer=sgd` → optimizer: sgd) for TensorBoard's HParams tab."""
-    pairs = (o.lstrip("+~").partition("=") for o in overrides)
-    return [(key, value) for key, _, value in pairs if not key.startswith(("hydra.", "data.root"))]
 
 
 def build_logger(cfg: DictConfig, job: JobInfo, record: JobRecord) -> Any:
@@ -118,7 +115,8 @@ def _monitor(cfg: DictConfig) -> str:
     return monitor
 
 
-def _time_prediction(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, runtime: Runtime) -> dict:
+def _time_prediction(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, runtime: Runtime,
+                     memory_format: MemoryFormat) -> dict:
     """The study's timing protocol on the trained network (`timing.predict=true`)."""
     timing = cfg.timing
     images = datamodule.load_split(datamodule.val_split).images
@@ -128,12 +126,23 @@ def _time_prediction(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, run
     log.info("Timing prediction of %d val images: %d warm-up + %d timed passes on %s", len(images), timing.warmup,
              timing.passes, device)
     predictor = Predictor(net, device, inference_precision(runtime.precision, device),
-                          channels_last=network_options(cfg.model)["channels_last"], normalize=datamodule.normalizer,
+                          channels_last=memory_format.channels_last, normalize=datamodule.normalizer,
                           batch_size=int(timing.batch_size))
     result = time_prediction(predictor, images, passes=int(timing.passes), warmup=int(timing.warmup))
     log.info("Predicting %d val images took %.3f s (mean of %d passes), %.0f images/s", result["predict_images"],
              result["predict_val_seconds"], timing.passes, result["predict_images_per_second"])
     return result
+
+
+def _refuse_run_options_in_model(model_cfg: DictConfig) -> None:
+    """`+model.channels_last=...` (the place these options had before the `run` node) would be silently dropped."""
+    misplaced = [key for key in LEGACY_MODEL_KEYS if key in model_cfg]
+    if misplaced:
+        raise ConfigError(
+            f"model.{misplaced[0]} is not an argument of the network: the model group holds constructor arguments "
+            f"only. Set run.{misplaced[0]} instead (conf/train.yaml's run node), e.g. run.{misplaced[0]}="
+            f"{str(model_cfg[misplaced[0]]).lower()}."
+        )
 
 
 def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> float:
@@ -152,30 +161,33 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
              record.fields["host"], " · ".join(f"{k} {v}" for k, v in runtime.record().items()))
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    torch.set_flush_denormal(bool(cfg.get("flush_denormal", True)))  # CPU only; a no-op where unsupported
-    options = network_options(cfg.model)
+    _refuse_run_options_in_model(cfg.model)
+    options = run_options(cfg)
+    torch.set_flush_denormal(options["flush_denormal"])  # CPU only; a no-op where unsupported
     fetch_pretrained(cfg.model)  # the one download, on rank 0: the constructor never downloads
-    net = build_network(cfg.model, apply_options=False)
+    net = build_network(cfg.model)
     image_size = int(cfg.data.image_size)
     flops = check_input_size(net, image_size, f"model {cfg.model._target_}")  # before any data is read
-    net = apply_network_options(net, options)
+    memory_format = choose_run_memory_format(options["channels_last"], net, runtime, cfg.trainer,
+                                             int(cfg.data.batch_size), image_size)
+    net = apply_network_options(net, {**options, "channels_last": memory_format.channels_last})
     datamodule = instantiate(cfg.data)
     loss = build_loss(cfg.loss, class_frequencies=datamodule.class_frequencies)
     module = SegmentationModule(
         net, loss, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         class_names=datamodule.class_names, run_config=OmegaConf.to_container(cfg, resolve=True),
-        channels_last=options["channels_last"], example_size=None if options["compile"] else image_size,
+        channels_last=memory_format.channels_last, example_size=None if options["compile"] else image_size,
     )
     counts = parameter_counts(net)
     record.fields["forward_gflops_per_image"] = round(flops / 1e9, 3)
-    log.info("Model %s: %s parameters (%s trainable), %.2f GFLOPs per %d×%d image forward%s%s",
+    record.fields["memory_format"] = memory_format.describe()
+    log.info("Model %s: %s parameters (%s trainable), %.2f GFLOPs per %d×%d image forward, %s%s",
              cfg.model._target_, f"{counts['total']:,}", f"{counts['trainable']:,}", flops / 1e9, image_size,
-             image_size, ", channels_last" if options["channels_last"] else "",
-             ", compiled" if options["compile"] else "")
+             image_size, memory_format.describe(), ", compiled" if options["compile"] else "")
 
     logger = build_logger(cfg, job, record)
-    hparams = {**dict(_override_hparams(job.overrides)), **_flat_choices(cfg)}  # resolved values win
+    hparams = {**override_settings(job.overrides), **_flat_choices(cfg)}  # resolved values win
     summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
                          provenance=record.fields)
     show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker
@@ -191,7 +203,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
         write_json_atomic(run_dir / "metrics.json", {**record.fields, **summary.summary(trainer)})
         written = read_record(run_dir) or {}
     if cfg.get("timing") and cfg.timing.get("predict") and record.write:
-        record.note(**_time_prediction(cfg, net, datamodule, runtime))
+        record.note(**_time_prediction(cfg, net, datamodule, runtime, memory_format))
 
     log.info("Run directory: %s (metrics.json, checkpoints/, %s)", run_dir,
              getattr(logger, "name", None) or "no logger")

@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointOnInterrupt(pl.Callback):
-    """Writes the current state to `<checkpoints>/last.ckpt` (atomically) when the run is interrupted, so
-    `ckpt_path=last` loses at most the batch in flight instead of the whole epoch."""
+    """Writes the current state to `<checkpoints>/last.ckpt` (atomically) when a signal interrupts the run, so
+    `ckpt_path=last` loses at most the batch in flight instead of the whole epoch. A scheduler's stop and the
+    code's own `sys.exit()` are not interruptions: they save nothing beyond the per-epoch `last.ckpt`."""
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         signal_name = interruption(exception)

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from segx.core.errors import SegxError
+from segx.core.errors import ConfigError, SegxError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class StopOnNonFiniteLoss(pl.Callback):
 
     def __init__(self, check_every_n_steps: int | None = None) -> None:
         if check_every_n_steps is not None and int(check_every_n_steps) < 1:
-            raise SegxError(f"callbacks.stop_on_nonfinite_loss.check_every_n_steps={check_every_n_steps} must be "
+            raise ConfigError(f"callbacks.stop_on_nonfinite_loss.check_every_n_steps={check_every_n_steps} must be "
                             "at least 1 (or null for the device's default).")
         self.check_every_n_steps = check_every_n_steps
         self._step = 0
