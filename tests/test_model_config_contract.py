@@ -1,5 +1,5 @@
 """`instantiate(cfg.model)` returns the network for every file of conf/model/; how segx runs it (memory format,
-compile, denormals) lives in the `run` node, whose `channels_last: auto` is decided per device; checkpoints
+compile, denormals) lives in the `run` node, whose `channels_last` (auto, probe) is decided per device; checkpoints
 written when those options were `model` keys still load and predict."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_run_options_read_the_run_node_and_the_keys_older_configs_had() -> None:
               "flush_denormal": False}
     assert run_options(legacy) == {"channels_last": True, "compile": False, "flush_denormal": False}
     assert run_options({})["channels_last"] == "auto"
-    with pytest.raises(ConfigError, match=r"run.channels_last='yes' must be auto, true or false"):
+    with pytest.raises(ConfigError, match=r"run.channels_last='yes' must be auto, probe, true or false"):
         run_options({"run": {"channels_last": "yes"}})
     with pytest.raises(ConfigError, match=r"run.compile='yes' must be true or false"):
         run_options({"run": {"compile": "yes"}})
@@ -77,24 +77,33 @@ def test_auto_is_channels_last_on_cuda_without_a_probe() -> None:
     assert choice.channels_last and choice.describe() == "channels_last (auto: CUDA)" and calls == []
 
 
-def test_auto_on_a_cpu_follows_the_probe() -> None:
-    slower = choose_memory_format("auto", "cpu", probe=lambda: 0.91)
-    assert not slower.channels_last and slower.describe() == "contiguous (auto: probe on this CPU 0.91x)"
+def test_auto_on_a_cpu_is_contiguous_without_timing_anything() -> None:
+    calls: list[int] = []
+    choice = choose_memory_format("auto", "cpu", probe=lambda: calls.append(1) or 2.0)
+    assert not choice.channels_last and calls == []
+    assert choice.describe() == "contiguous (auto: CPU, repeatable; run.channels_last=probe times both formats)"
+
+
+def test_probe_on_a_cpu_follows_the_probe() -> None:
+    slower = choose_memory_format("probe", "cpu", probe=lambda: 0.91)
+    assert not slower.channels_last and slower.describe() == "contiguous (probe: on this CPU 0.91x)"
     assert slower.torch_format == torch.contiguous_format and slower.speedup == pytest.approx(0.91)
-    faster = choose_memory_format("auto", "cpu", probe=lambda: 1.3)
-    assert faster.channels_last and faster.describe() == "channels_last (auto: probe on this CPU 1.30x)"
-    tie = choose_memory_format("auto", "cpu", probe=lambda: PROBE_MARGIN - 0.01)  # NCHW, the default, on a tie
+    faster = choose_memory_format("probe", "cpu", probe=lambda: 1.3)
+    assert faster.channels_last and faster.describe() == "channels_last (probe: on this CPU 1.30x)"
+    assert choose_memory_format("probe", torch.device("cuda", 0), probe=lambda: 0.5).describe() == \
+        "channels_last (probe: CUDA)"
+    tie = choose_memory_format("probe", "cpu", probe=lambda: PROBE_MARGIN - 0.01)  # NCHW, the default, on a tie
     assert not tie.channels_last
 
 
-def test_auto_is_contiguous_when_the_probe_cannot_run() -> None:
+def test_probe_is_contiguous_when_the_probe_cannot_run() -> None:
     def failing() -> float:
         raise RuntimeError("no NHWC kernel for this operation\nsecond line")
 
-    failed = choose_memory_format("auto", "cpu", probe=failing)
+    failed = choose_memory_format("probe", "cpu", probe=failing)
     assert not failed.channels_last
-    assert failed.describe() == "contiguous (auto: the probe on this CPU failed (no NHWC kernel for this operation))"
-    assert choose_memory_format("auto", "cpu").describe() == "contiguous (auto: no probe)"
+    assert failed.describe() == "contiguous (probe: the probe on this CPU failed (no NHWC kernel for this operation))"
+    assert choose_memory_format("probe", "cpu").describe() == "contiguous (probe: no probe)"
     assert not choose_memory_format("auto", "mps").channels_last
 
 
@@ -132,13 +141,14 @@ def test_a_run_times_only_where_one_timing_holds_for_the_whole_run() -> None:
     net = UNet(num_classes=21, encoder_widths=[8], bottleneck_width=8)
     cpu = Runtime(accelerator="cpu", devices="cpu", precision="32-true", strategy="auto", sync_batchnorm=False)
     cuda = Runtime(accelerator="cuda", devices="0", precision="bf16-mixed", strategy="auto", sync_batchnorm=False)
-    deterministic = choose_run_memory_format("auto", net, cpu, {"deterministic": True}, 2, 32)
-    assert deterministic.describe() == "contiguous (auto: trainer.deterministic, no timing probe)"
-    two = choose_run_memory_format("auto", net, cpu, {"devices": 2}, 2, 32)
-    assert two.describe() == "contiguous (auto: 2 processes, no timing probe)"
-    assert choose_run_memory_format("auto", net, cuda, {"devices": 2}, 2, 32).channels_last
-    timed = choose_run_memory_format("auto", net, cpu, {"devices": "auto"}, 2, 32)
-    assert timed.speedup is not None and "auto: probe on this CPU" in timed.reason
+    deterministic = choose_run_memory_format("probe", net, cpu, {"deterministic": True}, 2, 32)
+    assert deterministic.describe() == "contiguous (probe: trainer.deterministic, no timing probe)"
+    two = choose_run_memory_format("probe", net, cpu, {"devices": 2}, 2, 32)
+    assert two.describe() == "contiguous (probe: 2 processes, no timing probe)"
+    assert choose_run_memory_format("probe", net, cuda, {"devices": 2}, 2, 32).channels_last
+    assert choose_run_memory_format("auto", net, cpu, {"devices": "auto"}, 2, 32).speedup is None
+    timed = choose_run_memory_format("probe", net, cpu, {"devices": "auto"}, 2, 32)
+    assert timed.speedup is not None and "probe: on this CPU" in timed.reason
     assert timed.channels_last == (timed.speedup >= PROBE_MARGIN)
     assert [processes_per_run(t) for t in ({}, {"devices": "3"}, {"devices": [0, 1]}, {"devices": 2, "num_nodes": 2},
                                            {"devices": "0,1"})] == [1, 3, 2, 4, 2]
@@ -162,11 +172,11 @@ def test_the_model_log_line_and_metrics_json_name_the_chosen_format(
     tmp_path: Path, shapes_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="segx.training.train")
-    run_dir = _train_in_process(tmp_path, monkeypatch, f"data.root={shapes_root}")
+    run_dir = _train_in_process(tmp_path, monkeypatch, f"data.root={shapes_root}", "run.channels_last=probe")
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Model ")]
     recorded = read_json(run_dir / "metrics.json")["memory_format"]
-    assert "(auto: probe on this CPU " in line and line.endswith(recorded)
-    assert recorded.startswith(("channels_last (auto: probe on this CPU ", "contiguous (auto: probe on this CPU "))
+    assert "(probe: on this CPU " in line and line.endswith(recorded)
+    assert recorded.startswith(("channels_last (probe: on this CPU ", "contiguous (probe: on this CPU "))
 
 
 def test_run_options_given_as_model_keys_are_refused_with_their_new_name(
@@ -207,6 +217,8 @@ def test_a_new_checkpoints_auto_is_decided_for_the_predicting_device() -> None:
     config = OmegaConf.create({"run": {"channels_last": "auto"}, "data": {"image_size": 32}})
     if torch.cuda.is_available():
         assert inference_memory_format(config, net, torch.device("cuda"), 2).describe() == "channels_last (auto: CUDA)"
+    assert not inference_memory_format(config, net, "cpu", 2).channels_last
+    config.run.channels_last = "probe"
     cpu = inference_memory_format(config, net, "cpu", 2)
     assert cpu.speedup is not None and cpu.channels_last == (cpu.speedup >= PROBE_MARGIN)
     assert inference_memory_format(OmegaConf.create({"run": {"channels_last": False}}), net, "cpu", 2).reason == \

@@ -143,8 +143,11 @@ def ray_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
     """4 jobs on 2 simulated GPUs, on a data root no job has seen yet. Shared: Ray takes seconds to start."""
     sweep_dir = tmp_path_factory.mktemp("ray_sweep")
     data_root = tmp_path_factory.mktemp("fresh_data") / "shapes"
-    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={data_root}", "optimizer=sgd,adam",
-                       "seed=1,2", *SIMULATED_GPUS, f"hydra.sweep.dir={sweep_dir}")
+    # A whole epoch (12 batches), not SHORT's 2: jobs of a few seconds, so the two running side by side overlap
+    # even when one worker process starts a second later than the other.
+    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, "trainer.max_epochs=1", "trainer.limit_val_batches=1",
+                       f"data.root={data_root}", "optimizer=sgd,adam", "seed=1,2", *SIMULATED_GPUS,
+                       f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return sweep_dir, result
 

@@ -22,7 +22,7 @@ from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray, s
 from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segx.core.errors import ConfigError
+from segx.core.errors import ConfigError, first_line
 from segx.runs.job import record_worker_death
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class GpuLauncher(RayLauncher):
                      error: BaseException) -> JobReturn:
         run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
         retries = remote.get("max_retries", 3)
-        summary = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        summary = first_line(error)
         message = (f"The Ray worker running job {idx} died and was retried {retries} time(s) "
                    f"(hydra.launcher.ray.remote.max_retries); Ray said: {summary}")
         log.error("Job %d: %s", idx, message)

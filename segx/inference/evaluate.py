@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from segx.core.errors import SegxError
+from segx.core.errors import ConfigError
 from segx.data.voc import VOC_PALETTE
 from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
 from segx.inference.predictor import Predictor
@@ -31,9 +31,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         target = torch.device(device)
     except RuntimeError as error:
-        raise SegxError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:<index>.") from error
+        raise ConfigError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:<index>.") from error
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise SegxError(f"device={device!r} was asked for but this machine has no CUDA GPU; use device=cpu or auto.")
+        raise ConfigError(f"device={device!r} was asked for but this machine has no CUDA GPU; use device=cpu or auto.")
     return target
 
 

@@ -22,7 +22,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from segx.core.errors import SegxError
+from segx.core.errors import ConfigError, SegxError
 from segx.data.voc import VOC_PALETTE
 from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
 from segx.inference.evaluate import resolve_device, save_palette_png
@@ -196,7 +196,7 @@ def predict_images(
     """
     start = time.perf_counter()
     if int(batch_size) < 1:
-        raise SegxError(f"batch_size={batch_size} must be at least 1.")
+        raise ConfigError(f"batch_size={batch_size} must be at least 1.")
     checkpoint = load_checkpoint(ckpt)
     files = find_images(inputs)
     out_dir = Path(output).expanduser()

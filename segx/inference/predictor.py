@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segx.core.errors import SegxError
+from segx.core.errors import ConfigError
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from segx.models import run_options
 from segx.models.memory_format import MemoryFormat, choose_memory_format, probe_channels_last
@@ -47,8 +47,8 @@ def inference_precision(precision: str | int, device: torch.device) -> str:
 
 def inference_memory_format(config: Any, net: nn.Module, device: torch.device | str, batch_size: int) -> MemoryFormat:
     """The memory format to predict with for a run's `config`: its `run.channels_last` (`model.channels_last` in a
-    checkpoint written before the `run` node); `auto` is decided for this device, on a CPU by timing forward
-    passes of `net` at up to `batch_size` images of `data.image_size`."""
+    checkpoint written before the `run` node), decided for this device; `probe` times forward passes of `net` on a
+    CPU at up to `batch_size` images of `data.image_size`."""
     setting = run_options(config)["channels_last"]
     size = int((config.get("data") or {}).get("image_size") or 0)
     probe = (lambda: probe_channels_last(net, batch_size, size, training=False)) if size > 0 else None
@@ -71,7 +71,7 @@ class Predictor:
         batch_size: int = 64,
     ) -> None:
         if int(batch_size) < 1:
-            raise SegxError(f"batch_size={batch_size} must be at least 1.")
+            raise ConfigError(f"batch_size={batch_size} must be at least 1.")
         self.device = torch.device(device)
         self.precision = str(precision)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -1,7 +1,8 @@
-"""`run.channels_last`: the memory format a network runs in, and `auto`'s choice of it per device.
+"""`run.channels_last`: the memory format a network runs in, and the choice of it per device.
 
-NHWC (channels_last) is faster on tensor-core GPUs; on CPUs it depends on the processor and the network
-(oneDNN's NHWC kernels win on some, lose on others), so there `auto` times both formats on the network itself.
+NHWC (channels_last) is faster on tensor-core GPUs; on CPUs it depends on the processor and the network (oneDNN's
+NHWC kernels win on some, lose on others). `auto` is NHWC on CUDA and NCHW on a CPU, where a choice by timing
+would make two runs of one config differ; `probe` times both formats on the network itself at start.
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ PROBE_BUDGET_S = 1.0  # the probe's timed passes stop once they have taken this 
 PROBE_ROUNDS = 3      # at most this many timed passes per format; the fastest of each is compared
 
 
+CHOICES = ("auto", "probe", "true", "false")
+
+
 def parse_channels_last(value: Any, key: str = "run.channels_last") -> bool | str:
-    """`auto`, true or false (also as the strings a command line gives); anything else is a ConfigError."""
+    """`auto`, `probe`, true or false (also as the strings a command line gives); anything else is a ConfigError."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text in ("auto", "true", "false"):
-        return {"true": True, "false": False}.get(text, "auto")
-    raise ConfigError(f"{key}={value!r} must be auto, true or false (auto: on for CUDA, timed on a CPU).")
+    if text in CHOICES:
+        return {"true": True, "false": False}.get(text, text)
+    raise ConfigError(f"{key}={value!r} must be auto, probe, true or false (auto: on for CUDA, off on a CPU; "
+                      "probe: on for CUDA, timed on a CPU).")
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class MemoryFormat:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def describe(self) -> str:
-        """E.g. `channels_last (auto: CUDA)` or `contiguous (auto: probe on this CPU 0.91x)`."""
+        """E.g. `channels_last (auto: CUDA)` or `contiguous (probe: on this CPU 0.91x)`."""
         return f"{'channels_last' if self.channels_last else 'contiguous'} ({self.reason})"
 
 
@@ -55,24 +60,26 @@ def choose_memory_format(
     setting: Any, device: torch.device | str, probe: Callable[[], float] | None = None,
     no_probe: str = "no probe",
 ) -> MemoryFormat:
-    """An explicit true/false wins; `auto` is on for CUDA, decided on a CPU by `probe` (the channels_last
-    speedup of this network, see `probe_channels_last`), and off where there is no probe (`no_probe` says why)
-    or it fails."""
+    """An explicit true/false wins; `auto` and `probe` are on for CUDA. On a CPU `auto` is off (NCHW, so runs of
+    one config repeat bit for bit) and `probe` follows `probe` (the channels_last speedup of this network, see
+    `probe_channels_last`), off where there is no probe (`no_probe` says why) or it fails."""
     setting = parse_channels_last(setting)
     if isinstance(setting, bool):
         return MemoryFormat(setting, f"run.channels_last={str(setting).lower()}")
     kind = device.type if isinstance(device, torch.device) else str(device)  # also a Lightning accelerator name
     if kind == "cuda":
-        return MemoryFormat(True, "auto: CUDA")
+        return MemoryFormat(True, f"{setting}: CUDA")
     if kind != "cpu":
-        return MemoryFormat(False, f"auto: {kind}, not timed")
+        return MemoryFormat(False, f"{setting}: {kind}, not timed")
+    if setting == "auto":
+        return MemoryFormat(False, "auto: CPU, repeatable; run.channels_last=probe times both formats")
     if probe is None:
-        return MemoryFormat(False, f"auto: {no_probe}")
+        return MemoryFormat(False, f"probe: {no_probe}")
     try:
         speedup = float(probe())
     except Exception as error:  # an operation without an NHWC kernel, out of memory, ...: keep the default
-        return MemoryFormat(False, f"auto: the probe on this CPU failed ({first_line(error)})")
-    return MemoryFormat(speedup >= PROBE_MARGIN, f"auto: probe on this CPU {speedup:.2f}x", speedup)
+        return MemoryFormat(False, f"probe: the probe on this CPU failed ({first_line(error)})")
+    return MemoryFormat(speedup >= PROBE_MARGIN, f"probe: on this CPU {speedup:.2f}x", speedup)
 
 
 def probe_channels_last(

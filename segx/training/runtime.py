@@ -131,7 +131,7 @@ def processes_per_run(trainer: Any) -> int:
 
 def choose_run_memory_format(setting: Any, net: nn.Module, runtime: Runtime, trainer: Any, batch_size: int,
                              image_size: int) -> MemoryFormat:
-    """`run.channels_last` for this run (`segx.models.memory_format.choose_memory_format`). On a CPU `auto` times
+    """`run.channels_last` for this run (`segx.models.memory_format.choose_memory_format`). On a CPU `probe` times
     `net`'s training passes at the run's batch and image size, except under `trainer.deterministic` (a choice by
     timing would not repeat) and with several processes (each would time on its own, and DDP's gradient buckets
     need every rank in one format): then NCHW."""

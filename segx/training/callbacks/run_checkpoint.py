@@ -54,7 +54,7 @@ class RunCheckpoint(ModelCheckpoint):
     epoch replaces them. When the previous best file is gone, the best restarts at the resumed epoch:
     `best_since` records that epoch (in every checkpoint after it) and RunSummary's `best` counts only epochs
     from there on, so `best` and best_checkpoint still name the same epoch. It also writes last.ckpt after every
-    validation, as Lightning did before 2.6.
+    validation.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -99,7 +99,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._save_last_anyway(trainer, at_train_epoch_end=False)
 
     def _save_last_anyway(self, trainer: pl.Trainer, at_train_epoch_end: bool) -> None:
-        """last.ckpt after every validation, as before Lightning 2.6, which writes it only when the best improved:
+        """last.ckpt after every validation (Lightning's ModelCheckpoint writes it only when the best improved), so
         a run killed with SIGKILL resumes (ckpt_path=last) from its last epoch, not its last better one."""
         if (self.save_last is True and not self._should_skip_saving_checkpoint(trainer)
                 and bool(self._should_save_on_train_epoch_end(trainer)) == at_train_epoch_end):
