@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from torchvision.datasets import VOCSegmentation
 from segx.core.errors import ConfigError, SegxError
 from segx.data.cache import name_list
 from segx.data.datamodule import CachedSegmentationDataModule
-from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from segx.data.source import IGNORE_INDEX, SegmentationSource, SplitFiles
 
 log = logging.getLogger(__name__)
@@ -164,33 +162,10 @@ class VOCSource(SegmentationSource):
 class VOCDataModule(CachedSegmentationDataModule):
     """Pascal VOC 2012 segmentation at a fixed square size, served from the cached tensor store (`data=voc`)."""
 
-    def __init__(
-        self,
-        root: str = "data/voc",
-        download: bool = False,
-        image_size: int = 128,
-        batch_size: int = 16,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        train_split: str = "train",
-        val_split: str = "val",
-        cache_dir: str | None = None,
-        augment: dict[str, Any] | None = None,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        num_classes: int = NUM_CLASSES,
-        class_names: Sequence[str] = VOC_CLASSES,
-        seed: int = 0,
-        on_device: str | bool = "auto",
-        on_device_memory_fraction: float = 0.5,
-    ) -> None:
-        super().__init__(
-            source=VOCSource(root, download), image_size=image_size, batch_size=batch_size,
-            val_batch_size=val_batch_size, num_workers=num_workers, train_split=train_split, val_split=val_split,
-            cache_dir=cache_dir, augment=augment, mean=mean, std=std, num_classes=num_classes,
-            class_names=class_names, seed=seed, on_device=on_device,
-            on_device_memory_fraction=on_device_memory_fraction,
-        )
+    def __init__(self, root: str = "data/voc", download: bool = False, **options: Any) -> None:
+        """`options` are CachedSegmentationDataModule's (image_size, batch_size, augment, ...); the classes are VOC's
+        unless `num_classes`/`class_names` say otherwise."""
+        super().__init__(source=VOCSource(root, download), **options)
 
 
 __all__ = ["VOC_CLASSES", "VOC_PALETTE", "NUM_CLASSES", "IGNORE_INDEX", "SPLITS", "VOCSource", "VOCDataModule",
