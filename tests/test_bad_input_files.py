@@ -122,6 +122,7 @@ def test_a_one_pair_split_decodes_then_names_its_truncated_image_in_one_paragrap
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_the_entry_point_lists_ten_bad_files_and_counts_the_rest(tmp_path: Path) -> None:
     root = tmp_path / "voc"
     voc_dir = write_tree(root, num_train=16, num_val=4)
@@ -143,6 +144,7 @@ def test_the_entry_point_lists_ten_bad_files_and_counts_the_rest(tmp_path: Path)
     assert list((root / "segx-cache").glob("*.pt")) == [] and leftovers(root) == []
 
 
+@pytest.mark.slow
 def test_the_entry_point_names_a_missing_split_file(tmp_path: Path) -> None:
     root = tmp_path / "voc"
     voc_dir = write_tree(root, num_train=2, num_val=2)

@@ -156,6 +156,7 @@ print("BUILT" if built else "LOADED", int(cached.images.sum()), int(cached.masks
 """
 
 
+@pytest.mark.slow
 def test_concurrent_builders_share_one_cache(voc_copy: Path) -> None:
     """Two processes released at the same instant: under the lock one builds and the other waits and loads.
     Without the lock both find no cache and both build (checked by removing it: this test then fails)."""

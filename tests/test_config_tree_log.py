@@ -59,6 +59,7 @@ def test_log_config_tree_is_one_info_message(caplog: pytest.LogCaptureFixture) -
     assert record.getMessage().startswith("Config:\nconfig\n") and "image_size: 32" in record.getMessage()
 
 
+@pytest.mark.slow
 def test_a_training_run_logs_its_composed_config(shapes_root: Path, tmp_path: Path) -> None:
     run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "optimizer.lr=0.0123",
                     "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",

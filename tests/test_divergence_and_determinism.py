@@ -50,6 +50,7 @@ def _finite_weights(path: Path) -> dict:
     return checkpoint
 
 
+@pytest.mark.slow
 def test_a_diverging_learning_rate_stops_the_run_with_where_and_why(tmp_path: Path, shapes_root: Path) -> None:
     # Plain SGD at 1e12 turns the tiny U-Net's loss into NaN at the second batch, every time.
     result = run_entry_point(
@@ -63,6 +64,7 @@ def test_a_diverging_learning_rate_stops_the_run_with_where_and_why(tmp_path: Pa
     assert not list((tmp_path / "checkpoints").glob("*.ckpt"))  # no checkpoint of the NaN state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check_every", ["null", "5"])  # 5: the windowed check a GPU run uses (every 32)
 def test_last_ckpt_keeps_the_last_good_epoch(check_every: str, tmp_path: Path, shapes_root: Path) -> None:
     result = run_entry_point(
@@ -85,6 +87,7 @@ def test_last_ckpt_keeps_the_last_good_epoch(check_every: str, tmp_path: Path, s
     assert all(math.isfinite(v) for v in history[0].values())
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path: Path, shapes_root: Path) -> None:
     def train(name: str) -> dict:
         run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, *CPU, f"data.root={shapes_root}", "seed=3",

@@ -140,6 +140,7 @@ def test_the_datamodule_serves_device_batches_unless_told_not_to(shapes_root: Pa
         ShapesDataModule(**common, on_device_memory_fraction=0)
 
 
+@pytest.mark.slow
 def test_both_data_paths_train_identically(tmp_path: Path, shapes_root: Path) -> None:
     """Same seed: the resident path and the DataLoader path draw the same batches in the same order, so the
     choice is one of speed only."""
@@ -214,6 +215,7 @@ def test_one_inference_path_in_every_precision_and_format() -> None:
     assert timing["predict_images"] == 5 and len(timing["predict_pass_seconds"]) == 2
 
 
+@pytest.mark.slow
 def test_a_compiled_network_trains_and_checkpoints_under_its_own_names(tmp_path: Path, shapes_root: Path) -> None:
     data = ShapesDataModule(root=str(shapes_root), num_train=96, num_val=16, min_size=48, max_size=80,
                             image_size=32, batch_size=8)

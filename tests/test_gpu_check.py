@@ -220,8 +220,10 @@ def test_each_part_s_command_line_is_one_segx_accepts(tmp_path: Path, gpus: int)
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_gpu_check_with_an_interpreter_builds_no_venv() -> None:
-    dry = subprocess.run(["make", "-n", "gpu-check", "PY=python3"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    # Not as a sub-make of `make test`: that one would print its directory and pass its own flags on.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "PY=python3"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.strip() == "python3 -m segx.bench.gpu_check"
     assert ".venv" not in dry.stdout + dry.stderr and "pip" not in dry.stdout

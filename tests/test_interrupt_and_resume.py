@@ -33,6 +33,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
     assert process.poll() is None, "training ended before it could be interrupted"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
 def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int, name: str, shapes_root: Path,
                                                                     tmp_path: Path) -> None:
@@ -58,6 +59,7 @@ def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int,
     assert best["epoch"] == int(resumed["best"]["epoch"])  # best.ckpt is the best epoch of the whole run
 
 
+@pytest.mark.slow
 def test_ckpt_path_auto_starts_fresh_and_last_needs_a_checkpoint(shapes_root: Path, tmp_path: Path) -> None:
     common = [*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none", "trainer.max_epochs=1"]
     missing = run_entry_point("train.py", *common, f"hydra.run.dir={tmp_path / 'a'}", "ckpt_path=last", check=False)
@@ -70,6 +72,7 @@ def test_ckpt_path_auto_starts_fresh_and_last_needs_a_checkpoint(shapes_root: Pa
     assert [int(h["epoch"]) for h in read_json(tmp_path / "b" / "metrics.json")["history"]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_an_image_size_the_model_cannot_take_is_refused_before_any_data_is_read(tmp_path: Path) -> None:
     root = tmp_path / "fresh"
     result = run_entry_point("train.py", "data=shapes", f"data.root={root}", "model=fcn", "data.image_size=40",
@@ -86,6 +89,7 @@ def test_an_image_size_the_model_cannot_take_is_refused_before_any_data_is_read(
     ("loss=dicee", 1, "Could not find 'loss/dicee'"),
     ("data.batch_size=0", 2, "data.batch_size=0 must be at least 1"),
 ])
+@pytest.mark.slow
 def test_a_wrong_name_or_value_is_one_clear_message(override: str, code: int, message: str, shapes_root: Path,
                                                     tmp_path: Path) -> None:
     result = run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", override,

@@ -87,6 +87,7 @@ def test_the_studys_future_optimizers_build(name: str, cls: type) -> None:
     assert (param < 1).all()
 
 
+@pytest.mark.slow
 def test_monitor_picks_the_best_checkpoint_and_an_unknown_one_is_refused(shapes_root: Path, tmp_path: Path) -> None:
     assert config("monitor=val/miou_no_bg").callbacks.model_checkpoint.monitor == "val/miou_no_bg"
     run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "optimizer.lr=3e-3",

@@ -71,6 +71,7 @@ def best_ckpt(run_dir: Path) -> Path:
 
 
 # -- predict -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_predict_command_writes_palette_masks_at_each_images_own_size(trained_run: Path, mixed_images: Path,
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "masks"
@@ -130,6 +131,7 @@ def test_upsampling_a_few_classes_at_a_time_gives_the_same_labels() -> None:
         assert torch.equal(labels_at_size(logits, 37, 53, max_elements=max_elements).long(), expected)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_paragraph_naming_the_culprit_and_write_nothing(trained_run: Path, mixed_images: Path,
                                                                            tmp_path: Path) -> None:
     (mixed_images / "broken.jpg").write_bytes((mixed_images / "photo.jpg").read_bytes()[:200])  # truncated
@@ -199,6 +201,7 @@ def test_a_text_file_as_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 
 # -- export --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_export_command_writes_a_verified_dynamic_onnx_model(trained_run: Path, tmp_path: Path) -> None:
     model_path = tmp_path / "export" / "model.onnx"
     [(code, output)] = run_all(("segx.cli.export", f"ckpt={best_ckpt(trained_run)}", "format=onnx",

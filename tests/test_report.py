@@ -45,6 +45,7 @@ def setting(record: dict, key: str) -> str:
     return dict(o.split("=", 1) for o in record["overrides"])[key]
 
 
+@pytest.mark.slow
 def test_csv_has_the_max_mean_and_std_over_seeds_of_each_jobs_best_epoch(sweep: Path) -> None:
     rows = read_csv(sweep / "report.csv")
     assert [r["optimizer"] for r in rows].count("sgd") == 1 and len(rows) == 2
@@ -97,6 +98,7 @@ def test_missing_values_are_empty_cells_and_timing_gets_its_figure(sweep: Path, 
     assert "](plots/score_vs_predict_time.png)" in (copy / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_sweep_with_a_failed_job_renders_and_lists_it(shapes_root: Path, tmp_path: Path) -> None:
     result = run_entry_point("train.py", "-m", *TINY_SHAPES, *QUIET, "model=unet,unet_small", "data.image_size=40",
                              "data.batch_size=4", "trainer.max_epochs=1", "trainer.limit_train_batches=1",

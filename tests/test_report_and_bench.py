@@ -66,6 +66,7 @@ def test_report_on_a_folder_without_runs_exits_with_a_message(tmp_path: Path) ->
     assert exit_info.value.code == 2
 
 
+@pytest.mark.slow
 def test_bench_writes_every_section(tmp_path: Path) -> None:
     """The benchmark at toy sizes: every section is measured and written; the figures are not judged here."""
     out = tmp_path / "bench.json"

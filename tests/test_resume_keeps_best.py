@@ -57,6 +57,7 @@ def run_a(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_run_resumed_in_place_keeps_its_best(run_a: Path) -> None:
     record = read_json(run_a / "metrics.json")
     assert [int(h["epoch"]) for h in record["history"]] == [0, 1]
@@ -66,6 +67,7 @@ def test_a_run_resumed_in_place_keeps_its_best(run_a: Path) -> None:
     assert not list((run_a / "checkpoints").glob("*-v*.ckpt"))  # no best-v1.ckpt / last-v1.ckpt beside them
 
 
+@pytest.mark.slow
 def test_a_run_resumed_into_a_new_directory_keeps_the_best_of_the_whole_run(run_a: Path, shapes_root: Path,
                                                                             tmp_path: Path) -> None:
     previous_best = load_checkpoint(run_a / "checkpoints" / "best.ckpt")
@@ -85,6 +87,7 @@ def test_a_run_resumed_into_a_new_directory_keeps_the_best_of_the_whole_run(run_
     assert (run_a / "checkpoints" / "best.ckpt").is_file()  # the previous run keeps its own
 
 
+@pytest.mark.slow
 def test_without_the_previous_best_file_the_best_restarts_and_still_names_best_checkpoint(
         run_a: Path, shapes_root: Path, tmp_path: Path) -> None:
     source = tmp_path / "copied" / "last.ckpt"  # only last.ckpt was kept, and its best.ckpt was deleted since

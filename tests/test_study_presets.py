@@ -86,6 +86,7 @@ def test_every_optimizer_starts_from_the_same_learning_rate() -> None:
         assert OmegaConf.load(path).lr == 1e-4, path.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESET_JOBS)
 def test_preset_smoke_sweep_on_shapes(name: str, shapes_root: Path, tmp_path: Path) -> None:
     """Each preset's CPU smoke version (seed 1 only) runs every job of its grid."""

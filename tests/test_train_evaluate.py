@@ -18,6 +18,7 @@ from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_
 CHANCE_MIOU = 0.05  # all-background on shapes: ~0.7 IoU for one class out of 21 present
 
 
+@pytest.mark.slow
 def test_fast_dev_run_through_hydra(shapes_root: Path, tmp_path: Path) -> None:
     run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                     "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path}")
@@ -50,6 +51,7 @@ def test_learning_rate_decays_per_batch(trained_run: Path) -> None:
         assert entry["train/lr"] == pytest.approx(3e-3 / (1 + 1e-3 * steps), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_logged_val_miou(trained_run: Path, tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "best.ckpt"
     result = run_entry_point("evaluate.py", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path}")
@@ -63,6 +65,7 @@ def test_evaluate_reproduces_the_logged_val_miou(trained_run: Path, tmp_path: Pa
     assert "IoU per class" in result.stdout
 
 
+@pytest.mark.slow
 def test_full_resolution_evaluation_and_saved_predictions(trained_run: Path, shapes_root: Path,
                                                           tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "best.ckpt"
@@ -104,6 +107,7 @@ def test_tensorboard_holds_val_scalars_and_the_prediction_grid(trained_run: Path
     assert {"hp/best_val_miou", "hp/final_val_miou"} <= {m.name.tag for m in experiment.metric_infos}
 
 
+@pytest.mark.slow
 def test_resume_from_last_checkpoint_continues_training(trained_run: Path, shapes_root: Path,
                                                         tmp_path: Path) -> None:
     run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
@@ -118,6 +122,7 @@ def test_resume_from_last_checkpoint_continues_training(trained_run: Path, shape
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_two_job_multirun_leaves_two_run_dirs_named_by_overrides_in_tensorboard(shapes_root: Path,
                                                                                   tmp_path: Path) -> None:
     run_entry_point("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
@@ -141,6 +146,7 @@ def test_two_job_multirun_leaves_two_run_dirs_named_by_overrides_in_tensorboard(
     assert {"hp/best_val_miou", "hp/best_val_miou_no_bg"} <= {m.name.tag for m in experiment.metric_infos}
 
 
+@pytest.mark.slow
 def test_metrics_json_keeps_the_best_epochs_confusion_matrix(trained_run: Path, tmp_path: Path) -> None:
     metrics = read_json(trained_run / "metrics.json")
     counts = torch.tensor(metrics["best_confusion_matrix"], dtype=torch.float64)
@@ -152,6 +158,7 @@ def test_metrics_json_keeps_the_best_epochs_confusion_matrix(trained_run: Path, 
     assert (tmp_path / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_path_is_one_clear_error(tmp_path: Path) -> None:
     result = run_entry_point("evaluate.py", f"ckpt={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path}",
                              check=False)
@@ -160,6 +167,7 @@ def test_bad_checkpoint_path_is_one_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_voc_is_one_clear_error(tmp_path: Path) -> None:
     result = run_entry_point("train.py", *TINY_MODEL, *QUIET, f"data.root={tmp_path / 'voc'}",
                              f"hydra.run.dir={tmp_path / 'run'}", check=False)
@@ -169,6 +177,7 @@ def test_missing_voc_is_one_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")
 def test_asking_for_a_missing_gpu_is_one_clear_error(trained_run: Path, tmp_path: Path) -> None:
     result = run_entry_point("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", "device=cuda",
