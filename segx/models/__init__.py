@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -11,10 +10,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from segx.core.errors import ConfigError
-from segx.models.contract import check_input_size
+from segx.models.contract import check_input_size, meta_forward
 from segx.models.memory_format import parse_channels_last
 from segx.models.unet import UNet
 
@@ -69,22 +67,11 @@ def apply_network_options(net: nn.Module, options: Mapping[str, Any]) -> nn.Modu
     return net
 
 
-def _meta_forward(net: nn.Module, image_size: int, in_channels: int = 3) -> tuple[torch.Tensor, int]:
-    """The logits of one image and the floating-point operations of computing them (a multiply-add counts 2),
-    from a forward pass of a copy on PyTorch's meta device: shapes only, no arithmetic, no activation memory.
-    Raises what the network raises; NotImplementedError for an operation without a meta kernel."""
-    probe = copy.deepcopy(getattr(net, "_orig_mod", net)).to("meta").eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        logits = probe(torch.empty(1, in_channels, image_size, image_size, device="meta"))
-    return logits, int(counter.get_total_flops())
-
-
 def forward_flops(net: nn.Module, image_size: int, in_channels: int = 3) -> int:
     """Forward FLOPs of one image, counted by `torch.utils.flop_counter` on a meta-device copy; 0 when an
     operation has no meta kernel."""
     try:
-        return _meta_forward(net, image_size, in_channels)[1]
+        return meta_forward(net, image_size, in_channels)[1]
     except NotImplementedError:
         return 0
 

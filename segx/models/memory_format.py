@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from segx.core.errors import ConfigError, first_line
+from segx.models.contract import unwrap
 
 #: channels_last must beat NCHW by this factor to be chosen: NCHW is PyTorch's default, and a margin keeps a
 #: network whose two formats run about equally fast from switching between runs on timing noise.
@@ -90,7 +91,7 @@ def probe_channels_last(
     one when `training`, of copies of `net` on the CPU. The batch shrinks below `batch_size` where one pass
     would take more than its share of `budget_s`, so a large network costs a few passes of two images. `net`
     and the random number generators are left as they were (the run stays reproducible)."""
-    plain = copy.deepcopy(getattr(net, "_orig_mod", net)).cpu().train(training)
+    plain = copy.deepcopy(unwrap(net)).cpu().train(training)
     nhwc = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     plain = plain.to(memory_format=torch.contiguous_format)
     generator = torch.Generator().manual_seed(0)
