@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.in_process import run_in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Narrow network and small data: the whole suite must stay fast on 2 CPU cores.
@@ -20,7 +22,8 @@ QUIET = ["trainer.enable_progress_bar=false"]
 
 
 def run_entry_point(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run train.py / evaluate.py exactly as a user would, in a subprocess."""
+    """Run train.py / evaluate.py exactly as a user would, in a subprocess (`run_in_process` where that is not the
+    point)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     result = subprocess.run(
         [sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -50,7 +53,7 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> Path:
     """One short real training run on shapes, shared by the tests that inspect its outputs."""
     run_dir = tmp_path_factory.mktemp("run")
-    run_entry_point(
+    run_in_process(
         "train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "optimizer.lr=3e-3",
         "optimizer.decay=1e-3", "trainer.max_epochs=10", "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}",
     )

@@ -10,7 +10,7 @@ from PIL import Image
 
 from segx.core.errors import SegxError
 from segx.data import VOCDataModule
-from tests.conftest import run_entry_point
+from tests.conftest import run_in_process
 
 HEIGHT, WIDTH = 24, 32
 TINY_RUN = ["model=unet_small", "model.encoder_widths=[8,16]", "model.bottleneck_width=32", "data.image_size=32",
@@ -130,7 +130,7 @@ def test_the_entry_point_lists_ten_bad_files_and_counts_the_rest(tmp_path: Path)
     for name in bad_images:
         truncate(voc_dir / "JPEGImages" / name)
     write_mask(voc_dir / "SegmentationClass" / "2007_000014.png", [0, 99])
-    result = run_entry_point("train.py", *TINY_RUN, f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}",
+    result = run_in_process("train.py", *TINY_RUN, f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}",
                              check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
@@ -150,7 +150,7 @@ def test_the_entry_point_names_a_missing_split_file(tmp_path: Path) -> None:
     voc_dir = write_tree(root, num_train=2, num_val=2)
     split_file = voc_dir / "ImageSets" / "Segmentation" / "train.txt"
     split_file.unlink()
-    result = run_entry_point("train.py", *TINY_RUN, f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}",
+    result = run_in_process("train.py", *TINY_RUN, f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}",
                              check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]

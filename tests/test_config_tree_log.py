@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from segx.core.console import GROUPS, config_tree, log_config_tree
-from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_entry_point
+from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_in_process
 
 
 def _compose(*overrides: str) -> str:
@@ -61,7 +61,7 @@ def test_log_config_tree_is_one_info_message(caplog: pytest.LogCaptureFixture) -
 
 @pytest.mark.slow
 def test_a_training_run_logs_its_composed_config(shapes_root: Path, tmp_path: Path) -> None:
-    run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "optimizer.lr=0.0123",
+    run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "optimizer.lr=0.0123",
                     "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                     "trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu", "logger=none",
                     "callbacks.prediction_grid=null", f"hydra.run.dir={tmp_path}")

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from segx.runs.status import FAILED
-from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
+from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_in_process
 
 CPU = ["trainer.accelerator=cpu", "logger=none"]
 STEPS_PER_EPOCH = 96 // 8  # TINY_SHAPES: 96 train images, batches of 8
@@ -53,7 +53,7 @@ def _finite_weights(path: Path) -> dict:
 @pytest.mark.slow
 def test_a_diverging_learning_rate_stops_the_run_with_where_and_why(tmp_path: Path, shapes_root: Path) -> None:
     # Plain SGD at 1e12 turns the tiny U-Net's loss into NaN at the second batch, every time.
-    result = run_entry_point(
+    result = run_in_process(
         "train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, *CPU, f"data.root={shapes_root}", "optimizer=sgd",
         "optimizer.lr=1e12", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path}", check=False,
     )
@@ -67,7 +67,7 @@ def test_a_diverging_learning_rate_stops_the_run_with_where_and_why(tmp_path: Pa
 @pytest.mark.slow
 @pytest.mark.parametrize("check_every", ["null", "5"])  # 5: the windowed check a GPU run uses (every 32)
 def test_last_ckpt_keeps_the_last_good_epoch(check_every: str, tmp_path: Path, shapes_root: Path) -> None:
-    result = run_entry_point(
+    result = run_in_process(
         "train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, *CPU, f"data.root={shapes_root}", "trainer.max_epochs=3",
         "+callbacks.poison._target_=tests.test_divergence_and_determinism.PoisonWeightsAt", "+callbacks.poison.epoch=1",
         f"callbacks.stop_on_nonfinite_loss.check_every_n_steps={check_every}", f"hydra.run.dir={tmp_path}",
@@ -90,7 +90,7 @@ def test_last_ckpt_keeps_the_last_good_epoch(check_every: str, tmp_path: Path, s
 @pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path: Path, shapes_root: Path) -> None:
     def train(name: str) -> dict:
-        run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, *CPU, f"data.root={shapes_root}", "seed=3",
+        run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, *CPU, f"data.root={shapes_root}", "seed=3",
                         "trainer.max_epochs=2", "run.channels_last=true", f"hydra.run.dir={tmp_path / name}")
         return read_json(tmp_path / name / "metrics.json")
 

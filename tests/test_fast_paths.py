@@ -23,7 +23,7 @@ from segx.models import UNet, build_network, forward_flops, run_options
 from segx.training.losses import CrossEntropyLoss
 from segx.training.module import SegmentationModule
 from segx.training.runtime import resolve_benchmark
-from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
+from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_in_process
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -147,7 +147,7 @@ def test_both_data_paths_train_identically(tmp_path: Path, shapes_root: Path) ->
     scores = {}
     for on_device in ("true", "false"):
         run = tmp_path / on_device
-        run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+        run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                         f"data.on_device={on_device}", "trainer.max_epochs=3", "optimizer.lr=3e-3",
                         "run.channels_last=true", f"hydra.run.dir={run}")  # not auto: a timed choice could differ
         metrics = read_json(run / "metrics.json")

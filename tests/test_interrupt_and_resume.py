@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from segx.inference.checkpoint import load_checkpoint
-from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
+from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, read_json, run_in_process
 
 EPOCHS = 6
 STEPS_PER_EPOCH = 96 // 8
@@ -49,7 +49,7 @@ def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int,
     saved = load_checkpoint(last)  # complete and loadable, with the state at the signal
     assert saved["global_step"] >= record.get("epochs", 0) * STEPS_PER_EPOCH
 
-    run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+    run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                     f"trainer.max_epochs={EPOCHS}", "logger=none", f"hydra.run.dir={tmp_path}", "ckpt_path=last")
     resumed = read_json(tmp_path / "metrics.json")
     assert resumed["status"] == "completed" and "error" not in resumed
@@ -62,12 +62,12 @@ def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int,
 @pytest.mark.slow
 def test_ckpt_path_auto_starts_fresh_and_last_needs_a_checkpoint(shapes_root: Path, tmp_path: Path) -> None:
     common = [*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none", "trainer.max_epochs=1"]
-    missing = run_entry_point("train.py", *common, f"hydra.run.dir={tmp_path / 'a'}", "ckpt_path=last", check=False)
+    missing = run_in_process("train.py", *common, f"hydra.run.dir={tmp_path / 'a'}", "ckpt_path=last", check=False)
     assert missing.returncode == 2 and "ckpt_path=last resumes" in missing.stdout + missing.stderr
     assert "Traceback" not in missing.stdout + missing.stderr
-    run_entry_point("train.py", *common, f"hydra.run.dir={tmp_path / 'b'}", "ckpt_path=auto")
+    run_in_process("train.py", *common, f"hydra.run.dir={tmp_path / 'b'}", "ckpt_path=auto")
     assert read_json(tmp_path / "b" / "metrics.json")["epochs"] == 1
-    run_entry_point("train.py", *common[:-1], "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'b'}",
+    run_in_process("train.py", *common[:-1], "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'b'}",
                     "ckpt_path=auto")
     assert [int(h["epoch"]) for h in read_json(tmp_path / "b" / "metrics.json")["history"]] == [0, 1]
 
@@ -75,7 +75,7 @@ def test_ckpt_path_auto_starts_fresh_and_last_needs_a_checkpoint(shapes_root: Pa
 @pytest.mark.slow
 def test_an_image_size_the_model_cannot_take_is_refused_before_any_data_is_read(tmp_path: Path) -> None:
     root = tmp_path / "fresh"
-    result = run_entry_point("train.py", "data=shapes", f"data.root={root}", "model=fcn", "data.image_size=40",
+    result = run_in_process("train.py", "data=shapes", f"data.root={root}", "model=fcn", "data.image_size=40",
                              f"hydra.run.dir={tmp_path / 'run'}", check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output
@@ -92,7 +92,7 @@ def test_an_image_size_the_model_cannot_take_is_refused_before_any_data_is_read(
 @pytest.mark.slow
 def test_a_wrong_name_or_value_is_one_clear_message(override: str, code: int, message: str, shapes_root: Path,
                                                     tmp_path: Path) -> None:
-    result = run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", override,
+    result = run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", override,
                              f"hydra.run.dir={tmp_path}", check=False)
     output = result.stdout + result.stderr
     assert result.returncode == code and message in output and "Traceback" not in output

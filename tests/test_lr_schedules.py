@@ -14,7 +14,7 @@ from segx.core.errors import ConfigError
 from segx.inference.predictor import Predictor
 from segx.inference.timing import time_prediction
 from segx.training.optim import build_optimizer
-from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
+from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, read_json, run_in_process
 
 
 def config(*overrides: str) -> OmegaConf:
@@ -90,13 +90,13 @@ def test_the_studys_future_optimizers_build(name: str, cls: type) -> None:
 @pytest.mark.slow
 def test_monitor_picks_the_best_checkpoint_and_an_unknown_one_is_refused(shapes_root: Path, tmp_path: Path) -> None:
     assert config("monitor=val/miou_no_bg").callbacks.model_checkpoint.monitor == "val/miou_no_bg"
-    run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "optimizer.lr=3e-3",
+    run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "optimizer.lr=3e-3",
                     "scheduler=cosine", "trainer.max_epochs=3", "monitor=val/miou_no_bg", "logger=none",
                     f"hydra.run.dir={tmp_path / 'run'}")
     metrics = read_json(tmp_path / "run" / "metrics.json")
     assert metrics["monitor"] == "val/miou_no_bg"
     assert metrics["best"]["val/miou_no_bg"] == max(h["val/miou_no_bg"] for h in metrics["history"])
-    bad = run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+    bad = run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                           "monitor=val/loss", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert bad.returncode == 2 and "monitor=val/loss cannot pick the best epoch" in bad.stdout + bad.stderr
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from segx.inference.evaluate import evaluate_checkpoint
 from segx.inference.export import export_checkpoint, export_network, export_onnx
 from segx.inference.predict import labels_at_size, predict_images
 from segx.models import build_network
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_in_process
 
 # (file name, PIL mode, (width, height)) of the mixed folder: every kind of image a user may point at.
 MIXED = [("photo.jpg", "RGB", (50, 70)), ("cutout.png", "RGBA", (33, 41)), ("scan.png", "L", (64, 64))]
@@ -36,21 +34,10 @@ class NotATensor:
         self.payload = "anything"
 
 
-def run_module(module: str, *overrides: str) -> subprocess.Popen:
-    """Start `python -m <module> key=value ...` exactly as a user would; the caller waits for it."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def finish(process: subprocess.Popen) -> tuple[int, str]:
-    stdout, stderr = process.communicate(timeout=600)
-    return process.returncode, stdout + stderr
-
-
 def run_all(*commands: tuple[str, ...]) -> list[tuple[int, str]]:
-    """Run several entry points side by side (each spends seconds importing torch) and collect them."""
-    return [finish(process) for process in [run_module(*command) for command in commands]]
+    """Run `python -m <module> key=value ...` for each command (in this process) and collect exit codes and output."""
+    results = [run_in_process(*command, check=False) for command in commands]
+    return [(result.returncode, result.stdout + result.stderr) for result in results]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from segx import report
 from segx.core.files import atomic_path
 from segx.report.plots import normalize_rows
-from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
+from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_in_process
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SWEEP_PLOTS = {"scores.png", "curves.png", "per_class_iou.png", "predictions.png"}
@@ -25,7 +25,7 @@ METRICS = {"miou": "val/miou", "miou_no_bg": "val/miou_no_bg", "acc": "val/acc",
 def sweep(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> Path:
     """A real 2 optimizers × 2 seeds sweep (4 short jobs), reported once."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    run_entry_point("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+    run_in_process("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                     "trainer.max_epochs=2", "trainer.limit_train_batches=2", "optimizer=sgd,adam", "seed=1,2",
                     "optimizer.lr=0.003", "logger=none", f"hydra.sweep.dir={sweep_dir}")
     report.main([str(sweep_dir)])
@@ -100,7 +100,7 @@ def test_missing_values_are_empty_cells_and_timing_gets_its_figure(sweep: Path, 
 
 @pytest.mark.slow
 def test_a_sweep_with_a_failed_job_renders_and_lists_it(shapes_root: Path, tmp_path: Path) -> None:
-    result = run_entry_point("train.py", "-m", *TINY_SHAPES, *QUIET, "model=unet,unet_small", "data.image_size=40",
+    result = run_in_process("train.py", "-m", *TINY_SHAPES, *QUIET, "model=unet,unet_small", "data.image_size=40",
                              "data.batch_size=4", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
                              "trainer.limit_val_batches=1", "logger=none", f"data.root={shapes_root}",
                              f"hydra.sweep.dir={tmp_path}", check=False)

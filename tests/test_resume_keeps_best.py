@@ -17,13 +17,13 @@ import torch
 
 from segx.inference.checkpoint import load_checkpoint
 from segx.training.callbacks import RunCheckpoint
-from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
+from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_in_process
 
 BEST = 1.0  # the highest val mIoU there is: ModelCheckpoint replaces its best only on a strictly higher score
 
 
 def train(shapes_root: Path, run_dir: Path, epochs: int, *extra: str) -> str:
-    result = run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none",
+    result = run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none",
                              f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}", *extra)
     return result.stdout + result.stderr
 

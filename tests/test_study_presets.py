@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from segx import report
 from segx.runs.record import read_record
 from segx.runs.status import COMPLETED
-from tests.conftest import QUIET, ROOT, TINY_SHAPES, run_entry_point
+from tests.conftest import QUIET, ROOT, TINY_SHAPES, run_in_process
 
 PRESET_JOBS = {"optimizer_grid": 36, "loss_grid": 39, "size_study": 9, "best_setting": 3, "compare_models": 45}
 # The study's loss experiment: each of its losses with and without class weights (its hinge unweighted only).
@@ -93,7 +93,7 @@ def test_preset_smoke_sweep_on_shapes(name: str, shapes_root: Path, tmp_path: Pa
     # Presets of the study's U-Net alone sweep optimizers, rates and losses, not the network: a narrow U-Net of the
     # same depth runs their jobs in a fraction of the time. Model-comparing presets keep their networks whole.
     narrow = [] if name in ("compare_models", "size_study") else NARROW_UNET
-    result = run_entry_point("train.py", "-m", f"experiment={name}", *TINY_SHAPES, *QUIET, *SMOKE, *narrow,
+    result = run_in_process("train.py", "-m", f"experiment={name}", *TINY_SHAPES, *QUIET, *SMOKE, *narrow,
                              f"data.root={shapes_root}", f"hydra.sweep.dir={tmp_path}")
     runs = sorted((p.parent for p in tmp_path.glob("*/metrics.json")), key=lambda p: int(p.name))
     assert len(runs) == PRESET_JOBS[name] // 3, result.stdout[-3000:]

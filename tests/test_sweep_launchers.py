@@ -24,7 +24,7 @@ from segx.data.augment import BatchAugment
 from segx.runs.record import read_record
 from segx.runs.status import COMPLETED, FAILED
 from segx.training.runtime import resolve_precision, strategy_for_sweep_job
-from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_entry_point
+from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_entry_point, run_in_process
 
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 # A Ray of the sweep's own, even where $RAY_ADDRESS or a `ray start` on this machine names another one.
@@ -283,28 +283,28 @@ def test_basic_launcher_isolates_a_failed_job_and_a_rerun_skips_the_completed_on
                                                                                   tmp_path: Path) -> None:
     command = ["train.py", "-m", *TINY_SHAPES, *QUIET, *FIRST_JOB_FAILS, f"data.root={shapes_root}",
                f"hydra.sweep.dir={tmp_path}"]
-    first = run_entry_point(*command, check=False)
+    first = run_in_process(*command, check=False)
     assert first.returncode == 1
     assert "Traceback" not in first.stderr
     failed, completed = records(tmp_path)
     assert failed["status"] == FAILED and "divisible by 16" in failed["error"]
     assert completed["status"] == COMPLETED
 
-    again = run_entry_point(*command, check=False)
+    again = run_in_process(*command, check=False)
     assert again.returncode == 1
     assert "Job 1 completed earlier" in again.stdout + again.stderr
     failed_again, skipped = records(tmp_path)
     assert skipped == completed  # not retrained, not rewritten
     assert failed_again["status"] == FAILED and failed_again["started_at"] != failed["started_at"]
 
-    other = run_entry_point(*command, "seed=3", check=False)
+    other = run_in_process(*command, "seed=3", check=False)
     assert other.returncode == 2 and "already holds a different sweep" in other.stdout + other.stderr
     assert records(tmp_path) == [failed_again, skipped]
 
 
 @pytest.mark.slow
 def test_a_single_run_with_a_user_error_is_one_paragraph_and_exit_2(shapes_root: Path, tmp_path: Path) -> None:
-    result = run_entry_point("train.py", *TINY_SHAPES, *QUIET, "model=unet", "data.image_size=40",
+    result = run_in_process("train.py", *TINY_SHAPES, *QUIET, "model=unet", "data.image_size=40",
                              f"data.root={shapes_root}", f"hydra.run.dir={tmp_path}", check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stdout + result.stderr
@@ -316,16 +316,18 @@ def test_a_single_run_with_a_user_error_is_one_paragraph_and_exit_2(shapes_root:
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_its_interrupted_job_from_last_ckpt(shapes_root: Path, tmp_path: Path) -> None:
     command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET,
-               f"data.root={shapes_root}", "trainer.max_epochs=40", "seed=5", "logger=none",
-               f"hydra.sweep.dir={tmp_path}"]
+               f"data.root={shapes_root}", "trainer.max_epochs=40", "trainer.limit_train_batches=3", "seed=5",
+               "logger=none", f"hydra.sweep.dir={tmp_path}"]
     last = tmp_path / "0" / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)  # a few more epochs
+        def epochs_done() -> int:
+            return (read_record(tmp_path / "0") or {}).get("epochs", 0) if last.exists() else 0
+
+        while epochs_done() < 2 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # killed a few epochs in, whatever this machine's speed: 38 epochs are still to go
         assert process.poll() is None, "the sweep ended before it could be killed"
     finally:
         os.killpg(process.pid, signal.SIGKILL)
@@ -333,7 +335,7 @@ def test_a_killed_sweep_resumes_its_interrupted_job_from_last_ckpt(shapes_root: 
     killed = read_record(tmp_path / "0")
     assert killed["status"] == "running" and 1 <= killed["epochs"] < 40
 
-    result = run_entry_point(*command[1:])
+    result = run_in_process("train.py", *command[2:])
     assert "resuming from" in result.stdout + result.stderr
     [resumed] = records(tmp_path)
     assert resumed["status"] == COMPLETED

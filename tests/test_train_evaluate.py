@@ -13,14 +13,14 @@ from tensorboard.backend.event_processing.event_multiplexer import EventMultiple
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint
-from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_entry_point
+from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, read_json, run_in_process
 
 CHANCE_MIOU = 0.05  # all-background on shapes: ~0.7 IoU for one class out of 21 present
 
 
 @pytest.mark.slow
 def test_fast_dev_run_through_hydra(shapes_root: Path, tmp_path: Path) -> None:
-    run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+    run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                     "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path}")
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert read_json(tmp_path / "metrics.json")["parameters"]["trainable"] > 0
@@ -54,7 +54,7 @@ def test_learning_rate_decays_per_batch(trained_run: Path) -> None:
 @pytest.mark.slow
 def test_evaluate_reproduces_the_logged_val_miou(trained_run: Path, tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    result = run_entry_point("evaluate.py", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path}")
+    result = run_in_process("evaluate.py", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path}")
     scores = read_json(tmp_path / "metrics.json")
     logged = read_json(trained_run / "metrics.json")["best"]
     assert scores["miou"] == pytest.approx(logged["val/miou"], abs=1e-4)
@@ -69,7 +69,7 @@ def test_evaluate_reproduces_the_logged_val_miou(trained_run: Path, tmp_path: Pa
 def test_full_resolution_evaluation_and_saved_predictions(trained_run: Path, shapes_root: Path,
                                                           tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    run_entry_point("evaluate.py", f"ckpt={ckpt}", "full_res=true", "save_predictions=true",
+    run_in_process("evaluate.py", f"ckpt={ckpt}", "full_res=true", "save_predictions=true",
                     f"hydra.run.dir={tmp_path}")
     scores = read_json(tmp_path / "metrics.json")
     assert scores["full_res"] is True and 3 * CHANCE_MIOU < scores["miou"] <= 1
@@ -110,7 +110,7 @@ def test_tensorboard_holds_val_scalars_and_the_prediction_grid(trained_run: Path
 @pytest.mark.slow
 def test_resume_from_last_checkpoint_continues_training(trained_run: Path, shapes_root: Path,
                                                         tmp_path: Path) -> None:
-    run_entry_point("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+    run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                     "optimizer.lr=3e-3", "optimizer.decay=1e-3", "trainer.max_epochs=11", "logger=csv",
                     f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}")
     metrics = read_json(tmp_path / "metrics.json")
@@ -125,7 +125,7 @@ def test_resume_from_last_checkpoint_continues_training(trained_run: Path, shape
 @pytest.mark.slow
 def test_two_job_multirun_leaves_two_run_dirs_named_by_overrides_in_tensorboard(shapes_root: Path,
                                                                                   tmp_path: Path) -> None:
-    run_entry_point("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+    run_in_process("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                     "trainer.max_epochs=1", "trainer.limit_train_batches=2", "seed=1,2",
                     f"hydra.sweep.dir={tmp_path}")
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.json"))
@@ -153,14 +153,14 @@ def test_metrics_json_keeps_the_best_epochs_confusion_matrix(trained_run: Path, 
     assert counts.shape == (21, 21) and len(metrics["class_names"]) == 21
     assert counts.sum() == metrics["best"]["val/pixels"]
     assert float(counts.diag().sum() / counts.sum()) == pytest.approx(metrics["best"]["val/acc"], abs=1e-6)
-    run_entry_point("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path}")
+    run_in_process("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path}")
     assert read_json(tmp_path / "metrics.json")["confusion_matrix"] == metrics["best_confusion_matrix"]
     assert (tmp_path / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow
 def test_bad_checkpoint_path_is_one_clear_error(tmp_path: Path) -> None:
-    result = run_entry_point("evaluate.py", f"ckpt={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path}",
+    result = run_in_process("evaluate.py", f"ckpt={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path}",
                              check=False)
     assert result.returncode == 2
     assert "missing.ckpt does not exist" in result.stderr + result.stdout
@@ -169,7 +169,7 @@ def test_bad_checkpoint_path_is_one_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_missing_voc_is_one_clear_error(tmp_path: Path) -> None:
-    result = run_entry_point("train.py", *TINY_MODEL, *QUIET, f"data.root={tmp_path / 'voc'}",
+    result = run_in_process("train.py", *TINY_MODEL, *QUIET, f"data.root={tmp_path / 'voc'}",
                              f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert result.returncode == 2
     output = result.stderr + result.stdout
@@ -180,7 +180,7 @@ def test_missing_voc_is_one_clear_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")
 def test_asking_for_a_missing_gpu_is_one_clear_error(trained_run: Path, tmp_path: Path) -> None:
-    result = run_entry_point("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", "device=cuda",
+    result = run_in_process("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", "device=cuda",
                              f"hydra.run.dir={tmp_path}", check=False)
     assert result.returncode == 2 and "no CUDA GPU" in result.stderr + result.stdout
     assert not (tmp_path / "metrics.json").exists()
