@@ -235,6 +235,32 @@ def test_gpus_launcher_refuses_a_request_no_node_can_hold_before_any_job_starts(
     assert "(job 0 pid=" not in output and not list(tmp_path.glob("*/metrics.json"))
 
 
+@pytest.mark.slow
+def test_ctrl_c_of_a_gpus_sweep_records_its_running_jobs_as_interrupted_and_exits_130(shapes_root: Path,
+                                                                                    tmp_path: Path) -> None:
+    own = OwnProcesses(uuid.uuid4().hex)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", TAG: own.tag}
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, "logger=none",
+               f"data.root={shapes_root}", "trainer.max_epochs=200", "seed=1,2", *SIMULATED_GPUS,
+               f"hydra.sweep.dir={tmp_path}"]
+    with subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as process:
+        deadline = time.monotonic() + 180
+        while (len([r for r in records(tmp_path) if r and r.get("history")]) < 2 and process.poll() is None
+               and time.monotonic() < deadline):
+            own.record()
+            time.sleep(0.2)
+        assert process.poll() is None, "the sweep ended before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    own.wait_until_gone()
+    assert process.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    assert "Sweep interrupted by Ctrl-C: 2 running job(s) recorded as interrupted, 0 not started" in output
+    for record in records(tmp_path):
+        assert record["status"] == FAILED and record["error"].startswith("interrupted by Ctrl-C"), record
+
+
 def test_job_requests_are_fitted_to_the_nodes_or_refused() -> None:
     one_gpu = [{"CPU": 2.0, "GPU": 1.0, "memory": 1e9}]
     assert fit_to_cluster({"num_gpus": 0.5, "num_cpus": 1}, one_gpu, jobs=4) == ({"num_gpus": 0.5, "num_cpus": 1}, None)
@@ -297,7 +323,7 @@ def test_basic_launcher_isolates_a_failed_job_and_a_rerun_skips_the_completed_on
     assert skipped == completed  # not retrained, not rewritten
     assert failed_again["status"] == FAILED and failed_again["started_at"] != failed["started_at"]
 
-    other = run_in_process(*command, "seed=3", check=False)
+    other = run_in_process(*command, "seed=3,4", check=False)  # another axis: another set of jobs
     assert other.returncode == 2 and "already holds a different sweep" in other.stdout + other.stderr
     assert records(tmp_path) == [failed_again, skipped]
 

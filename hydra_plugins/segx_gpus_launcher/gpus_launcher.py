@@ -24,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segx.core.errors import ConfigError, first_line
 from segx.runs.job import record_worker_death
+from segx.runs.record import read_record
+from segx.runs.status import CTRL_C, EXIT_CODES, RUNNING
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +157,36 @@ class GpuLauncher(RayLauncher):
             launched.append((idx, list(overrides), sweep_config, ref))
 
         results = []
-        for idx, overrides, sweep_config, ref in launched:
-            try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayError as error:
-                results.append(self._worker_died(idx, overrides, sweep_config, remote, error))
+        try:
+            for idx, overrides, sweep_config, ref in launched:
+                try:
+                    results.append(ray.get(ref))
+                except ray.exceptions.RayError as error:
+                    results.append(self._worker_died(idx, overrides, sweep_config, remote, error))
+        except KeyboardInterrupt:
+            self._interrupted(launched[len(results):])
         return results
+
+    @staticmethod
+    def _interrupted(unfinished: list[tuple]) -> None:
+        """Ctrl-C: Ray's workers end with the sweep; the jobs they were running are recorded as a single run's
+        would be (interrupted, to resume), and the sweep exits 130 with one line instead of Ray's traceback."""
+        import ray
+
+        ray.shutdown()  # stops the workers first, so none of them writes its record after this
+        marked = not_started = 0
+        for idx, overrides, sweep_config, _ in unfinished:
+            run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+            record = read_record(run_dir)
+            if record is None:
+                not_started += 1
+            elif record.get("status") == RUNNING:
+                record_worker_death(run_dir, idx, list(filter_overrides(overrides)), "gpus",
+                                    f"interrupted by {CTRL_C}: run the same sweep command again to resume it")
+                marked += 1
+        log.error("Sweep interrupted by Ctrl-C: %d running job(s) recorded as interrupted, %d not started; run the "
+                  "same command again to resume.", marked, not_started)
+        sys.exit(EXIT_CODES[CTRL_C])
 
     @staticmethod
     def _worker_died(idx: int, overrides: list[str], sweep_config: object, remote: dict,

@@ -41,6 +41,11 @@ class ConfigError(SegxError, ValueError):
     """A config value out of range (a width, a size, a name); still a ValueError for library callers."""
 
 
+class DatasetUnavailableError(SegxError):
+    """The dataset at data.root cannot be read (missing, incomplete, not downloadable): every job of a sweep that
+    reads the same data would fail the same way."""
+
+
 class DataRootTakenError(SegxError, FileExistsError):
     """A generated dataset would overwrite a folder that is not ours."""
 

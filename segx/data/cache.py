@@ -23,7 +23,7 @@ import torchvision.transforms.v2.functional as TF
 from filelock import FileLock
 from PIL import Image
 
-from segx.core.errors import SegxError
+from segx.core.errors import DatasetUnavailableError, SegxError
 from segx.core.files import atomic_path
 from segx.data.source import IGNORE_INDEX, SplitFiles
 
@@ -195,7 +195,7 @@ def _build(
             if progress is not None:
                 progress(i + 1, n)
     if bad:
-        raise SegxError(describe_bad_files(bad, split, num_classes, bad_files_fix, ignore_index))
+        raise DatasetUnavailableError(describe_bad_files(bad, split, num_classes, bad_files_fix, ignore_index))
     return CachedSplit(split, size, list(files.ids), images, masks, original)
 
 
@@ -223,6 +223,21 @@ def _cache_problem(blob: object, ids: list[str], size: int) -> str | None:
     return None
 
 
+def _make_writable(cache_dir: Path) -> None:
+    """The cache folder, created if needed; a read-only one (a shared dataset's data.root) says how to move it."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        reason = None if os.access(cache_dir, os.W_OK) else "permission denied or a read-only filesystem"
+    except OSError as error:
+        reason = error.strerror or str(error)
+    if reason is not None:
+        raise SegxError(
+            f"The data cache cannot be written to {cache_dir} ({reason}). segx keeps its cache beside the data by "
+            "default; for a data.root you cannot write to, set data.cache_dir to a writable folder (for example "
+            "data.cache_dir=~/.cache/segx)."
+        )
+
+
 def load_or_build(
     cache_dir: Path, split: str, files: SplitFiles, size: int, num_classes: int,
     ignore_index: int = IGNORE_INDEX, bad_files_fix: str = DEFAULT_FIX,
@@ -234,7 +249,7 @@ def load_or_build(
     lists them ends with `bad_files_fix`, the source's words for replacing them.
     """
     ids = files.ids
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    _make_writable(cache_dir)
     path = cache_dir / f"{split}-{size}px-{fingerprint(files.images, files.masks)}.pt"
     with FileLock(str(path) + ".lock"):
         if path.exists():

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from segx.core.errors import ConfigError, SegxError
+from segx.core.errors import ConfigError, DatasetUnavailableError, SegxError
 from segx.data.augment import augment_from_config
 from segx.data.cache import CachedSplit, load_or_build
 from segx.data.device_batches import DeviceBatches, EpochOrderSampler
@@ -211,7 +211,8 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         if split not in self._splits:
             files = self.split_files(split)
             if not files.ids:
-                raise SegxError(f"The {split} split under data.root={self.root} lists no image; check its split list.")
+                raise DatasetUnavailableError(
+                    f"The {split} split under data.root={self.root} lists no image; check its split list.")
             self._splits[split] = load_or_build(
                 self.cache_dir, split, files, self.image_size, num_classes=self.num_classes,
                 ignore_index=self.source.ignore_index, bad_files_fix=self.source.bad_files_fix(split),

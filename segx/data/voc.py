@@ -11,7 +11,7 @@ import numpy as np
 from filelock import FileLock
 from torchvision.datasets import VOCSegmentation
 
-from segx.core.errors import ConfigError, SegxError
+from segx.core.errors import ConfigError, DatasetUnavailableError
 from segx.data.cache import name_list
 from segx.data.datamodule import CachedSegmentationDataModule
 from segx.data.source import IGNORE_INDEX, SegmentationSource, SplitFiles
@@ -77,6 +77,11 @@ def _layout_problem(root: Path, split: str) -> str | None:
     )
 
 
+def _without_advice(error: BaseException) -> str:
+    """torchvision's message without its "use download=True" (segx's key is data.download=true)."""
+    return str(error).replace(" You can use download=True to download it", "").strip()
+
+
 def voc_split_files(root: Path, split: str, download: bool = False) -> SplitFiles:
     """(ids, image files, mask files) of a split, read through torchvision's VOCSegmentation."""
     if split not in SPLITS:
@@ -85,20 +90,20 @@ def voc_split_files(root: Path, split: str, download: bool = False) -> SplitFile
     if not download:
         problem = _layout_problem(root, split)
         if problem is not None:
-            raise SegxError(problem)
+            raise DatasetUnavailableError(problem)
     try:
         dataset = VOCSegmentation(str(root), year="2012", image_set=split, download=download)
     except (OSError, RuntimeError) as error:
         if download:
-            raise SegxError(
+            raise DatasetUnavailableError(
                 f"Downloading Pascal VOC 2012 into data.root={root} failed ({error}). This machine may have no "
                 "internet access: fetch VOCtrainval_11-May-2012.tar elsewhere, extract it so that "
                 f"{voc_dir}/JPEGImages exists, and run again with data.download=false."
             ) from error
-        raise SegxError(
+        raise DatasetUnavailableError(
             f"Pascal VOC 2012 was not found under data.root={root} (expected {voc_dir} with JPEGImages, "
-            f"SegmentationClass and ImageSets/Segmentation/{split}.txt; the reader said: {error}). Point "
-            "data.root at the folder that holds VOCdevkit, set data.download=true to fetch it (about 2 GB, needs "
+            f"SegmentationClass and ImageSets/Segmentation/{split}.txt; the reader said: {_without_advice(error)}). "
+            "Point data.root at the folder that holds VOCdevkit, set data.download=true to fetch it (about 2 GB, needs "
             "internet), or use data=shapes for the embedded dataset."
         ) from error
     missing_images = [f for f in dataset.images if not os.path.isfile(f)]
@@ -111,13 +116,13 @@ def voc_split_files(root: Path, split: str, download: bool = False) -> SplitFile
             if files
         ]
         count = len({Path(f).stem for f in (*missing_images, *missing_masks)})
-        raise SegxError(
+        raise DatasetUnavailableError(
             f"The VOC {split} split under data.root={root} lists {count} id(s) whose files do not exist: "
             f"{'; '.join(groups)}. The copy is incomplete: re-extract the VOC archive, or remove those ids from "
             f"{voc_dir}/ImageSets/Segmentation/{split}.txt."
         )
     if not dataset.images:
-        raise SegxError(
+        raise DatasetUnavailableError(
             f"The VOC {split} split under data.root={root} is empty; check its split file "
             f"{voc_dir}/ImageSets/Segmentation/{split}.txt (one image id per line)."
         )

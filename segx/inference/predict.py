@@ -83,10 +83,33 @@ def find_images(pattern: str | Path) -> list[Path]:
     )
 
 
+def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale as 8-bit greyscale: PIL's own convert clips them to 0..255 (a
+    16-bit scan turns almost white). 16-bit values map 0..65535 → 0..255; I and F images by the range they use."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        scaled = values / 257.0
+    else:
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if image.mode == "I" and low >= 0 and high <= 255:
+            scaled = values
+        elif image.mode == "I" and low >= 0 and high <= 65535:
+            scaled = values / 257.0
+        elif image.mode == "F" and low >= 0 and high <= 1:
+            scaled = values * 255.0
+        else:
+            scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.nan_to_num(scaled).clip(0, 255).round().astype(np.uint8), mode="L")
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """The image as upright RGB (EXIF rotation applied); RGBA, greyscale and palette images are converted."""
+    """The image as upright RGB (EXIF rotation applied); RGBA, greyscale (8- and 16-bit, integer and float) and
+    palette images are converted."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)  # phones store sideways pixels and an orientation tag
+        if image.mode.startswith("I") or image.mode == "F":
+            image = _high_depth_to_8bit(image)
         return image.convert("RGB")
 
 

@@ -98,6 +98,10 @@ def check_input_size(net: nn.Module, image_size: int, model_name: str = "the mod
     (`check_divisible`), then one meta-device forward pass for what a divisor cannot express. Returns the
     forward FLOPs per image that pass counted (0 when an operation has no meta kernel, and then the first real
     forward pass checks the rest)."""
+    if image_size < 1:  # 0 and -16 are multiples of 16 too
+        divisor = 1 if pads_input(net) else size_divisor(net)
+        raise ConfigError(f"data.image_size={image_size} cannot be used with {model_name}: it must be a positive "
+                          + (f"multiple of {divisor}" if divisor > 1 else "number") + " (the study used 128).")
     try:
         check_divisible(net, image_size)
         logits, flops = meta_forward(net, image_size)

@@ -17,8 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from segx.core.errors import SegxError, find_user_error
-from segx.runs.overrides import split_override, varying_keys
+from segx.core.errors import DatasetUnavailableError, SegxError, find_user_error
+from segx.core.ranks import is_rank_zero
+from segx.runs.overrides import job_count, split_override, varying_keys
+from segx.runs.ownership import RunDirTakenError, claim_run_dir, release_run_dir
 from segx.runs.record import DEFAULT_MONITOR, JobRecord, best_value, read_record
 from segx.runs.status import COMPLETED, CTRL_C, EXIT_CODES, STOPPED, StopRequested, describe_exit, interruption
 
@@ -83,7 +85,23 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
                 "ckpt_path=<file>, or use ckpt_path=auto to resume when there is a last.ckpt and start fresh otherwise."
             )
         return str(last)
+    if ckpt_path is not None and "://" not in ckpt_path and not Path(ckpt_path).is_file():
+        raise SegxError(
+            f"ckpt_path={ckpt_path} does not exist{' (it is a folder)' if Path(ckpt_path).is_dir() else ''}. Give the "
+            "path of a checkpoint file (a run's checkpoints/last.ckpt or best.ckpt), ckpt_path=last to resume the run "
+            "in hydra.run.dir, or ckpt_path=auto to resume it when it has a last.ckpt and start fresh otherwise."
+        )
     return ckpt_path
+
+
+def _same_job(recorded: list[str], job: JobInfo) -> bool:
+    """A run directory's record is this job's when it has the same values of what the sweep varies (settings every
+    job shares may change between re-runs of a sweep); every override must match when those keys are unknown."""
+    keys = varying_keys(job.sweep_dir) if job.sweep_dir is not None else []
+    if not keys:
+        return recorded == job.overrides
+    before, now = dict(split_override(o) for o in recorded), dict(split_override(o) for o in job.overrides)
+    return all(before.get(key) == now.get(key) for key in keys)
 
 
 def describe_error(error: BaseException) -> str:
@@ -104,12 +122,29 @@ def run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
     Ctrl-C and SIGTERM are recorded as interruptions and exit 130 and 143; a scheduler's `StopRequested` is
     recorded as `stopped` and returns the best score so far. A single run re-raises any other error, a
     `sys.exit()` included (the entry point prints a user error as one paragraph). A sweep job logs it, records
-    `failed` and returns NaN, so the sweep goes on with its other jobs.
+    `failed` and returns NaN, so the sweep goes on with its other jobs. The run directory is this process's while
+    the job runs (segx.runs.ownership): a directory another live process owns is refused untouched.
     """
+    if not is_rank_zero():  # the other ranks of a DDP run work in rank 0's directory and write no run files
+        return _run_job(cfg, job, train)
+    try:
+        claim_run_dir(job.run_dir, "hydra.sweep.dir's job folder" if job.multirun else "hydra.run.dir")
+    except RunDirTakenError as error:
+        if not job.multirun:
+            raise
+        log.error("Job %s: %s", job.num, error)
+        return float("nan")
+    try:
+        return _run_job(cfg, job, train)
+    finally:
+        release_run_dir(job.run_dir)
+
+
+def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
     previous = read_record(job.run_dir) if job.multirun else None
     if previous is not None:
         recorded = previous.get("overrides")
-        if recorded is not None and list(recorded) != job.overrides:
+        if recorded is not None and not _same_job(list(recorded), job):
             log.error(
                 "Job %s: %s holds a run of other overrides (%s), not this job's (%s). It is left as it is; use a "
                 "new hydra.sweep.dir for a different sweep.", job.num, job.run_dir, " ".join(recorded),
@@ -156,6 +191,7 @@ def run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
         record.fail(describe_error(error))
         if not job.multirun:
             raise
+        _stop_sweep_on_shared_failure(error, job)
         if find_user_error(error) is not None:
             log.error("Job %s failed: %s", job.num, describe_error(error))
         else:
@@ -164,6 +200,23 @@ def run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
         return float("nan")
     record.complete()
     return value
+
+
+def _stop_sweep_on_shared_failure(error: BaseException, job: JobInfo) -> None:
+    """A dataset that cannot be read fails every job that reads it: when the sweep varies no data setting, the
+    basic launcher (one job after another in this process) stops after this job instead of repeating it."""
+    cause = find_user_error(error)
+    if not isinstance(cause, DatasetUnavailableError) or job.launcher != "basic" or job.sweep_dir is None:
+        return
+    varied = varying_keys(job.sweep_dir)
+    if any(key == "data" or key.startswith("data.") for key in varied):
+        return  # another job may read other data
+    total = job_count(job.sweep_dir)
+    left = f"{total - (job.num or 0) - 1} of its {total} jobs were" if total else "the remaining jobs were"
+    log.error("Job %s failed: %s\nThe sweep stops here: it varies no data setting (%s), so every job would fail "
+              "the same way; %s not started. Fix the cause and run the same command again (hydra.sweep.dir=%s): "
+              "it carries on from here.", job.num, cause, ", ".join(varied) or "nothing varies", left, job.sweep_dir)
+    raise SystemExit(2)
 
 
 def _release_cuda_memory() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -29,22 +30,67 @@ def override_settings(overrides: Iterable[str], ignored: tuple[str, ...] = IGNOR
     return settings
 
 
-def varying_keys(sweep_dir: str | Path) -> list[str]:
-    """The keys a sweep sweeps over (`optimizer=sgd,adam`, `loss=glob(*)`, its preset's sweeper params), in
-    command-line order, read from the sweep's `multirun.yaml` (written before any job starts); [] when it
-    cannot be read."""
+def sweep_command(config: Any) -> list[str]:
+    """A sweep config's overrides as the sweeper expands them: the command line's, then its preset's sweeper
+    params (`hydra.sweeper.params`)."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return [*(str(o) for o in config.hydra.overrides.task), *(f"{k}={v}" for k, v in params.items())]
+
+
+def _sweep_overrides(sweep_dir: str | Path) -> list:
+    """The parsed overrides of a sweep's `multirun.yaml` (written before any job starts), its preset's sweeper
+    params included; [] when it cannot be read."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        config = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
-        params = config.hydra.sweeper.get("params") or {}
-        overrides = [*(str(o) for o in config.hydra.overrides.task), *(f"{k}={v}" for k, v in params.items())]
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # an unreadable or foreign multirun.yaml: the caller falls back to job numbers
+        overrides = sweep_command(OmegaConf.load(Path(sweep_dir) / "multirun.yaml"))
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # an unreadable or foreign multirun.yaml: the caller falls back to what it knows
         return []
+
+
+def sweep_axes(overrides: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(each swept key → its values, in order; each other key → its value) of a sweep's overrides: the axes say
+    which jobs the sweep holds, the rest are settings every job shares. `hydra.` keys are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes: dict[str, list[str]] = {}
+    shared: dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element().lstrip("+~")
+        if key.startswith("hydra."):
+            continue
+        axes.pop(key, None)
+        shared.pop(key, None)
+        if override.is_sweep_override():
+            axes[key] = list(override.sweep_string_iterator())
+        else:
+            shared[key] = override.get_value_element_as_str()
+    return axes, shared
+
+
+def varying_keys(sweep_dir: str | Path) -> list[str]:
+    """The keys a sweep sweeps over (`optimizer=sgd,adam`, `loss=glob(*)`, its preset's sweeper params), in
+    command-line order; [] when the sweep's multirun.yaml cannot be read."""
     keys: list[str] = []
-    for override in parsed:
+    for override in _sweep_overrides(sweep_dir):
         key = override.get_key_element().lstrip("+~")
         if override.is_sweep_override() and key not in keys and not key.startswith("hydra."):
             keys.append(key)
     return keys
+
+
+def job_count(sweep_dir: str | Path) -> int | None:
+    """How many jobs the sweep's grid holds (the product of its axes, as Hydra's basic sweeper expands it); None
+    when its multirun.yaml cannot be read."""
+    parsed = _sweep_overrides(sweep_dir)
+    if not parsed:
+        return None
+    axes: dict[str, int] = {}
+    for override in parsed:  # a key given twice: the later value replaces the earlier one, as in Hydra
+        key = override.get_key_element()
+        axes[key] = len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
+    count = 1
+    for size in axes.values():
+        count *= size
+    return count

@@ -78,15 +78,15 @@ class JobRecord:
 
     def fail(self, error: str) -> None:
         self.fields.update(status=FAILED, error=error, ended_at=utc_now())
-        self._update()
+        self._update(on_full_disk_in_place=True)  # a run that failed for a full disk still says so
 
     def stop(self, epoch: int, by: str) -> None:
         """Ended early by a search scheduler at `epoch`: its scores so far are its result, not a failure."""
         self.fields.update(status=STOPPED, stopped_at_epoch=int(epoch), stopped_by=by, ended_at=utc_now())
         self._update(drop=("error",))
 
-    def _update(self, drop: tuple[str, ...] = ()) -> None:
+    def _update(self, drop: tuple[str, ...] = (), on_full_disk_in_place: bool = False) -> None:
         if not self.write:
             return
         record = {k: v for k, v in (read_record(self.path.parent) or {}).items() if k not in drop}
-        write_json_atomic(self.path, {**record, **self.fields})
+        write_json_atomic(self.path, {**record, **self.fields}, on_full_disk_in_place=on_full_disk_in_place)

@@ -12,6 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from segx.runs.discovery import RunDirectory, find_runs
+from segx.runs.overrides import sweep_axes, sweep_command
 from segx.runs.status import COMPLETED, STOPPED
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,40 @@ class SweepSummary(Callback):
                             "first: add hydra/launcher=gpus to run one job per GPU.", torch.cuda.device_count())
         previous = sweep_dir / "multirun.yaml"
         if previous.is_file():
-            before = [str(o) for o in OmegaConf.load(previous).hydra.overrides.task]
-            now = [str(o) for o in config.hydra.overrides.task]
-            if before != now:
-                log.error(
-                    "hydra.sweep.dir=%s already holds a different sweep (its overrides: %s; yours: %s). Re-running "
-                    "the same command there skips its completed jobs and resumes the rest; for a different sweep "
-                    "choose a new hydra.sweep.dir, or delete that folder to start over.",
-                    sweep_dir, " ".join(before) or "none", " ".join(now) or "none",
-                )
-                sys.exit(2)
-            log.info("Continuing the sweep in %s: completed jobs are skipped, interrupted ones resume.", sweep_dir)
+            self._check_same_jobs(sweep_dir, OmegaConf.load(previous), config)
+
+    @staticmethod
+    def _check_same_jobs(sweep_dir: Path, before: DictConfig, now: DictConfig) -> None:
+        """Refuse only a different set of jobs (other swept keys or values), which would mix results; a changed
+        setting every job shares (a fixed data.root, say) is accepted and logged; a folder where no job ran is
+        always taken."""
+        if not find_runs([sweep_dir]):
+            log.info("hydra.sweep.dir=%s holds no job yet: the sweep starts there afresh.", sweep_dir)
+            return
+        try:
+            axes_before, shared_before = sweep_axes(sweep_command(before))
+        except Exception:  # a multirun.yaml of another tool or version: only the same command is safe
+            axes_before, shared_before = None, {}
+        axes_now, shared_now = sweep_axes(sweep_command(now))
+        if axes_before != axes_now:
+            shown = " ".join(f"{k}={','.join(v)}" for k, v in (axes_before or {}).items()) or "unreadable"
+            log.error(
+                "hydra.sweep.dir=%s already holds a different sweep: its jobs vary %s, yours vary %s. Mixing them "
+                "would put results of two sweeps under one set of job numbers. Re-running with the same swept "
+                "values there skips the completed jobs and re-runs the rest (changed shared settings such as "
+                "data.root are fine); for a different sweep choose a new hydra.sweep.dir, or delete that folder.",
+                sweep_dir, shown, " ".join(f"{k}={','.join(v)}" for k, v in axes_now.items()) or "nothing",
+            )
+            sys.exit(2)
+        changed = {key: (shared_before.get(key), shared_now.get(key))
+                   for key in sorted(set(shared_before) | set(shared_now))
+                   if shared_before.get(key) != shared_now.get(key)}
+        if changed:
+            log.info("Continuing the sweep in %s with changed shared settings (%s): completed jobs are kept, the "
+                     "others run with the new settings.", sweep_dir,
+                     ", ".join(f"{key} {old or '(unset)'} → {new or '(unset)'}" for key, (old, new) in changed.items()))
+            return
+        log.info("Continuing the sweep in %s: completed jobs are skipped, interrupted ones resume.", sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from segx.core.errors import ConfigError
 from segx.models.memory_format import MemoryFormat, choose_memory_format, probe_channels_last
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,15 @@ def resolve_precision(precision: str | int, cuda: bool, bf16_supported: bool) ->
 
 
 def precision_for(precision: str | int, accelerator: str) -> str:
-    """`resolve_precision` for the devices of this machine."""
+    """`resolve_precision` for the devices of this machine; on a CPU, `16-mixed` is recorded as what Lightning
+    runs there instead, `bf16-mixed`."""
     cuda = uses_cuda(accelerator)
-    return resolve_precision(precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+    resolved = resolve_precision(precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+    if not cuda and resolved in ("16-mixed", "16"):
+        log.warning("trainer.precision=%s needs CUDA; on a CPU Lightning runs bf16-mixed instead, which is what "
+                    "this run records", precision)
+        return "bf16-mixed"
+    return resolved
 
 
 def visible_devices(accelerator: str) -> str:
@@ -86,6 +93,14 @@ class Runtime:
 def resolve_runtime(trainer: Any, in_sweep: bool) -> Runtime:
     """The Trainer settings segx resolves itself, from the `trainer` config node."""
     accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (trainer=gpu) asks for a CUDA GPU, but PyTorch sees none here "
+            f"(torch.cuda.is_available() is False{f'; CUDA_VISIBLE_DEVICES={visible}' if visible is not None else ''}"
+            f", torch {torch.__version__} built for CUDA {torch.version.cuda or 'none'}). Leave out trainer=gpu "
+            "(the default trainer.accelerator=auto trains on the CPU here), or run on a machine with a GPU."
+        )
     cuda = uses_cuda(accelerator)
     configured = trainer.get("strategy", "auto")
     strategy = strategy_for_sweep_job(configured) if in_sweep else configured

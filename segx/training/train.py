@@ -32,8 +32,10 @@ from segx.runs.overrides import override_settings
 from segx.runs.record import JobRecord, best_value, read_record
 from segx.training.callbacks import RunSummary
 from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
+from segx.training.checkpoint_io import AtomicCheckpointIO
 from segx.training.losses import build_loss
 from segx.training.module import SegmentationModule
+from segx.training.resume_check import check_resume
 from segx.training.runtime import Runtime, choose_run_memory_format, resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,21 @@ def _route_lightning_logs() -> None:
 MONITORS = ("val/miou", "val/miou_no_bg", "val/acc")  # higher is better for each
 
 
+def _check_epochs(trainer_cfg: DictConfig) -> None:
+    epochs = trainer_cfg.get("max_epochs")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs == 0 or epochs < -1):
+        raise ConfigError(f"trainer.max_epochs={epochs} trains nothing; give a whole number of epochs from 1 up "
+                          "(the study used 25), or -1 to train until stopped.")
+
+
+def _seed(cfg: DictConfig) -> int:
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed} must be a whole number from 0 to {2**32 - 1} (e.g. seed=1, or seed=1,2,3 "
+                          "with -m for several runs).")
+    return seed
+
+
 def _monitor(cfg: DictConfig) -> str:
     monitor = str(cfg.get("monitor", "val/miou"))
     if monitor not in MONITORS:
@@ -154,14 +171,21 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     run_dir = job.run_dir
     record = record or JobRecord(job)
     monitor = _monitor(cfg)
+    _check_epochs(cfg.trainer)
     _route_lightning_logs()
     runtime = resolve_runtime(cfg.trainer, in_sweep=job.multirun)
     record.start(**runtime.record())
     log.info("Job %s · launcher %s · host %s · %s", "-" if job.num is None else job.num, job.launcher,
              record.fields["host"], " · ".join(f"{k} {v}" for k, v in runtime.record().items()))
 
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    pl.seed_everything(_seed(cfg), workers=True, verbose=False)
     _refuse_run_options_in_model(cfg.model)
+    if cfg.get("ckpt_path"):  # another network, classes or size is refused before anything is built
+        changed = check_resume(cfg.ckpt_path, cfg)
+        record.note(resumed_from=str(cfg.ckpt_path), resume_changes=changed)
+        if changed:
+            log.info("Resuming %s with changed settings: %s", cfg.ckpt_path,
+                     ", ".join(f"{key} {old} → {new}" for key, (old, new) in changed.items()))
     options = run_options(cfg)
     torch.set_flush_denormal(options["flush_denormal"])  # CPU only; a no-op where unsupported
     fetch_pretrained(cfg.model)  # the one download, on rank 0: the constructor never downloads
@@ -192,10 +216,11 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
                          provenance=record.fields)
     show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker
     callbacks = [*build_callbacks(cfg, run_dir, show_progress), summary, CheckpointOnInterrupt()]
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # a user's own wins
     trainer: pl.Trainer = instantiate(
         cfg.trainer, precision=runtime.precision, strategy=runtime.strategy, sync_batchnorm=runtime.sync_batchnorm,
         benchmark=runtime.benchmark, enable_progress_bar=show_progress,
-        logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
+        logger=logger, callbacks=callbacks, default_root_dir=str(run_dir), **plugins,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     written = read_record(run_dir)

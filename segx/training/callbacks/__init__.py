@@ -1,12 +1,13 @@
 """Lightning callbacks, one file each; the names here are the `_target_`s of conf/callbacks/."""
 
 from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
+from segx.training.callbacks.epoch_progress_bar import EpochProgressBar
 from segx.training.callbacks.prediction_grid import PredictionGridLogger
 from segx.training.callbacks.run_checkpoint import RunCheckpoint
 from segx.training.callbacks.run_summary import RunSummary
 from segx.training.callbacks.stop_on_nonfinite_loss import NonFiniteLossError, StopOnNonFiniteLoss
 
 __all__ = [
-    "CheckpointOnInterrupt", "NonFiniteLossError", "PredictionGridLogger", "RunCheckpoint", "RunSummary",
-    "StopOnNonFiniteLoss",
+    "CheckpointOnInterrupt", "EpochProgressBar", "NonFiniteLossError", "PredictionGridLogger", "RunCheckpoint",
+    "RunSummary", "StopOnNonFiniteLoss",
 ]

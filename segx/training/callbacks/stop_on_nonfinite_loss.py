@@ -1,4 +1,5 @@
-"""Stops training at the first batch whose loss is NaN or infinite, before a checkpoint of it is written."""
+"""Stops training at the first batch whose loss is NaN, infinite or exploded far beyond its start, before a
+checkpoint of it is written."""
 
 from __future__ import annotations
 
@@ -41,11 +42,16 @@ class StopOnNonFiniteLoss(pl.Callback):
     loss is not finite (one boolean all-reduce per check), so no rank waits for the others forever.
     """
 
-    def __init__(self, check_every_n_steps: int | None = None) -> None:
+    def __init__(self, check_every_n_steps: int | None = None, max_loss_ratio: float | None = 1e4) -> None:
         if check_every_n_steps is not None and int(check_every_n_steps) < 1:
             raise ConfigError(f"callbacks.stop_on_nonfinite_loss.check_every_n_steps={check_every_n_steps} must be "
                             "at least 1 (or null for the device's default).")
+        if max_loss_ratio is not None and not float(max_loss_ratio) > 1:
+            raise ConfigError(f"callbacks.stop_on_nonfinite_loss.max_loss_ratio={max_loss_ratio} must be more than 1 "
+                              "(or null: stop on NaN and infinity only).")
         self.check_every_n_steps = check_every_n_steps
+        self.max_loss_ratio = None if max_loss_ratio is None else float(max_loss_ratio)
+        self._first: float | None = None  # the first finite loss of this process's training (the ratio's base)
         self._step = 0
         self._lr: float | None = None
         self._losses: list[torch.Tensor] = []  # unchecked losses, still on the device
@@ -81,12 +87,16 @@ class StopOnNonFiniteLoss(pl.Callback):
         values = torch.stack(self._losses).cpu()
         batches = self._batches
         self._losses, self._batches = [], []
-        finite = torch.isfinite(values)
-        diverged_here = not bool(finite.all())
+        good = torch.isfinite(values)
+        if self._first is None and bool(good.any()):
+            self._first = max(abs(float(values[good][0])), 1e-12)
+        if self.max_loss_ratio is not None and self._first is not None:
+            good &= values.abs() <= self._first * self.max_loss_ratio  # finite, yet 8e31: diverged all the same
+        diverged_here = not bool(good.all())
         if trainer.strategy.reduce_boolean_decision(diverged_here, all=False):
-            first = int((~finite).nonzero()[0, 0]) if diverged_here else len(batches) - 1
+            first = int((~good).nonzero()[0, 0]) if diverged_here else len(batches) - 1
             value = float(values[first]) if diverged_here else 0.0
-            raise NonFiniteLossError(self.message(trainer, value, *batches[first]))
+            raise NonFiniteLossError(self.message(trainer, value, *batches[first], local=diverged_here))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -97,12 +107,15 @@ class StopOnNonFiniteLoss(pl.Callback):
         self._saved = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
 
     def message(self, trainer: pl.Trainer, value: float, epoch: int, step: int, lr: float | None,
-                batch_idx: int) -> str:
+                batch_idx: int, local: bool = True) -> str:
         """One paragraph: where the loss diverged, what is left of the run, and what to change."""
         if math.isnan(value) or math.isinf(value):
             what = str(value)  # nan, inf or -inf
-        else:  # DDP: finite here, not on another process
-            what = "nan or infinite on another process"
+        elif local:
+            what = (f"{value:.3g}, over {self.max_loss_ratio:g} times its first value {self._first:.3g} "
+                    "(callbacks.stop_on_nonfinite_loss.max_loss_ratio)")
+        else:  # DDP: fine here, not on another process
+            what = "nan, infinite or exploded on another process"
         lr = "unknown" if lr is None else f"{lr:.3g}"
         head = (f"The training loss became {what} at epoch {epoch}, step {step} (learning "
                 f"rate {lr}; batch {batch_idx} of the epoch, all counted from 0 as in metrics.json): training "
