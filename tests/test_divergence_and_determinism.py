@@ -102,3 +102,18 @@ def test_same_seed_same_metrics(tmp_path: Path, shapes_root: Path) -> None:
     assert len(scores(first)) == 2
     assert scores(first) == scores(second)  # every metric of every epoch, bit for bit
     assert first["best_confusion_matrix"] == second["best_confusion_matrix"]
+
+
+@pytest.mark.slow
+def test_a_loss_that_explodes_without_becoming_nan_stops_the_run_too(tmp_path: Path, shapes_root: Path) -> None:
+    # Adam at lr=1e3 drives the loss to ~1e31 while it stays finite: the NaN check alone would let it "complete".
+    result = run_in_process(
+        "train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, *CPU, f"data.root={shapes_root}", "optimizer.lr=1e3",
+        "trainer.max_epochs=3", f"hydra.run.dir={tmp_path}", check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    error = read_json(tmp_path / "metrics.json")["error"]
+    assert re.match(r"The training loss became [\d.e+]+, over 10000 times its first value [\d.]+ "
+                    r"\(callbacks\.stop_on_nonfinite_loss\.max_loss_ratio\) at epoch 0, step \d+", error), error
+    assert error in output

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from segx.inference.checkpoint import load_checkpoint
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, read_json, run_in_process
@@ -88,6 +89,15 @@ def test_an_image_size_the_model_cannot_take_is_refused_before_any_data_is_read(
     ("optimizer.lrr=0.1", 1, "Key 'lrr' is not in struct"),       # a typo'd key
     ("loss=dicee", 1, "Could not find 'loss/dicee'"),
     ("data.batch_size=0", 2, "data.batch_size=0 must be at least 1"),
+    ("data.val_batch_size=0", 2, "data.val_batch_size=0 must be at least 1"),
+    ("seed=abc", 2, "seed=abc must be a whole number from 0 to 4294967295"),
+    ("data.image_size=0", 2, "data.image_size=0 cannot be used with model segx.models.UNet: it must be a positive "
+                             "multiple of 4"),
+    ("data.image_size=-16", 2, "data.image_size=-16 cannot be used with model segx.models.UNet: it must be a "
+                               "positive multiple of 4"),
+    ("trainer.max_epochs=0", 2, "trainer.max_epochs=0 trains nothing"),
+    pytest.param("trainer=gpu", 2, "trainer.accelerator=gpu (trainer=gpu) asks for a CUDA GPU, but PyTorch sees none",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")),
 ])
 @pytest.mark.slow
 def test_a_wrong_name_or_value_is_one_clear_message(override: str, code: int, message: str, shapes_root: Path,

@@ -261,6 +261,21 @@ def test_ctrl_c_of_a_gpus_sweep_records_its_running_jobs_as_interrupted_and_exit
         assert record["status"] == FAILED and record["error"].startswith("interrupted by Ctrl-C"), record
 
 
+@pytest.mark.slow
+def test_a_gpus_sweep_without_its_dataset_stops_after_the_first_job(tmp_path: Path) -> None:
+    """One job at a time (each asks for both simulated GPUs): job 0 cannot read VOC, so jobs 1 and 2 never run."""
+    result = run_sweep(*TINY_MODEL, *QUIET, *SHORT, f"data.root={tmp_path / 'no-voc'}", "optimizer=sgd,adam,adamax",
+                       *SIMULATED_GPUS, "hydra.launcher.ray.remote.num_gpus=2", f"hydra.sweep.dir={tmp_path / 's'}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-4000:]
+    assert "Traceback" not in output
+    assert ("The sweep stops after job 0: it varies no data setting (optimizer), so every job would fail the same "
+            "way; 2 job(s) were not started and 0 running job(s) were stopped") in output
+    assert output.count("holds no VOCdevkit") + output.count("Pascal VOC 2012 was not found") == 1, output[-4000:]
+    assert read_record(tmp_path / "s" / "0")["status"] == FAILED
+    assert not list((tmp_path / "s").glob("[12]/metrics.json"))
+
+
 def test_job_requests_are_fitted_to_the_nodes_or_refused() -> None:
     one_gpu = [{"CPU": 2.0, "GPU": 1.0, "memory": 1e9}]
     assert fit_to_cluster({"num_gpus": 0.5, "num_cpus": 1}, one_gpu, jobs=4) == ({"num_gpus": 0.5, "num_cpus": 1}, None)

@@ -32,7 +32,7 @@ def test_a_missing_dataset_stops_the_sweep_after_one_job_and_the_fix_is_taken_in
     assert first.returncode == 2, output[-3000:]
     assert "Traceback" not in output
     assert output.count("Pascal VOC 2012 was not found") + output.count("holds no VOCdevkit") == 1, output[-3000:]
-    assert "The sweep stops here: it varies no data setting (optimizer)" in output
+    assert "The sweep stops after job 0: it varies no data setting (optimizer)" in output
     assert "2 of its 3 jobs were not started" in output
     assert job_count(sweep) == 3
     assert read_record(sweep / "0")["status"] == FAILED and not (sweep / "1").exists()

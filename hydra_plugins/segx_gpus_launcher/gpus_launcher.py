@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
@@ -23,7 +24,7 @@ from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segx.core.errors import ConfigError, first_line
-from segx.runs.job import record_worker_death
+from segx.runs.job import record_worker_death, stop_message
 from segx.runs.record import read_record
 from segx.runs.status import CTRL_C, EXIT_CODES, RUNNING
 
@@ -38,6 +39,10 @@ _MORE_FROM = {
     "CPU": ", or let Ray hand out more CPUs per node (hydra.launcher.ray.init.num_cpus on this machine, bigger "
            "nodes on a cluster)",
 }
+
+
+def _run_dir(sweep_config: Any) -> Path:
+    return Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
 
 
 def _number(amount: float) -> str:
@@ -156,16 +161,42 @@ class GpuLauncher(RayLauncher):
                                     sweep_config, self.task_function, Singleton.get_state())
             launched.append((idx, list(overrides), sweep_config, ref))
 
-        results = []
+        results: dict[int, JobReturn] = {}
+        pending = {item[3]: item for item in launched}
         try:
-            for idx, overrides, sweep_config, ref in launched:
+            while pending:  # as the jobs finish, in any order
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                idx, overrides, sweep_config, _ = item = pending.pop(ref)
                 try:
-                    results.append(ray.get(ref))
+                    results[idx] = ray.get(ref)
                 except ray.exceptions.RayError as error:
-                    results.append(self._worker_died(idx, overrides, sweep_config, remote, error))
+                    results[idx] = self._worker_died(idx, overrides, sweep_config, remote, error)
+                if pending and (read_record(_run_dir(sweep_config)) or {}).get("shared_failure"):
+                    self._stop(item, list(pending.values()))
         except KeyboardInterrupt:
-            self._interrupted(launched[len(results):])
-        return results
+            self._interrupted(list(pending.values()))
+        return [results[item[0]] for item in launched]
+
+    @staticmethod
+    def _stop(failed: tuple, unfinished: list[tuple]) -> None:
+        """A job failed in a way every job would (the dataset cannot be read, and the sweep varies no data
+        setting): the jobs not yet finished are cancelled, those already running recorded as stopped by it."""
+        import ray
+
+        ray.shutdown()  # cancels the queued jobs and ends the running ones before their records are written
+        stopped = not_started = 0
+        for idx, overrides, sweep_config, _ in unfinished:
+            run_dir = _run_dir(sweep_config)
+            if read_record(run_dir) is None:
+                not_started += 1
+            elif read_record(run_dir).get("status") == RUNNING:
+                record_worker_death(run_dir, idx, list(filter_overrides(overrides)), "gpus",
+                                    f"stopped: job {failed[0]} failed in a way every job of the sweep would")
+                stopped += 1
+        sweep_dir = Path(str(failed[2].hydra.sweep.dir))
+        left = f"{not_started} job(s) were not started and {stopped} running job(s) were stopped"
+        log.error("%s", stop_message(failed[0], sweep_dir, left))  # the job's own error is in its log line above
+        sys.exit(2)
 
     @staticmethod
     def _interrupted(unfinished: list[tuple]) -> None:
@@ -176,7 +207,7 @@ class GpuLauncher(RayLauncher):
         ray.shutdown()  # stops the workers first, so none of them writes its record after this
         marked = not_started = 0
         for idx, overrides, sweep_config, _ in unfinished:
-            run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+            run_dir = _run_dir(sweep_config)
             record = read_record(run_dir)
             if record is None:
                 not_started += 1

@@ -12,10 +12,11 @@ import logging
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.text import Text
 from rich.tree import Tree
+
+from segx.core.ranks import is_rank_zero
 
 #: Top-level groups shown first, in the order a reader follows a run; other keys follow in config order.
 GROUPS = ("data", "model", "optimizer", "scheduler", "loss", "trainer", "callbacks", "logger")
@@ -43,7 +44,7 @@ def log_config_tree(cfg: DictConfig, logger: logging.Logger) -> None:
     Only global rank 0 logs it: the other ranks of a multi-process run (SLURM tasks, Lightning's `ddp`
     re-running train.py) have the same config and would repeat it, in the same log file under SLURM.
     """
-    if rank_zero_only.rank == 0:
+    if is_rank_zero():
         logger.info("Config:\n%s", config_tree(cfg))
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
 def global_rank() -> int:
     """This process's global rank: Lightning's once it has set it, else the launcher's environment, else 0."""
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
-
-    rank = getattr(rank_zero_only, "rank", None)
+    lightning = sys.modules.get("lightning_fabric.utilities.rank_zero")  # not imported: it has set no rank
+    rank = getattr(getattr(lightning, "rank_zero_only", None), "rank", None)
     if rank is not None:
         return int(rank)
     for name in _RANK_VARIABLES:

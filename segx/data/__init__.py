@@ -5,13 +5,24 @@ checks and caches them as uint8 tensors (`segx.data.cache`), batches them (`segx
 augments and normalises them on the training device (`segx.data.augment`, `segx.data.normalize`).
 """
 
-from segx.data.datamodule import CachedSegmentationDataModule, class_frequencies
-from segx.data.shapes_datamodule import ShapesDataModule, ShapesSource
-from segx.data.source import IGNORE_INDEX, SegmentationSource, SplitFiles
-from segx.data.voc import NUM_CLASSES, VOC_CLASSES, VOC_PALETTE, VOCDataModule, VOCSource
+from __future__ import annotations
 
-__all__ = [
-    "CachedSegmentationDataModule", "SegmentationSource", "SplitFiles", "VOCDataModule", "VOCSource",
-    "ShapesDataModule", "ShapesSource", "class_frequencies", "IGNORE_INDEX", "NUM_CLASSES", "VOC_CLASSES",
-    "VOC_PALETTE",
-]
+import importlib
+from typing import Any
+
+# Loaded on first use: the data module needs Lightning (seconds to import), the class names and palette do not.
+_EXPORTS = {
+    "CachedSegmentationDataModule": "segx.data.datamodule", "class_frequencies": "segx.data.datamodule",
+    "ShapesDataModule": "segx.data.shapes_datamodule", "ShapesSource": "segx.data.shapes_datamodule",
+    "IGNORE_INDEX": "segx.data.source", "SegmentationSource": "segx.data.source", "SplitFiles": "segx.data.source",
+    "VOCDataModule": "segx.data.voc", "VOCSource": "segx.data.voc",
+    "NUM_CLASSES": "segx.data.voc_classes", "VOC_CLASSES": "segx.data.voc_classes",
+    "VOC_PALETTE": "segx.data.voc_classes",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

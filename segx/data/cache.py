@@ -170,8 +170,8 @@ def check_pair(
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)  # through a Python file: a full disk surfaces as OSError ENOSPC, named by atomic_path
 
 
 def _build(

@@ -22,7 +22,8 @@ from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from segx.core.errors import ConfigError, DataRootTakenError
-from segx.data.voc import IGNORE_INDEX, NUM_CLASSES, VOC_PALETTE
+from segx.data.source import IGNORE_INDEX
+from segx.data.voc_classes import NUM_CLASSES, VOC_PALETTE
 
 # Bump whenever the drawing changes, so trees written by an older version are regenerated, not reused.
 FORMAT_VERSION = 2  # 2: every class in every split of 10+ images (two cycled classes per image)

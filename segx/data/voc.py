@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from filelock import FileLock
 from torchvision.datasets import VOCSegmentation
 
@@ -15,34 +14,11 @@ from segx.core.errors import ConfigError, DatasetUnavailableError
 from segx.data.cache import name_list
 from segx.data.datamodule import CachedSegmentationDataModule
 from segx.data.source import IGNORE_INDEX, SegmentationSource, SplitFiles
+from segx.data.voc_classes import NUM_CLASSES, VOC_CLASSES, VOC_PALETTE
 
 log = logging.getLogger(__name__)
 
-VOC_CLASSES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
-NUM_CLASSES = len(VOC_CLASSES)
 SPLITS = ("train", "val", "trainval")
-
-
-def voc_palette() -> np.ndarray:
-    """The 256×3 colour map VOC masks are stored with (bit-interleaved class index), so our PNGs
-    open with the same colours as the official ones in any viewer; index 255 is the cream 'void'."""
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= ((c >> 0) & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette[index] = (r, g, b)
-    return palette
-
-
-VOC_PALETTE = voc_palette()
 
 
 def _layout_problem(root: Path, split: str) -> str | None:
@@ -149,11 +125,18 @@ class VOCSource(SegmentationSource):
         """Download VOC when asked and it is missing (once, under a lock shared by parallel sweep jobs)."""
         if not self.download or self.voc_dir.is_dir():
             return
+        created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / ".segx-download.lock")):
-            if not self.voc_dir.is_dir():
-                log.info("Downloading Pascal VOC 2012 (about 2 GB) into %s", self.root)
-                voc_split_files(self.root, SPLITS[0], download=True)
+        lock = self.root / ".segx-download.lock"
+        try:
+            with FileLock(str(lock)):
+                if not self.voc_dir.is_dir():
+                    log.info("Downloading Pascal VOC 2012 (about 2 GB) into %s", self.root)
+                    voc_split_files(self.root, SPLITS[0], download=True)
+        finally:  # the lock file is not left in the dataset's folder, nor a folder made for a failed download
+            lock.unlink(missing_ok=True)
+            if created and not any(self.root.iterdir()):
+                self.root.rmdir()
 
     def split_files(self, split: str) -> SplitFiles:
         return voc_split_files(self.root, split, download=False)

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities.parsing import AttributeDict
 from torch import nn
 
 from segx.core.errors import SegxError, first_line
@@ -21,9 +20,10 @@ CHECKPOINT_KEY = "segx"  # the entry of a Lightning checkpoint holding the run c
 #: `model._target_` names that older checkpoints store, and where those classes live now.
 LEGACY_TARGETS = {"segx.models.smp_model.SMPModel": "segx.models.smp.SMPModel"}
 
-# Lightning stores the type of `hparams` next to them; allowing that one harmless dict subclass
-# keeps `weights_only=True` (no arbitrary unpickling) usable on Lightning checkpoints.
-_SAFE_GLOBALS = [AttributeDict]
+# Lightning stores the type of `hparams` next to them, a dict subclass; read back as a plain dict it keeps
+# `weights_only=True` (no arbitrary unpickling) usable on Lightning checkpoints, and reading a checkpoint (evaluate,
+# predict, export) does not have to import Lightning.
+_SAFE_GLOBALS = [(dict, "pytorch_lightning.utilities.parsing.AttributeDict")]
 
 
 # torch.load's message when the weights-only unpickler stops; it goes on to advise `weights_only=False`.

@@ -16,10 +16,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from segx.core.errors import ConfigError
-from segx.data.voc import VOC_PALETTE
+from segx.data.voc_classes import VOC_PALETTE
 from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
 from segx.inference.predictor import Predictor
 from segx.metrics import confusion_matrix_metric, segmentation_scores
+from segx.models.contract import check_input_size
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,21 @@ def save_palette_png(labels: np.ndarray, path: Path) -> None:
     image.save(path)
 
 
+def _say_what_differs_from_training(net: torch.nn.Module, config: Any, data_cfg: Any) -> None:
+    """An image size the network cannot take is refused; another size than training's, or a generated dataset
+    that does not exist yet, is scored as asked, with a warning saying so."""
+    trained, asked = int(config.data.image_size), int(data_cfg.image_size)
+    if asked != trained:
+        check_input_size(net, asked, f"the checkpoint's {config.model._target_}")
+        log.warning("Scoring at data.image_size=%d while the network trained at %d: these scores are not comparable "
+                    "with the val/* of its training.", asked, trained)
+    generated = str(data_cfg.get("_target_", "")).endswith("ShapesDataModule")
+    if generated and data_cfg.get("root") and not Path(str(data_cfg.root)).expanduser().exists():
+        log.warning("data.root=%s does not exist: the shapes dataset is generated there anew from its settings "
+                    "(shapes_seed %s), the images training saw only if those settings are the training run's.",
+                    data_cfg.root, data_cfg.get("shapes_seed"))
+
+
 @torch.inference_mode()
 def evaluate_checkpoint(
     ckpt: str | Path,
@@ -66,10 +82,12 @@ def evaluate_checkpoint(
     config = run_config(checkpoint)
     overrides = {k: v for k, v in dict(data_overrides or {}).items() if v is not None}
     data_cfg = OmegaConf.merge(config.data, overrides)
+    net = network_from_checkpoint(checkpoint)
+    _say_what_differs_from_training(net, config, data_cfg)
     datamodule = instantiate(data_cfg)
     cached = datamodule.load_split(split)
     target = resolve_device(device)
-    predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, target, int(batch_size))
+    predictor = Predictor.from_run(net, config, target, int(batch_size))
     confmat = confusion_matrix_metric(datamodule.num_classes).to(target)
     mask_files = datamodule.split_files(split)[2] if full_res else []
     pred_dir = Path(out_dir or ".") / "predictions"

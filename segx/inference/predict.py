@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from segx.core.errors import ConfigError, SegxError
-from segx.data.voc import VOC_PALETTE
+from segx.data.voc_classes import VOC_PALETTE
 from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
 from segx.inference.evaluate import resolve_device, save_palette_png
 from segx.inference.predictor import Predictor

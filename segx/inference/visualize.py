@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.utils import make_grid
 
-from segx.data.voc import VOC_PALETTE
+from segx.data.voc_classes import VOC_PALETTE
 
 
 def colorize(labels: torch.Tensor) -> torch.Tensor:

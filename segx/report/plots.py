@@ -194,7 +194,7 @@ def prediction_examples(images: Any, masks: Any, preds: Any, class_names: Sequen
     of the classes that appear."""
     import torch
 
-    from segx.data.voc import VOC_PALETTE
+    from segx.data.voc_classes import VOC_PALETTE
     from segx.inference.visualize import prediction_grid
 
     plt = _pyplot()

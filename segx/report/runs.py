@@ -78,7 +78,7 @@ class Run(RunDirectory):
             names = []
         if names:
             return [str(n) for n in names]
-        from segx.data.voc import VOC_CLASSES
+        from segx.data.voc_classes import VOC_CLASSES
 
         return list(VOC_CLASSES)
 

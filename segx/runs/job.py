@@ -188,10 +188,14 @@ def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
                     "sweep command again")
         raise SystemExit(EXIT_CODES[cause]) from error
     except Exception as error:
+        shared = job.multirun and shared_failure(error, job)
+        if shared:  # the launcher running jobs side by side (gpus) reads this to stop the sweep
+            record.fields["shared_failure"] = True
         record.fail(describe_error(error))
         if not job.multirun:
             raise
-        _stop_sweep_on_shared_failure(error, job)
+        if shared and job.launcher == "basic":
+            _stop_basic_sweep(error, job)
         if find_user_error(error) is not None:
             log.error("Job %s failed: %s", job.num, describe_error(error))
         else:
@@ -202,20 +206,30 @@ def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
     return value
 
 
-def _stop_sweep_on_shared_failure(error: BaseException, job: JobInfo) -> None:
-    """A dataset that cannot be read fails every job that reads it: when the sweep varies no data setting, the
-    basic launcher (one job after another in this process) stops after this job instead of repeating it."""
-    cause = find_user_error(error)
-    if not isinstance(cause, DatasetUnavailableError) or job.launcher != "basic" or job.sweep_dir is None:
-        return
-    varied = varying_keys(job.sweep_dir)
-    if any(key == "data" or key.startswith("data.") for key in varied):
-        return  # another job may read other data
+def shared_failure(error: BaseException, job: JobInfo) -> bool:
+    """A dataset that cannot be read fails every job that reads it: True when the sweep varies no data setting,
+    so every other job of the sweep would fail the same way."""
+    if not isinstance(find_user_error(error), DatasetUnavailableError) or job.sweep_dir is None:
+        return False
+    return not any(key == "data" or key.startswith("data.") for key in varying_keys(job.sweep_dir))
+
+
+def stop_message(job_num: int | None, sweep_dir: Path, left: str) -> str:
+    """The paragraph a sweep ends with when a job's failure would repeat in every job; `left` says what became
+    of the other jobs."""
+    varied = ", ".join(varying_keys(sweep_dir)) or "nothing varies"
+    return (f"The sweep stops after job {job_num}: it varies no data setting ({varied}), so every job would fail the "
+            f"same way; {left}. Fix the cause and run the same command again (hydra.sweep.dir={sweep_dir}): it "
+            "carries on from here.")
+
+
+def _stop_basic_sweep(error: BaseException, job: JobInfo) -> None:
+    """The basic launcher runs the jobs one after another in this process: the sweep ends here, exit code 2."""
+    assert job.sweep_dir is not None
     total = job_count(job.sweep_dir)
-    left = f"{total - (job.num or 0) - 1} of its {total} jobs were" if total else "the remaining jobs were"
-    log.error("Job %s failed: %s\nThe sweep stops here: it varies no data setting (%s), so every job would fail "
-              "the same way; %s not started. Fix the cause and run the same command again (hydra.sweep.dir=%s): "
-              "it carries on from here.", job.num, cause, ", ".join(varied) or "nothing varies", left, job.sweep_dir)
+    left = "the other jobs were not started" if total is None else \
+        f"{total - (job.num or 0) - 1} of its {total} jobs were not started"
+    log.error("Job %s failed: %s\n%s", job.num, find_user_error(error), stop_message(job.num, job.sweep_dir, left))
     raise SystemExit(2)
 
 

@@ -3,7 +3,7 @@ plain `sys.exit()` apart."""
 
 from __future__ import annotations
 
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+import sys
 
 RUNNING, COMPLETED, FAILED, STOPPED = "running", "completed", "failed", "stopped"
 #: Endings a re-run of the same sweep leaves as they are (a stopped job's verdict is the scheduler's).
@@ -31,7 +31,8 @@ class StopRequested(BaseException):
 def interruption(error: BaseException) -> str | None:
     """`Ctrl-C` or `SIGTERM` when a signal interrupted the run (it can resume from `last.ckpt`), else None: an
     ordinary error, a scheduler's stop, or a `sys.exit()` of the code itself."""
-    if isinstance(error, SIGTERMException):  # Lightning's SIGTERM handler ends the loop with it
+    lightning = sys.modules.get("pytorch_lightning.utilities.exceptions")  # not imported: not raised either
+    if lightning is not None and isinstance(error, lightning.SIGTERMException):  # Lightning's SIGTERM handler
         return SIGTERM
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C outside `trainer.fit`, and what Lightning's callbacks see
         return CTRL_C

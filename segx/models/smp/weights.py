@@ -17,7 +17,6 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-import segmentation_models_pytorch as smp
 import torch
 from omegaconf import DictConfig
 
@@ -63,6 +62,8 @@ def check_encoder(encoder: str, encoder_weights: Any) -> None:
                 "or set model.encoder_weights=null to train from scratch."
             )
         return
+    import segmentation_models_pytorch as smp  # here, not at import: a run of segx's own networks never needs it
+
     settings = smp.encoders.encoders.get(encoder)
     if settings is None:
         raise ConfigError(f"Unknown smp encoder {encoder!r}; {_ENCODER_LIST_HINT}.")
@@ -126,6 +127,8 @@ def _hub_files(encoder: str, weights: Any) -> tuple[str, str | None, list[tuple[
             return None
         repo, _, revision = hub_id.partition("@")
         return repo, revision or None, [("model.safetensors",), ("pytorch_model.bin",)]  # timm tries both
+    import segmentation_models_pytorch as smp
+
     settings = smp.encoders.encoders[encoder]["pretrained_settings"][weights]
     return settings["repo_id"], settings.get("revision"), [("config.json", "model.safetensors")]
 
