@@ -193,9 +193,10 @@ class GpuLauncher(RayLauncher):
                 record_worker_death(run_dir, idx, list(filter_overrides(overrides)), "gpus",
                                     f"stopped: job {failed[0]} failed in a way every job of the sweep would")
                 stopped += 1
+        error = (read_record(_run_dir(failed[2])) or {}).get("error", "")
         sweep_dir = Path(str(failed[2].hydra.sweep.dir))
         left = f"{not_started} job(s) were not started and {stopped} running job(s) were stopped"
-        log.error("%s", stop_message(failed[0], sweep_dir, left))  # the job's own error is in its log line above
+        log.error("Job %d failed: %s\n%s", failed[0], error, stop_message(failed[0], sweep_dir, left))
         sys.exit(2)
 
     @staticmethod
