@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,29 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> 
         "optimizer.decay=1e-3", "trainer.max_epochs=10", "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}",
     )
     return run_dir
+
+
+@contextmanager
+def mounted_tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A filesystem of its own at `mount` (tmpfs with `options`, e.g. `size=3M` or `ro,size=1M`), unmounted
+    afterwards; the test is skipped where it cannot be mounted (not root, no mount)."""
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip(f"needs root to mount a tmpfs ({options})")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def shapes_split_files(shapes_root: Path, split: str, count: int | None = None):
+    """The files of a split of the generated shapes tree, as a source lists them (the first `count` ids)."""
+    from segx.data.source import SplitFiles
+
+    voc = shapes_root / "VOCdevkit" / "VOC2012"
+    ids = (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()[:count]
+    return SplitFiles(ids, [voc / "JPEGImages" / f"{i}.jpg" for i in ids],
+                      [voc / "SegmentationClass" / f"{i}.png" for i in ids])

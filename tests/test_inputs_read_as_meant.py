@@ -4,9 +4,7 @@ a failed download that leaves nothing behind."""
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +14,10 @@ from PIL import Image
 
 from segx.core.errors import SegxError
 from segx.data.cache import load_or_build
-from segx.data.source import SplitFiles
 from segx.data.voc import VOCSource
 from segx.inference.predict import load_rgb
 from segx.training.runtime import precision_for
+from tests.conftest import mounted_tmpfs, shapes_split_files
 
 
 @pytest.mark.parametrize("mode, values, expected", [
@@ -58,28 +56,13 @@ def test_16_mixed_on_a_cpu_is_recorded_as_the_bf16_lightning_runs(caplog: pytest
 
 @pytest.fixture
 def read_only_folder(tmp_path: Path) -> Iterator[Path]:
-    """A read-only filesystem (tmpfs mounted ro): root ignores file permissions, a read-only mount it cannot."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        os.chmod(folder, 0o555)
+    """A read-only filesystem (tmpfs mounted ro): root ignores file permissions, not a read-only mount."""
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1M") as folder:
         yield folder
-        os.chmod(folder, 0o755)
-        return
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(folder)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {made.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_read_only_data_root_names_data_cache_dir(read_only_folder: Path, shapes_root: Path) -> None:
-    voc = shapes_root / "VOCdevkit" / "VOC2012"
-    ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:2]
-    files = SplitFiles(ids, [voc / "JPEGImages" / f"{i}.jpg" for i in ids],
-                       [voc / "SegmentationClass" / f"{i}.png" for i in ids])
+    files = shapes_split_files(shapes_root, "val", count=2)
     with pytest.raises(SegxError) as caught:
         load_or_build(read_only_folder / "segx-cache", "val", files, 32, num_classes=21)
     message = str(caught.value)

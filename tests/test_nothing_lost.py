@@ -4,12 +4,10 @@ network is refused before anything in the folder changes."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,44 +15,25 @@ import torch
 
 from segx.core.files import DiskFullError, atomic_path, write_json_atomic
 from segx.data.cache import load_or_build
-from segx.data.source import SplitFiles
 from segx.runs.ownership import OWNER_FILE, RunDirTakenError, claim_run_dir, release_run_dir
 from segx.runs.record import read_record
 from segx.runs.status import COMPLETED, FAILED
-from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_in_process
+from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, mounted_tmpfs, run_in_process, shapes_split_files
 
 pytestmark = pytest.mark.slow
 TINY_RUN = [*TINY_MODEL, *TINY_SHAPES, *QUIET, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
             "logger=none"]
 
 
-@contextmanager
-def _tmpfs(mount: Path, size: str) -> Iterator[Path]:
-    """A filesystem of `size` of its own (tmpfs): needs root and mount, else the test is skipped."""
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip(f"needs root to mount a {size} tmpfs")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    with _tmpfs(tmp_path / "small", "3M") as mount:
+    with mounted_tmpfs(tmp_path / "small", "size=3M") as mount:
         yield mount
 
 
 def test_a_cache_that_does_not_fit_is_named_and_leaves_nothing(tmp_path: Path, shapes_root: Path) -> None:
-    voc = shapes_root / "VOCdevkit" / "VOC2012"
-    ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
-    files = SplitFiles(ids, [voc / "JPEGImages" / f"{i}.jpg" for i in ids],
-                       [voc / "SegmentationClass" / f"{i}.png" for i in ids])
-    with _tmpfs(tmp_path / "tiny", "64k") as mount:
+    files = shapes_split_files(shapes_root, "train")
+    with mounted_tmpfs(tmp_path / "tiny", "size=64k") as mount:
         with pytest.raises(DiskFullError, match=r"Could not write .*/segx-cache/train-32px-.*\.pt: No space left"):
             load_or_build(mount / "segx-cache", "train", files, 32, num_classes=21)
         assert [p.name for p in (mount / "segx-cache").iterdir() if not p.name.endswith(".lock")] == []
