@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from segx.core.errors import DatasetUnavailableError, SegxError, find_user_error, first_line
+from segx.core.errors import DatasetUnavailableError, SegxError, find_user_error
 from segx.core.ranks import is_rank_zero
 from segx.runs.overrides import job_count, split_override, varying_keys
 from segx.runs.ownership import RunDirTakenError, claim_run_dir, release_run_dir
@@ -196,8 +196,8 @@ def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
             raise
         if shared and job.launcher == "basic":
             _stop_basic_sweep(error, job)
-        if shared:  # the launcher prints it with its stop: this worker's log lines may not reach the console
-            log.info("Job %s failed (the launcher stops the sweep): %s", job.num, first_line(describe_error(error)))
+        if shared:  # the launcher prints the error with its stop (this worker's log lines may not reach the console)
+            log.info("Job %s failed on its dataset, as every job would: the launcher stops the sweep", job.num)
         elif find_user_error(error) is not None:
             log.error("Job %s failed: %s", job.num, describe_error(error))
         else:
