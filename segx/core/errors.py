@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -12,16 +12,22 @@ class SegxError(RuntimeError):
     """A problem with the user's data, config or files; the message names the culprit and the fix."""
 
 
-def find_user_error(error: BaseException) -> SegxError | None:
-    """The SegxError behind `error`, if any: Hydra's `instantiate` wraps constructor errors in its own."""
+def find_in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in `error`'s chain (itself, then each `__cause__` or `__context__`) that is `wanted`."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
-        if isinstance(current, SegxError):
+        if wanted(current):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def find_user_error(error: BaseException) -> SegxError | None:
+    """The SegxError behind `error`, if any: Hydra's `instantiate` wraps constructor errors in its own."""
+    found = find_in_chain(error, lambda e: isinstance(e, SegxError))
+    return found if isinstance(found, SegxError) else None
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from segx.core.errors import SegxError
+from segx.core.errors import SegxError, find_in_chain
 
 #: The errors of a write that a full filesystem (or a full quota) causes.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -44,20 +44,14 @@ def _size(count: int) -> str:
 
 def _disk_full_cause(error: BaseException) -> OSError | None:
     """The out-of-space OSError behind `error` (torch.save, say, reports it as a RuntimeError in its context)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno in DISK_FULL:
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    found = find_in_chain(error, lambda e: isinstance(e, OSError) and e.errno in DISK_FULL)
+    return found if isinstance(found, OSError) else None
 
 
 def disk_full_error(path: str | Path, error: OSError) -> DiskFullError:
     """One paragraph for a write that ran out of space: the file, its filesystem, what is free there."""
     path = Path(path)
-    folder = next((p for p in [path.parent, *path.parents] if p.exists()), Path("/"))
+    folder = next((p for p in path.parents if p.exists()), Path("/"))
     mount = _mount_point(folder)
     try:
         usage = shutil.disk_usage(folder)
