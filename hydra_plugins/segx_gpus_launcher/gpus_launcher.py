@@ -178,44 +178,39 @@ class GpuLauncher(RayLauncher):
         return [results[item[0]] for item in launched]
 
     @staticmethod
-    def _stop(failed: tuple, unfinished: list[tuple]) -> None:
-        """A job failed in a way every job would (the dataset cannot be read, and the sweep varies no data
-        setting): the jobs not yet finished are cancelled, those already running recorded as stopped by it."""
+    def _end_unfinished(unfinished: list[tuple], why: str) -> tuple[int, int]:
+        """Ray is shut down first (its queued jobs are cancelled, its running ones end before they write their
+        records); each job that was running is then recorded as failed with `why`. (running, not started)."""
         import ray
 
-        ray.shutdown()  # cancels the queued jobs and ends the running ones before their records are written
-        stopped = not_started = 0
-        for idx, overrides, sweep_config, _ in unfinished:
-            run_dir = _run_dir(sweep_config)
-            if read_record(run_dir) is None:
-                not_started += 1
-            elif read_record(run_dir).get("status") == RUNNING:
-                record_worker_death(run_dir, idx, list(filter_overrides(overrides)), "gpus",
-                                    f"stopped: job {failed[0]} failed in a way every job of the sweep would")
-                stopped += 1
-        error = (read_record(_run_dir(failed[2])) or {}).get("error", "")
-        sweep_dir = Path(str(failed[2].hydra.sweep.dir))
-        left = f"{not_started} job(s) were not started and {stopped} running job(s) were stopped"
-        log.error("Job %d failed: %s\n%s", failed[0], error, stop_message(failed[0], sweep_dir, left))
-        sys.exit(2)
-
-    @staticmethod
-    def _interrupted(unfinished: list[tuple]) -> None:
-        """Ctrl-C: Ray's workers end with the sweep; the jobs they were running are recorded as a single run's
-        would be (interrupted, to resume), and the sweep exits 130 with one line instead of Ray's traceback."""
-        import ray
-
-        ray.shutdown()  # stops the workers first, so none of them writes its record after this
-        marked = not_started = 0
+        ray.shutdown()
+        running = not_started = 0
         for idx, overrides, sweep_config, _ in unfinished:
             run_dir = _run_dir(sweep_config)
             record = read_record(run_dir)
             if record is None:
                 not_started += 1
             elif record.get("status") == RUNNING:
-                record_worker_death(run_dir, idx, list(filter_overrides(overrides)), "gpus",
-                                    f"interrupted by {CTRL_C}: run the same sweep command again to resume it")
-                marked += 1
+                record_worker_death(run_dir, idx, list(filter_overrides(overrides)), "gpus", why)
+                running += 1
+        return running, not_started
+
+    def _stop(self, failed: tuple, unfinished: list[tuple]) -> None:
+        """A job failed in a way every job would (the dataset cannot be read, and the sweep varies no data
+        setting): the jobs not yet finished are cancelled, those already running recorded as stopped by it."""
+        stopped, not_started = self._end_unfinished(
+            unfinished, f"stopped: job {failed[0]} failed in a way every job of the sweep would")
+        error = (read_record(_run_dir(failed[2])) or {}).get("error", "")
+        sweep_dir = Path(str(failed[2].hydra.sweep.dir))
+        left = f"{not_started} job(s) were not started and {stopped} running job(s) were stopped"
+        log.error("Job %d failed: %s\n%s", failed[0], error, stop_message(failed[0], sweep_dir, left))
+        sys.exit(2)
+
+    def _interrupted(self, unfinished: list[tuple]) -> None:
+        """Ctrl-C: Ray's workers end with the sweep; the jobs they were running are recorded as a single run's
+        would be (interrupted, to resume), and the sweep exits 130 with one line instead of Ray's traceback."""
+        marked, not_started = self._end_unfinished(
+            unfinished, f"interrupted by {CTRL_C}: run the same sweep command again to resume it")
         log.error("Sweep interrupted by Ctrl-C: %d running job(s) recorded as interrupted, %d not started; run the "
                   "same command again to resume.", marked, not_started)
         sys.exit(EXIT_CODES[CTRL_C])
