@@ -3,6 +3,7 @@ same classes at the same size; what else changed (more epochs, say) is allowed a
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,18 @@ def resume_changes(stored: DictConfig | dict, cfg: DictConfig) -> tuple[list[str
     return refused, changed
 
 
+@functools.lru_cache(maxsize=4)
+def _stored_config(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """A checkpoint's run config, read once per file version: a single run checks it before Hydra writes anything
+    (RunGuard) and again where training starts, and a checkpoint with optimizer state can be gigabytes."""
+    return OmegaConf.to_container(run_config(load_checkpoint(path)), resolve=True)
+
+
 def check_resume(checkpoint_path: str | Path, cfg: DictConfig) -> dict[str, list[Any]]:
     """SegxError naming what differs when the checkpoint's run trained another network, other classes or another
     image size than `cfg`; else the settings that changed (to record)."""
-    stored = run_config(load_checkpoint(checkpoint_path))
+    stat = Path(checkpoint_path).stat()
+    stored = _stored_config(str(Path(checkpoint_path).resolve()), stat.st_mtime_ns, stat.st_size)
     refused, changed = resume_changes(stored, cfg)
     if refused:
         raise SegxError(
