@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Installs skip byte-compiling (a minute for torch's and Ray's thousands of files); Python caches the modules a run
+# imports instead, which it cannot do where the environment sets PYTHONDONTWRITEBYTECODE, so it is cleared here.
+export PYTHONDONTWRITEBYTECODE :=
 # Pinned to the releases this project is tested with; `make TORCH_SPEC="torch torchvision" ...` takes newer ones.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR := outputs/demo
@@ -12,8 +15,8 @@ DEMO_DIR := outputs/demo
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-compile $(TORCH_SPEC)
+	$(PY) -m pip install -q --no-compile -e '.[dev]'
 	@touch $@
 
 venv:

@@ -38,6 +38,19 @@ def run_entry_point(script: str, *overrides: str, check: bool = True) -> subproc
     return result
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """torch.compile's kernels in a folder of the session's (and its subprocesses'), not the machine's
+    /tmp/torchinductor_<user>: a warm cache left by an earlier run would hide the cost of a compile."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
+    yield
+    if previous is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -112,28 +113,36 @@ class OwnProcesses:
 
 
 def run_sweep(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`train.py -m ...` on Ray, as a user runs it; fails (instead of hanging) past `timeout` seconds, checks
-    that the tag reached Ray's processes (so the check can see them) and that none of them outlives the sweep."""
-    own = OwnProcesses(uuid.uuid4().hex)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", TAG: own.tag}
-    with subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+    """`train.py -m ...` on Ray, run by its Hydra main in this process (a new interpreter would spend seconds
+    importing what this one holds); Ctrl-C'd (instead of hanging) past `timeout` seconds. Checks that the tag
+    reached Ray's processes (so the check can see them) and that none of them outlives the sweep."""
+    own, done = OwnProcesses(uuid.uuid4().hex), threading.Event()
+    timed_out = threading.Event()
+
+    def watch() -> None:  # records Ray's processes while they run; interrupts the sweep past its time
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                stdout, stderr = process.communicate(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                own.record()
-                if time.monotonic() > deadline:
-                    own.kill()
-                    process.kill()
-                    stdout, stderr = process.communicate()
-                    pytest.fail(f"the sweep did not end within {timeout:g} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+        while not done.wait(0.5):
+            own.record()
+            if time.monotonic() > deadline and not timed_out.is_set():
+                timed_out.set()
+                os.kill(os.getpid(), signal.SIGINT)  # the launcher's Ctrl-C path: its jobs end, the sweep exits
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    os.environ[TAG] = own.tag  # inherited by the Ray this sweep starts; run_in_process restores the environment
+    try:
+        watcher.start()
+        result = run_in_process("train.py", "-m", *overrides, check=False)
+    finally:
+        done.set()
+        watcher.join()
+        os.environ.pop(TAG, None)
+    if timed_out.is_set():
+        own.kill()
+        pytest.fail(f"the sweep did not end within {timeout:g} s:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     names = {name for _, name in own.known.values()}
-    assert "raylet" in names, f"no raylet among the sweep's processes {sorted(names)}:\n{stderr[-3000:]}"
+    assert "raylet" in names, f"no raylet among the sweep's processes {sorted(names)}:\n{result.stderr[-3000:]}"
     own.wait_until_gone()
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return result
 
 
 # -- the GPU launcher (Ray) ----------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ class GpuLauncher(RayLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         init = OmegaConf.to_container(self.ray_cfg.init, resolve=True)
         remote = OmegaConf.to_container(self.ray_cfg.remote, resolve=True)
+        own_ray = not ray.is_initialized()  # a Ray this sweep starts ends with it; a caller's own Ray is left running
         start_ray(OmegaConf.create({k: v for k, v in init.items() if v is not None or k == "address"}))
         if self.check_resources:
             try:
@@ -175,6 +176,8 @@ class GpuLauncher(RayLauncher):
                     self._stop(item, list(pending.values()))
         except KeyboardInterrupt:
             self._interrupted(list(pending.values()))
+        if own_ray:  # now, not at interpreter exit: a process that runs more than one sweep gets a Ray each
+            ray.shutdown()
         return [results[item[0]] for item in launched]
 
     @staticmethod
