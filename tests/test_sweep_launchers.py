@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -26,6 +23,7 @@ from segx.runs.record import read_record
 from segx.runs.status import COMPLETED, FAILED
 from segx.training.runtime import resolve_precision, strategy_for_sweep_job
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_entry_point, run_in_process
+from tests.ray_processes import TAG, OwnProcesses, run_sweep
 
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 # A Ray of the sweep's own, even where $RAY_ADDRESS or a `ray start` on this machine names another one.
@@ -47,102 +45,6 @@ def interval(record: dict) -> tuple[datetime, datetime]:
 def overlap(a: dict, b: dict) -> bool:
     (start_a, end_a), (start_b, end_b) = interval(a), interval(b)
     return start_a < end_b and start_b < end_a
-
-
-# Every process a sweep test starts (the driver, Ray's raylet, GCS and workers) inherits this variable with a value
-# of its own, so a test checks its own processes only, never another Ray on the machine.
-TAG = "SEGX_TEST_PROCESS_TAG"
-
-
-def _psutil() -> ModuleType:
-    """psutil as Ray ships it (inside the ray package, not as a distribution of its own)."""
-    import ray  # noqa: F401  # importing Ray puts its bundled psutil on sys.path
-
-    return importlib.import_module("psutil")
-
-
-class OwnProcesses:
-    """The processes one test started: those whose environment carries its tag, and their descendants, recorded
-    while they run (a Ray agent that renames itself loses the tag: setproctitle reuses the environment's memory)."""
-
-    def __init__(self, tag: str) -> None:
-        self.tag = tag
-        self.known: dict[int, tuple[float, str]] = {}  # pid -> (creation time, so a reused pid is not ours; name)
-
-    def record(self) -> None:
-        psutil = _psutil()
-        for process in psutil.process_iter():
-            try:
-                if process.environ().get(TAG) != self.tag:
-                    continue
-                for own in [process, *process.children(recursive=True)]:
-                    self.known[own.pid] = (own.create_time(), own.name())  # the name after its exec, if any
-            except psutil.Error:  # gone meanwhile, a zombie, or another user's
-                continue
-
-    def alive(self) -> dict[int, str]:
-        """pid -> name of those still running."""
-        psutil = _psutil()
-        self.record()
-        running = {}
-        for pid, (created, name) in self.known.items():
-            try:
-                process = psutil.Process(pid)
-                if process.create_time() == created and process.status() != psutil.STATUS_ZOMBIE:
-                    running[pid] = name
-            except psutil.Error:
-                continue
-        return running
-
-    def kill(self) -> None:
-        psutil = _psutil()
-        for pid in self.alive():
-            try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
-                continue
-
-    def wait_until_gone(self, timeout: float = 20.0) -> None:
-        """A sweep's Ray instance ends with the sweep: no raylet or worker the test started is left behind."""
-        deadline = time.monotonic() + timeout
-        while (left := self.alive()) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if left:
-            self.kill()
-            pytest.fail(f"processes of the sweep are still running after it ended: {left}")
-
-
-def run_sweep(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`train.py -m ...` on Ray, run by its Hydra main in this process (a new interpreter would spend seconds
-    importing what this one holds); Ctrl-C'd (instead of hanging) past `timeout` seconds. Checks that the tag
-    reached Ray's processes (so the check can see them) and that none of them outlives the sweep."""
-    own, done = OwnProcesses(uuid.uuid4().hex), threading.Event()
-    timed_out = threading.Event()
-
-    def watch() -> None:  # records Ray's processes while they run; interrupts the sweep past its time
-        deadline = time.monotonic() + timeout
-        while not done.wait(0.5):
-            own.record()
-            if time.monotonic() > deadline and not timed_out.is_set():
-                timed_out.set()
-                os.kill(os.getpid(), signal.SIGINT)  # the launcher's Ctrl-C path: its jobs end, the sweep exits
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    os.environ[TAG] = own.tag  # inherited by the Ray this sweep starts; run_in_process restores the environment
-    try:
-        watcher.start()
-        result = run_in_process("train.py", "-m", *overrides, check=False)
-    finally:
-        done.set()
-        watcher.join()
-        os.environ.pop(TAG, None)
-    if timed_out.is_set():
-        own.kill()
-        pytest.fail(f"the sweep did not end within {timeout:g} s:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    names = {name for _, name in own.known.values()}
-    assert "raylet" in names, f"no raylet among the sweep's processes {sorted(names)}:\n{result.stderr[-3000:]}"
-    own.wait_until_gone()
-    return result
 
 
 # -- the GPU launcher (Ray) ----------------------------------------------------------------------------------
@@ -366,7 +268,7 @@ def test_a_single_run_with_a_user_error_is_one_paragraph_and_exit_2(shapes_root:
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_its_interrupted_job_from_last_ckpt(shapes_root: Path, tmp_path: Path) -> None:
     command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET,
-               f"data.root={shapes_root}", "trainer.max_epochs=40", "trainer.limit_train_batches=3", "seed=5",
+               f"data.root={shapes_root}", "trainer.max_epochs=15", "trainer.limit_train_batches=3", "seed=5",
                "logger=none", f"hydra.sweep.dir={tmp_path}"]
     last = tmp_path / "0" / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -377,19 +279,19 @@ def test_a_killed_sweep_resumes_its_interrupted_job_from_last_ckpt(shapes_root: 
             return (read_record(tmp_path / "0") or {}).get("epochs", 0) if last.exists() else 0
 
         while epochs_done() < 2 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # killed a few epochs in, whatever this machine's speed: 38 epochs are still to go
+            time.sleep(0.05)  # killed a few epochs in, whatever this machine's speed: 13 epochs are still to go
         assert process.poll() is None, "the sweep ended before it could be killed"
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     killed = read_record(tmp_path / "0")
-    assert killed["status"] == "running" and 1 <= killed["epochs"] < 40
+    assert killed["status"] == "running" and 1 <= killed["epochs"] < 15
 
     result = run_in_process("train.py", *command[2:])
     assert "resuming from" in result.stdout + result.stderr
     [resumed] = records(tmp_path)
     assert resumed["status"] == COMPLETED
-    assert [int(h["epoch"]) for h in resumed["history"]] == list(range(40))
+    assert [int(h["epoch"]) for h in resumed["history"]] == list(range(15))
     # the epochs before the kill came back from the checkpoint with their scores
     assert [h["val/miou"] for h in resumed["history"][: killed["epochs"]]] == [h["val/miou"] for h in killed["history"]]
 

@@ -41,14 +41,19 @@ def installed(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Path:
     return env_dir
 
 
-def _run(env_dir: Path, cwd: Path, command: str, *args: str) -> subprocess.CompletedProcess:
+def _start(env_dir: Path, cwd: Path, command: str, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PATH=f"{env_dir / 'bin'}:{env['PATH']}", PYTHONUNBUFFERED="1", XDG_CACHE_HOME=str(cwd / "cache"))
-    result = subprocess.run([str(env_dir / "bin" / command), *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n" \
-                                   f"{result.stderr[-3000:]}"
-    return result
+    return subprocess.Popen([str(env_dir / "bin" / command), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _run(env_dir: Path, cwd: Path, *commands: tuple[str, ...]) -> None:
+    """Each command with its arguments, side by side (each spends most of its time importing, on one core)."""
+    started = [(command[0], _start(env_dir, cwd, *command)) for command in commands]
+    for name, process in started:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{name} failed ({process.returncode}):\n{output[-3000:]}"
 
 
 def test_the_wheel_carries_the_configs_and_no_tests(wheel: Path) -> None:
@@ -71,18 +76,18 @@ def test_every_console_command_runs_from_another_directory(installed: Path, tmp_
     assert not where[0].startswith(str(ROOT)) and where[1] == str(Path(where[0]).parent / "conf")
 
     shapes = [*TINY_MODEL, *TINY_SHAPES, *QUIET, "data.root=shapes", "trainer.max_epochs=1", "logger=csv"]
-    _run(installed, work, "segx-train", *shapes, "hydra.run.dir=run")
+    _run(installed, work, ("segx-train", *shapes, "hydra.run.dir=run"))
     assert json.loads((work / "run" / "metrics.json").read_text())["status"] == "completed"
     ckpt = "run/checkpoints/last.ckpt"
-    _run(installed, work, "segx-evaluate", f"ckpt={ckpt}", "hydra.run.dir=run/evaluate")
-    assert "miou" in json.loads((work / "run" / "evaluate" / "metrics.json").read_text())
     image = next((work / "shapes").rglob("*.jpg"))
-    _run(installed, work, "segx-predict", f"ckpt={ckpt}", f"input={image}", "output=predicted", "progress=false")
+    _run(installed, work, ("segx-evaluate", f"ckpt={ckpt}", "hydra.run.dir=evaluated"),
+         ("segx-predict", f"ckpt={ckpt}", f"input={image}", "output=predicted", "progress=false"),
+         ("segx-export", f"ckpt={ckpt}", "output=model.onnx"),
+         ("segx-report", "run"),
+         ("segx-bench", "--device", "cpu", "--sections", "memory_format", "--models", "unet_small", "--size", "32",
+          "--batch", "2", "--repeats", "1", "--workdir", "bench", "--json", "bench.json"))
+    assert "miou" in json.loads((work / "evaluated" / "metrics.json").read_text())
     assert (work / "predicted" / f"{image.stem}.png").is_file()
-    _run(installed, work, "segx-export", f"ckpt={ckpt}", "output=model.onnx")
     assert (work / "model.onnx").stat().st_size > 0
-    _run(installed, work, "segx-report", "run")
     assert (work / "run" / "report.md").is_file()
-    _run(installed, work, "segx-bench", "--device", "cpu", "--sections", "memory_format", "--models", "unet_small",
-         "--size", "32", "--batch", "2", "--repeats", "1", "--workdir", "bench", "--json", "bench.json")
     assert (work / "bench.json").is_file()

@@ -64,10 +64,20 @@ def _option(resource: str, amount: float) -> str:
     return f"{OPTION}.{key}={_number(amount)}"
 
 
-def fit_to_cluster(remote: dict, nodes: list[dict[str, float]], jobs: int) -> tuple[dict, str | None]:
+def fit_to_cluster(remote: dict, nodes: list[dict[str, float]], jobs: int,
+                   prefix: str = "hydra.launcher") -> tuple[dict, str | None]:
     """Each job's ray.remote arguments checked against the alive nodes' resources (Ray waits forever for a
     request no node can hold): with no GPU in the cluster the jobs run on CPUs (num_gpus 0, and the line that
-    says so is returned); a request no single node can satisfy raises ConfigError."""
+    says so is returned); a request no single node can satisfy raises ConfigError. `prefix` is where the
+    options live (`hydra.sweeper` for the tune sweeper), for the messages."""
+    try:
+        fitted, note = _fit(remote, nodes, jobs)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("hydra.launcher.", f"{prefix}.")) from None
+    return fitted, note and note.replace("hydra.launcher.", f"{prefix}.")
+
+
+def _fit(remote: dict, nodes: list[dict[str, float]], jobs: int) -> tuple[dict, str | None]:
     fitted, note = dict(remote), None
     gpus = _requested(remote).get("GPU", 0.0)
     if gpus and not any(node.get("GPU", 0) for node in nodes):

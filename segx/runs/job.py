@@ -67,7 +67,9 @@ class JobInfo:
             multirun=multirun,
             num=int(hydra_cfg.job.num) if multirun else None,
             overrides=[str(o) for o in hydra_cfg.overrides.task],
-            launcher=str(hydra_cfg.runtime.choices.get("hydra/launcher", "basic")),
+            # A tune search runs its trials itself: Hydra's launcher setting is not used there.
+            launcher="tune" if hydra_cfg.runtime.choices.get("hydra/sweeper") == "tune" else
+            str(hydra_cfg.runtime.choices.get("hydra/launcher", "basic")),
         )
 
 

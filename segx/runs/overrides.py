@@ -62,8 +62,9 @@ def sweep_axes(overrides: list[str]) -> tuple[dict[str, list[str]], dict[str, st
             continue
         axes.pop(key, None)
         shared.pop(key, None)
-        if override.is_sweep_override():
-            axes[key] = list(override.sweep_string_iterator())
+        if override.is_sweep_override():  # a sampled interval (the tune sweeper's) has no list of values
+            axes[key] = list(override.sweep_string_iterator()) if override.is_discrete_sweep() else \
+                [override.get_value_element_as_str()]
         else:
             shared[key] = override.get_value_element_as_str()
     return axes, shared
@@ -89,6 +90,8 @@ def job_count(sweep_dir: str | Path) -> int | None:
     axes: dict[str, int] = {}
     for override in parsed:  # a key given twice: the later value replaces the earlier one, as in Hydra
         key = override.get_key_element()
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            return None  # sampled, not a grid: the search's own settings say how many trials it runs
         axes[key] = len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
     count = 1
     for size in axes.values():

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from segx.runs.job import JobInfo
 
 RECORD_FILE = "metrics.json"
+# A search scheduler's verdict, written by the sweep's driver: the worker it stops is killed while it may still be
+# writing metrics.json, so the verdict lives in a file of its own and read_record merges the two.
+STOP_FILE = "stopped.json"
 DEFAULT_MONITOR = "val/miou"  # the score a run's best epoch is picked by when its record names none
 
 
@@ -30,12 +33,28 @@ def utc_now() -> str:
 
 def read_record(run_dir: str | Path) -> dict[str, Any] | None:
     """A run directory's `metrics.json`, or None when there is none (or it cannot be read)."""
-    path = Path(run_dir) / RECORD_FILE
+    record = _read_json(Path(run_dir) / RECORD_FILE)
+    if record is None:
+        return None
+    verdict = _read_json(Path(run_dir) / STOP_FILE)
+    if verdict is not None and record.get("status") != COMPLETED:  # a run that finished keeps its own ending
+        record.update(status=STOPPED, stopped_at_epoch=verdict.get("epoch"), stopped_by=verdict.get("by"))
+        record.pop("error", None)  # what the dying worker may have written about its own end
+        record.setdefault("ended_at", verdict.get("at"))
+    return record
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        record = json.loads(path.read_text())
+        loaded = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def write_stop_verdict(run_dir: str | Path, epoch: int | None, by: str) -> None:
+    """Record, from the sweep's driver, that a search scheduler stopped this run after `epoch`."""
+    write_json_atomic(Path(run_dir) / STOP_FILE, {"epoch": epoch, "by": by, "at": utc_now()})
 
 
 def best_value(record: dict[str, Any], monitor: str = DEFAULT_MONITOR) -> float:

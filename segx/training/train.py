@@ -32,6 +32,7 @@ from segx.runs.overrides import override_settings
 from segx.runs.record import JobRecord, best_value, read_record
 from segx.training.callbacks import RunSummary
 from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
+from segx.training.callbacks.run_summary import EpochListener
 from segx.training.checkpoint_io import AtomicCheckpointIO
 from segx.training.losses import build_loss
 from segx.training.module import SegmentationModule
@@ -212,10 +213,11 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
 
     logger = build_logger(cfg, job, record)
     hparams = {**override_settings(job.overrides), **_flat_choices(cfg)}  # resolved values win
-    summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
-                         provenance=record.fields)
     show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker
-    callbacks = [*build_callbacks(cfg, run_dir, show_progress), summary, CheckpointOnInterrupt()]
+    configured = build_callbacks(cfg, run_dir, show_progress)
+    summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
+                         provenance=record.fields, listeners=[c for c in configured if isinstance(c, EpochListener)])
+    callbacks = [*configured, summary, CheckpointOnInterrupt()]
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # a user's own wins
     trainer: pl.Trainer = instantiate(
         cfg.trainer, precision=runtime.precision, strategy=runtime.strategy, sync_batchnorm=runtime.sync_batchnorm,

@@ -6,8 +6,9 @@ from segx.training.callbacks.prediction_grid import PredictionGridLogger
 from segx.training.callbacks.run_checkpoint import RunCheckpoint
 from segx.training.callbacks.run_summary import RunSummary
 from segx.training.callbacks.stop_on_nonfinite_loss import NonFiniteLossError, StopOnNonFiniteLoss
+from segx.training.callbacks.tune_report import TuneReport
 
 __all__ = [
     "CheckpointOnInterrupt", "EpochProgressBar", "NonFiniteLossError", "PredictionGridLogger", "RunCheckpoint",
-    "RunSummary", "StopOnNonFiniteLoss",
+    "RunSummary", "StopOnNonFiniteLoss", "TuneReport",
 ]

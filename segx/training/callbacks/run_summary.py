@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
@@ -39,6 +40,13 @@ def _val_confusion_matrix(trainer: pl.Trainer) -> list[list[int]] | None:
     return counts.tolist() if counts is not None else None
 
 
+@runtime_checkable
+class EpochListener(Protocol):
+    """A callback told of each epoch once RunSummary has written it to metrics.json (rank zero only)."""
+
+    def epoch_recorded(self, entry: dict[str, float], trainer: pl.Trainer) -> None: ...
+
+
 class RunSummary(pl.Callback):
     """Keeps `metrics.json` in the run directory: per-epoch metrics and wall time, best and final scores.
 
@@ -51,8 +59,10 @@ class RunSummary(pl.Callback):
     """
 
     def __init__(self, path: str | Path, parameters: dict[str, int], hparams: dict[str, Any] | None = None,
-                 monitor: str = "val/miou", provenance: dict[str, Any] | None = None) -> None:
+                 monitor: str = "val/miou", provenance: dict[str, Any] | None = None,
+                 listeners: Sequence[EpochListener] = ()) -> None:
         self.path = Path(path)
+        self.listeners = list(listeners)
         self.provenance = provenance if provenance is not None else {}
         self.parameters = parameters
         self.hparams = hparams or {}
@@ -114,6 +124,8 @@ class RunSummary(pl.Callback):
         if trainer.is_global_zero:
             write_json_atomic(self.path, self.summary(trainer))
             self._log_epoch(trainer)
+            for listener in self.listeners:  # after the write: a listener may end the run (a search's stop)
+                listener.epoch_recorded(self.history[-1], trainer)
 
     def _log_epoch(self, trainer: pl.Trainer) -> None:
         """One line per epoch: the progress a sweep job shows where no progress bar is drawn."""

@@ -1,0 +1,1 @@
+"""`hydra/sweeper=tune`: a sweep run as one Ray Tune experiment (segx.search)."""

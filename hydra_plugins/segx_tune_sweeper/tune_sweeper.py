@@ -1,0 +1,199 @@
+"""`hydra/sweeper=tune`: the sweep's overrides as a search space, run as one Ray Tune experiment.
+
+Grids, random search and Optuna's TPE pick the trials; ASHA or Hyperband stop the weak ones after each validated
+epoch. Every trial is an ordinary segx run directory `<sweep dir>/<N>/`; a trial the scheduler stopped gets
+`status: stopped`. Tune's own state lives in `<sweep dir>/.tune/`, so the same command into the same
+`hydra.sweep.dir` resumes the experiment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from segx.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SEARCHES = ("grid", "random", "optuna")
+SCHEDULERS = {"asha": "ASHA", "hyperband": "Hyperband", "none": None}
+EXPERIMENT_DIR = ".tune"  # Tune's experiment state, inside the sweep directory
+OPTUNA_JOURNAL = "optuna.journal"
+
+
+class TuneSweeper(Sweeper):
+    """Runs a multirun's trials with Ray Tune instead of a Hydra launcher (see conf/hydra/sweeper/tune.yaml)."""
+
+    def __init__(self, search: str = "grid", num_samples: int = 1, seed: int = 0, scheduler: str = "asha",
+                 grace_period: int = 1, reduction_factor: float = 3, max_t: int | None = None,
+                 max_concurrent_trials: int | None = None, check_resources: bool = True,
+                 params: dict | None = None, ray: Any = None) -> None:
+        super().__init__()
+        if search not in SEARCHES:
+            raise ConfigError(f"hydra.sweeper.search={search} is not a search segx knows; use one of "
+                              f"{', '.join(SEARCHES)}.")
+        if scheduler not in SCHEDULERS:
+            raise ConfigError(f"hydra.sweeper.scheduler={scheduler} is not a scheduler segx knows; use one of "
+                              f"{', '.join(SCHEDULERS)}.")
+        if int(num_samples) < 1:
+            raise ConfigError(f"hydra.sweeper.num_samples={num_samples}: give 1 or more trials per grid point.")
+        self.search, self.num_samples, self.seed = search, int(num_samples), int(seed)
+        self.scheduler_name, self.grace_period, self.reduction_factor = scheduler, int(grace_period), reduction_factor
+        self.max_t, self.max_concurrent_trials, self.check_resources = max_t, max_concurrent_trials, check_resources
+        self.params = dict(params or {})
+        self.ray_cfg = ray
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+        self.config: DictConfig | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def sweep(self, arguments: list[str]) -> Any:
+        _require_tune(self.search)
+        import ray
+        from hydra_plugins.hydra_ray_launcher._launcher_util import start_ray
+
+        from segx.search.space import parse_space
+
+        assert self.config is not None and self.hydra_context is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()  # Tune needs an absolute storage path
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        space = parse_space([*(f"{k}={v}" for k, v in self.params.items()), *arguments],
+                            self.hydra_context.config_loader)
+        trials = self._trial_count(space)
+        max_t = int(self.max_t or self.config.trainer.max_epochs)
+        if self.scheduler_name != "none" and not 1 <= self.grace_period <= max_t:
+            raise ConfigError(f"hydra.sweeper.grace_period={self.grace_period} must lie between 1 and max_t={max_t} "
+                              "(hydra.sweeper.max_t, by default trainer.max_epochs).")
+        # Trials run in Tune's working folder unless told not to (relative paths would break); Tune's own
+        # TensorBoard files would show up as extra runs beside each trial's.
+        os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        os.environ["RAY_DEDUP_LOGS"] = "0"
+        init = OmegaConf.to_container(self.ray_cfg.init, resolve=True)
+        remote = OmegaConf.to_container(self.ray_cfg.remote, resolve=True)
+        own_ray = not ray.is_initialized()
+        start_ray(OmegaConf.create({k: v for k, v in init.items() if v is not None or k == "address"}))
+        try:
+            return self._run(space, trials, max_t, remote, sweep_dir)
+        finally:
+            if own_ray:  # now, not at interpreter exit: no Ray process outlives the sweep
+                ray.shutdown()
+
+    def _trial_count(self, space: Any) -> int:
+        if self.search == "grid":
+            return max(1, len(space.grid_points())) * self.num_samples
+        return self.num_samples
+
+    def _run(self, space: Any, trials: int, max_t: int, remote: dict, sweep_dir: Path) -> Any:
+        import ray
+        from ray import tune
+
+        from hydra_plugins.segx_gpus_launcher.gpus_launcher import fit_to_cluster
+        from segx.search.outcomes import TrialOutcomes
+        from segx.search.trial import run_trial
+
+        assert self.config is not None
+        if self.check_resources:
+            nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+            try:
+                remote, note = fit_to_cluster(remote, nodes, trials, prefix="hydra.sweeper")
+            except ConfigError as error:
+                log.error("%s", error)
+                raise SystemExit(2) from None
+            if note:
+                log.warning("%s", note.replace("job(s)", "trial(s)"))
+        monitor = str(self.config.get("monitor") or "val/miou")
+        stopped_by = SCHEDULERS[self.scheduler_name] or "the search scheduler"
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, hydra_context=self.hydra_context, master_config=self.config,
+                                 task_function=self.task_function, singleton_state=Singleton.get_state(),
+                                 space=space, monitor=monitor, stopped_by=stopped_by),
+            {"cpu": float(remote.get("num_cpus") or 0), "gpu": float(remote.get("num_gpus") or 0)},
+        )
+        experiment = sweep_dir / EXPERIMENT_DIR
+        log.info("Searching %d trial(s) (%s search, scheduler %s, max_t %d epochs, %s GPU(s) each) into %s",
+                 trials, self.search, self.scheduler_name, max_t, remote.get("num_gpus", 0), sweep_dir)
+        if tune.Tuner.can_restore(str(experiment)):
+            log.info("Resuming the search in %s: finished and stopped trials are kept", experiment)
+            tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(metric="score", mode="max", search_alg=self._searcher(space, trials,
+                                                                                                 sweep_dir),
+                                            scheduler=self._scheduler(max_t), num_samples=trials,
+                                            max_concurrent_trials=self.max_concurrent_trials),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT_DIR, storage_path=str(sweep_dir), verbose=1,
+                    callbacks=[*_json_logger(), TrialOutcomes(sweep_dir, space, stopped_by)],
+                    failure_config=tune.FailureConfig(max_failures=int(remote.get("max_retries", 3) or 0)),
+                ),
+            )
+        return tuner.fit()
+
+    def _searcher(self, space: Any, trials: int, sweep_dir: Path) -> Any:
+        from segx.search.searchers import GridSearcher, NumberedSearcher, optuna_distribution
+        from segx.search.space import Distribution
+
+        if self.search == "grid":
+            return GridSearcher(space, self.num_samples, self.seed, metric="score", mode="max")
+        everything = {**{k: Distribution("choice", values=tuple(v)) for k, v in space.grid.items()},
+                      **space.distributions}  # random and optuna sample the grid's axes too
+        if self.search == "random":
+            from segx.search.space import SearchSpace
+
+            sampled = SearchSpace(distributions=everything, fixed=space.fixed)
+            return GridSearcher(sampled, trials, self.seed, metric="score", mode="max")
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+        from ray.tune.search.optuna import OptunaSearch
+
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(str(sweep_dir / OPTUNA_JOURNAL)))  # for optuna-dashboard
+        inner = OptunaSearch(space={k: optuna_distribution(d) for k, d in everything.items()}, metric="score",
+                             mode="max", sampler=optuna.samplers.TPESampler(seed=self.seed), study_name="segx",
+                             storage=storage)
+        return NumberedSearcher(inner, trials)
+
+    def _scheduler(self, max_t: int) -> Any:
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+        if self.scheduler_name == "asha":  # full-length trials finish as their runs do (stop_last_trials=False)
+            return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=self.grace_period,
+                                 reduction_factor=self.reduction_factor, stop_last_trials=False)
+        if self.scheduler_name == "hyperband":
+            return HyperBandScheduler(time_attr="epoch", max_t=max_t, reduction_factor=self.reduction_factor,
+                                      stop_last_trials=False)
+        return FIFOScheduler()
+
+
+def _json_logger() -> list:
+    """Tune's JSON logger only (its result.json is read on restore); the others are turned off above."""
+    from ray.tune.logger import JsonLoggerCallback
+
+    return [JsonLoggerCallback()]
+
+
+def _require_tune(search: str) -> None:
+    """Ray Tune (and Optuna for search=optuna) are the `tune` extra: say so in one paragraph when missing."""
+    import importlib
+
+    for module in ("ray.tune", *(("optuna",) if search == "optuna" else ())):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(
+                f"hydra/sweeper=tune needs {module}, which cannot be imported here ({error}). Install segx's tune "
+                "extra: pip install 'segx[tune]' (Ray Tune with pandas and pyarrow, and Optuna), or run the sweep "
+                "with Hydra's basic sweeper (drop hydra/sweeper=tune).") from None

@@ -1,0 +1,45 @@
+"""The search's driver-side record of how each trial ended, where the trial itself cannot say it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from segx.runs.job import record_worker_death
+from segx.runs.record import read_record, write_stop_verdict
+from segx.runs.status import RUNNING
+from segx.search.searchers import JOB_KEY
+from segx.search.space import SearchSpace
+from segx.search.trial import trial_overrides
+
+log = logging.getLogger(__name__)
+
+
+class TrialOutcomes(Callback):
+    """In the driver: a trial the scheduler ended early gets its verdict file (segx.runs.record.STOP_FILE); one
+    whose worker died after its retries is recorded as failed in its run directory."""
+
+    def __init__(self, sweep_dir: Path, space: SearchSpace, stopped_by: str) -> None:
+        self.sweep_dir, self.space, self.stopped_by = sweep_dir, space, stopped_by
+
+    def _run_dir(self, trial: Any) -> Path:
+        return self.sweep_dir / str(trial.config[JOB_KEY])
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_dir = self._run_dir(trial)
+        record = read_record(run_dir)
+        if record is None or record.get("status") != RUNNING:  # the run ended by itself and said how
+            return
+        epoch = (trial.last_result or {}).get("epoch")
+        write_stop_verdict(run_dir, epoch, self.stopped_by)
+        log.info("Trial %s stopped by %s after epoch %s", run_dir.name, self.stopped_by, epoch)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        job = int(trial.config[JOB_KEY])
+        message = (f"The Ray worker running trial {job} died and was retried as hydra.sweeper.ray.remote.max_retries "
+                   "allows; see Tune's error file in the sweep's .tune folder")
+        log.error("Trial %d: %s", job, message)
+        record_worker_death(self._run_dir(trial), job, trial_overrides(trial.config, self.space), "tune", message)

@@ -1,0 +1,124 @@
+"""Search with early stopping (`hydra/sweeper=tune`): the search space read from Hydra's grammar, seeded searchers,
+and a real Ray Tune experiment with ASHA on 2 simulated GPUs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from segx.core.errors import ConfigError
+from segx.runs.record import read_record, write_stop_verdict
+from segx.runs.status import COMPLETED, STOPPED
+from segx.search.space import Distribution, parse_space
+from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES
+from tests.ray_processes import run_sweep
+
+ray_tune = pytest.importorskip("ray.tune", reason="the tune extra (pip install segx[tune]) is not installed")
+
+
+def test_comma_lists_ranges_and_globs_are_grid_axes_and_the_rest_is_sampled() -> None:
+    space = parse_space(["optimizer=sgd,adam", "seed=range(1,4)", "optimizer.lr=tag(log, interval(1e-5, 1e-2))",
+                         "loss=choice(ce,dice)", "data.batch_size=int(interval(4, 16))", "trainer.max_epochs=3"])
+    assert space.grid == {"optimizer": ["sgd", "adam"], "seed": ["1", "2", "3"]}
+    assert space.distributions == {
+        "optimizer.lr": Distribution("loguniform", low=1e-5, high=1e-2),
+        "loss": Distribution("choice", values=("ce", "dice")),
+        "data.batch_size": Distribution("uniform", low=4, high=16, integer=True),
+    }
+    assert space.fixed == ["trainer.max_epochs=3"]
+    assert len(space.grid_points()) == 6 and space.grid_points()[1] == {"optimizer": "sgd", "seed": "2"}
+
+
+def test_a_preset_grid_expands_to_exactly_its_job_count() -> None:
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(ROOT / "conf")))
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        for name, jobs in {"optimizer_grid": 36, "loss_grid": 39, "compare_models": 45}.items():
+            cfg = compose("train", [f"experiment={name}"], return_hydra_config=True)
+            params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+            assert len(parse_space(params, loader).grid_points()) == jobs, name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=interval(1e-2, 1e-5)", "lower end must be below the upper"),
+    ("optimizer.lr=tag(log, interval(0, 1))", "log interval needs a positive lower end"),
+])
+def test_an_interval_that_cannot_be_sampled_is_refused_in_one_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_space([override])
+
+
+def _suggestions(searcher: object, count: int) -> list[dict]:
+    configs = []
+    for number in range(count):
+        config = searcher.suggest(f"trial{number}")
+        if isinstance(config, dict):  # a trial that ran: its score teaches TPE
+            searcher.on_trial_complete(f"trial{number}", {"score": 0.1 * (number % 3), "epoch": 1})
+        configs.append(config)
+    return configs
+
+
+def test_the_same_seed_samples_the_same_configurations_and_numbers_them_in_order(tmp_path: Path) -> None:
+    """TPE over a mixed space (a choice, a log interval, an integer interval), and the grid's random draws."""
+    from hydra_plugins.segx_tune_sweeper.tune_sweeper import TuneSweeper
+
+    space = parse_space(["optimizer=sgd,adam", "optimizer.lr=tag(log, interval(1e-5, 1e-2))",
+                         "data.batch_size=int(interval(4, 16))"])
+    runs = []
+    for attempt in range(2):
+        sweeper = TuneSweeper(search="optuna", num_samples=6, seed=7)
+        runs.append(_suggestions(sweeper._searcher(space, 6, tmp_path / str(attempt)), 7))
+    assert runs[0] == runs[1] and runs[0][-1] == "FINISHED"  # 6 trials, then the searcher is done
+    trials = runs[0][:6]
+    assert [t["_job"] for t in trials] == list(range(6))
+    assert {t["optimizer"] for t in trials} <= {"sgd", "adam"}
+    assert all(1e-5 <= float(t["optimizer.lr"]) <= 1e-2 and 4 <= int(t["data.batch_size"]) <= 16 for t in trials)
+    assert (tmp_path / "0" / "optuna.journal").is_file()  # the study optuna-dashboard opens
+
+    grid = [_suggestions(TuneSweeper(seed=3)._searcher(space, 2, tmp_path), 3) for _ in range(2)]
+    assert grid[0] == grid[1] and [t["optimizer"] for t in grid[0][:2]] == ["sgd", "adam"]
+
+
+def test_a_stop_verdict_makes_a_running_record_stopped_but_leaves_a_completed_one(tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text('{"status": "running", "error": "exited with code 0 (sys.exit)"}')
+    write_stop_verdict(tmp_path, 2, "ASHA")
+    record = read_record(tmp_path)
+    assert (record["status"], record["stopped_at_epoch"], record["stopped_by"]) == (STOPPED, 2, "ASHA")
+    assert "error" not in record
+    (tmp_path / "metrics.json").write_text('{"status": "completed"}')
+    assert read_record(tmp_path)["status"] == COMPLETED
+
+
+def test_unknown_search_or_scheduler_names_list_the_valid_ones() -> None:
+    from hydra_plugins.segx_tune_sweeper.tune_sweeper import TuneSweeper
+
+    with pytest.raises(ConfigError, match="grid, random, optuna"):
+        TuneSweeper(search="bayes")
+    with pytest.raises(ConfigError, match="asha, hyperband, none"):
+        TuneSweeper(scheduler="median")
+
+
+@pytest.mark.slow
+def test_asha_stops_the_weak_trials_of_a_grid_on_two_simulated_gpus(shapes_root: Path, tmp_path: Path) -> None:
+    """lr=1e-12 learns nothing: the two trials with it reach ASHA's first rung after the two good ones have set
+    its cut-off (two trials at a time), so they are stopped there; the good ones train all 3 epochs."""
+    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none",
+                       "trainer.max_epochs=3", "optimizer.lr=3e-3,1e-12", "seed=1,2", "hydra/sweeper=tune",
+                       "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=2",
+                       "hydra.sweeper.ray.init.num_cpus=2", f"hydra.sweep.dir={tmp_path}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    jobs = [read_record(tmp_path / str(n)) for n in range(4)]
+    assert [j["overrides"][-2:] for j in jobs] == [["optimizer.lr=0.003", "seed=1"], ["optimizer.lr=0.003", "seed=2"],
+                                                  ["optimizer.lr=1e-12", "seed=1"], ["optimizer.lr=1e-12", "seed=2"]]
+    assert all(j["launcher"] == "tune" and j["devices"] in ("0", "1") for j in jobs)
+    assert [j["status"] for j in jobs[:2]] == [COMPLETED, COMPLETED] and all(j["epochs"] == 3 for j in jobs[:2])
+    for weak in jobs[2:]:
+        assert weak["status"] == STOPPED and weak["stopped_at_epoch"] == 1 and weak["stopped_by"] == "ASHA"
+        assert weak["epochs"] == 1 and weak["best"]["val/miou"] >= 0  # its last score is kept
+    assert "4 jobs, 2 completed, 0 failed, 2 stopped early by the scheduler" in output
+    assert (tmp_path / ".tune").is_dir() and not list(tmp_path.glob("*/tensorboard"))
