@@ -67,7 +67,7 @@ def test_run_options_read_the_run_node_and_the_keys_older_configs_had() -> None:
     assert run_options({})["channels_last"] == "auto"
     with pytest.raises(ConfigError, match=r"run.channels_last='yes' must be auto, probe, true or false"):
         run_options({"run": {"channels_last": "yes"}})
-    with pytest.raises(ConfigError, match=r"run.compile='yes' must be true or false"):
+    with pytest.raises(ConfigError, match=r"run.compile='yes' must be true, false or the name of a torch.compile"):
         run_options({"run": {"compile": "yes"}})
 
 

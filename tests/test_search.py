@@ -3,6 +3,12 @@ and a real Ray Tune experiment with ASHA on 2 simulated GPUs."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,7 +19,7 @@ from segx.runs.record import read_record, write_stop_verdict
 from segx.runs.status import COMPLETED, STOPPED
 from segx.search.space import Distribution, parse_space
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES
-from tests.ray_processes import run_sweep
+from tests.ray_processes import TAG, OwnProcesses, run_sweep
 
 ray_tune = pytest.importorskip("ray.tune", reason="the tune extra (pip install segx[tune]) is not installed")
 
@@ -93,13 +99,23 @@ def test_a_stop_verdict_makes_a_running_record_stopped_but_leaves_a_completed_on
     assert read_record(tmp_path)["status"] == COMPLETED
 
 
-def test_unknown_search_or_scheduler_names_list_the_valid_ones() -> None:
+def test_unknown_names_and_ddp_trials_are_refused_in_one_paragraph() -> None:
+    from omegaconf import OmegaConf
+
     from hydra_plugins.segx_tune_sweeper.tune_sweeper import TuneSweeper
 
+    def check(config: str = "trainer: {strategy: auto}", **settings: object) -> None:
+        sweeper = TuneSweeper(**settings)
+        sweeper.config = OmegaConf.create(config)
+        sweeper.check()
+
+    check()
     with pytest.raises(ConfigError, match="grid, random, optuna"):
-        TuneSweeper(search="bayes")
+        check(search="bayes")
     with pytest.raises(ConfigError, match="asha, hyperband, none"):
-        TuneSweeper(scheduler="median")
+        check(scheduler="median")
+    with pytest.raises(ConfigError, match="cannot run inside a tune trial.*hydra/launcher=gpus"):
+        check("trainer: {strategy: ddp}")
 
 
 @pytest.mark.slow
@@ -109,7 +125,8 @@ def test_asha_stops_the_weak_trials_of_a_grid_on_two_simulated_gpus(shapes_root:
     result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none",
                        "trainer.max_epochs=3", "optimizer.lr=3e-3,1e-12", "seed=1,2", "hydra/sweeper=tune",
                        "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=2",
-                       "hydra.sweeper.ray.init.num_cpus=2", f"hydra.sweep.dir={tmp_path}")
+                       "hydra.sweeper.ray.init.num_cpus=2", "hydra.sweeper.confirm_top_k=1",
+                       "hydra.sweeper.confirm_seeds=[3,4]", f"hydra.sweep.dir={tmp_path}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     jobs = [read_record(tmp_path / str(n)) for n in range(4)]
@@ -120,5 +137,73 @@ def test_asha_stops_the_weak_trials_of_a_grid_on_two_simulated_gpus(shapes_root:
     for weak in jobs[2:]:
         assert weak["status"] == STOPPED and weak["stopped_at_epoch"] == 1 and weak["stopped_by"] == "ASHA"
         assert weak["epochs"] == 1 and weak["best"]["val/miou"] >= 0  # its last score is kept
-    assert "4 jobs, 2 completed, 0 failed, 2 stopped early by the scheduler" in output
     assert (tmp_path / ".tune").is_dir() and not list(tmp_path.glob("*/tensorboard"))
+    # The second stage: the best configuration (lr=3e-3; seed aside) again with seeds 3 and 4, all 3 epochs.
+    confirmed = [read_record(tmp_path / str(n)) for n in (4, 5)]
+    assert [c["overrides"][-2:] for c in confirmed] == [["optimizer.lr=0.003", "seed=3"],
+                                                       ["optimizer.lr=0.003", "seed=4"]]
+    assert all(c["status"] == COMPLETED and c["epochs"] == 3 for c in confirmed)
+    assert "seed=1" not in confirmed[0]["overrides"]
+    assert "6 jobs, 4 completed, 0 failed, 2 stopped early by the scheduler" in output
+
+
+@pytest.mark.slow
+def test_a_search_interrupted_with_ctrl_c_resumes_without_retraining_a_finished_trial(shapes_root: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Trial 0 trains 2 epochs, trial 1 eight: Ctrl-C once 0 has finished and 1 is under way, then the same
+    command again."""
+    overrides = [*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none",
+                 "trainer.max_epochs=2,8", "hydra/sweeper=tune", "hydra.sweeper.scheduler=none",
+                 "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=2",
+                 "hydra.sweeper.ray.init.num_cpus=2", f"hydra.sweep.dir={tmp_path}"]
+    own = OwnProcesses(uuid.uuid4().hex)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", TAG: own.tag}
+    with subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        deadline = time.monotonic() + 180
+        def under_way() -> bool:
+            first, second = read_record(tmp_path / "0") or {}, read_record(tmp_path / "1") or {}
+            return first.get("status") == COMPLETED and bool(second.get("history"))
+
+        while not under_way() and process.poll() is None and time.monotonic() < deadline:
+            own.record()
+            time.sleep(0.2)
+        assert process.poll() is None, "the search ended before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    own.wait_until_gone()
+    assert process.returncode == 130, output[-3000:]
+    assert "Search interrupted by Ctrl-C: 1 running trial(s) recorded as interrupted" in output
+    finished, interrupted = read_record(tmp_path / "0"), read_record(tmp_path / "1")
+    assert interrupted["error"].startswith("interrupted by Ctrl-C") and 1 <= len(interrupted["history"]) < 8
+
+    result = run_sweep(*overrides)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert read_record(tmp_path / "0") == finished  # not trained again
+    resumed = read_record(tmp_path / "1")
+    assert resumed["status"] == COMPLETED and [int(h["epoch"]) for h in resumed["history"]] == list(range(8))
+    assert "resuming from" in output and "2 jobs, 2 completed, 0 failed" in output
+
+
+def test_the_search_benchmark_counts_epochs_and_the_best_score_of_each_search(tmp_path: Path) -> None:
+    import json
+
+    from segx.bench.search import compare_outcomes, sweep_outcome
+
+    def write(sweep: str, job: int, status: str, epochs: int, best: float) -> None:
+        run_dir = tmp_path / sweep / str(job)
+        run_dir.mkdir(parents=True)
+        record = {"status": status, "epochs": epochs, "monitor": "val/miou", "best": {"val/miou": best}}
+        (run_dir / "metrics.json").write_text(json.dumps(record))
+
+    for job, best in enumerate((0.5, 0.7, 0.2)):
+        write("grid", job, COMPLETED, 12, best)
+    write("asha", 0, COMPLETED, 12, 0.68)
+    write("asha", 1, STOPPED, 1, 0.3)
+    write("asha", 2, STOPPED, 3, 0.25)
+    (tmp_path / "asha" / ".tune").mkdir()  # Tune's own folder is no trial
+    figures = compare_outcomes(sweep_outcome(tmp_path / "grid"), sweep_outcome(tmp_path / "asha"))
+    assert figures["search_epoch_fraction"] == pytest.approx(16 / 36)
+    assert figures["search_regret"] == pytest.approx(0.02)
+    assert figures["asha"]["stopped"] == 2 and figures["grid"]["trials"] == 3

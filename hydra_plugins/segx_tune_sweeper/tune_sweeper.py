@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = {"asha": "ASHA", "hyperband": "Hyperband", "none": None}
 EXPERIMENT_DIR = ".tune"  # Tune's experiment state, inside the sweep directory
+CONFIRM_DIR = ".tune-confirm"  # that of the second stage: the best configurations again, with every seed
 OPTUNA_JOURNAL = "optuna.journal"
 
 
@@ -34,19 +35,13 @@ class TuneSweeper(Sweeper):
     def __init__(self, search: str = "grid", num_samples: int = 1, seed: int = 0, scheduler: str = "asha",
                  grace_period: int = 1, reduction_factor: float = 3, max_t: int | None = None,
                  max_concurrent_trials: int | None = None, check_resources: bool = True,
+                 confirm_top_k: int = 0, confirm_seeds: Any = (1, 2, 3),
                  params: dict | None = None, ray: Any = None) -> None:
         super().__init__()
-        if search not in SEARCHES:
-            raise ConfigError(f"hydra.sweeper.search={search} is not a search segx knows; use one of "
-                              f"{', '.join(SEARCHES)}.")
-        if scheduler not in SCHEDULERS:
-            raise ConfigError(f"hydra.sweeper.scheduler={scheduler} is not a scheduler segx knows; use one of "
-                              f"{', '.join(SCHEDULERS)}.")
-        if int(num_samples) < 1:
-            raise ConfigError(f"hydra.sweeper.num_samples={num_samples}: give 1 or more trials per grid point.")
         self.search, self.num_samples, self.seed = search, int(num_samples), int(seed)
         self.scheduler_name, self.grace_period, self.reduction_factor = scheduler, int(grace_period), reduction_factor
         self.max_t, self.max_concurrent_trials, self.check_resources = max_t, max_concurrent_trials, check_resources
+        self.confirm_top_k, self.confirm_seeds = int(confirm_top_k), [int(seed) for seed in confirm_seeds]
         self.params = dict(params or {})
         self.ray_cfg = ray
         self.hydra_context: HydraContext | None = None
@@ -56,8 +51,38 @@ class TuneSweeper(Sweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
+    def check(self) -> None:
+        """The settings of this sweeper that need no Ray to be judged."""
+        if self.search not in SEARCHES:
+            raise ConfigError(f"hydra.sweeper.search={self.search} is not a search segx knows; use one of "
+                              f"{', '.join(SEARCHES)}.")
+        if self.scheduler_name not in SCHEDULERS:
+            raise ConfigError(f"hydra.sweeper.scheduler={self.scheduler_name} is not a scheduler segx knows; use "
+                              f"one of {', '.join(SCHEDULERS)}.")
+        if self.num_samples < 1:
+            raise ConfigError(f"hydra.sweeper.num_samples={self.num_samples}: give 1 or more trials.")
+        if self.confirm_top_k < 0 or (self.confirm_top_k and not self.confirm_seeds):
+            raise ConfigError(f"hydra.sweeper.confirm_top_k={self.confirm_top_k} needs 0 (no confirmation) or more, "
+                              "and then at least one seed in hydra.sweeper.confirm_seeds.")
+        assert self.config is not None
+        strategy = str(self.config.trainer.get("strategy") or "")
+        if "ddp" in strategy:
+            raise ConfigError(
+                f"trainer.strategy={strategy} cannot run inside a tune trial: Tune runs each trial in a thread of a "
+                "Ray worker, where Lightning cannot start its ranks. Search with one device per trial (drop "
+                "trainer=ddp), or run a DDP grid with hydra/launcher=gpus and hydra.launcher.ray.remote.num_gpus=2.")
+
     def sweep(self, arguments: list[str]) -> Any:
-        _require_tune(self.search)
+        """The whole search; a user's mistake is one paragraph and exit 2, as a single run's would be."""
+        try:
+            self.check()
+            _require_tune(self.search)
+            return self._sweep(arguments)
+        except ConfigError as error:
+            log.error("%s", error)
+            raise SystemExit(2) from None
+
+    def _sweep(self, arguments: list[str]) -> Any:
         import ray
         from hydra_plugins.hydra_ray_launcher._launcher_util import start_ray
 
@@ -120,26 +145,63 @@ class TuneSweeper(Sweeper):
                                  space=space, monitor=monitor, stopped_by=stopped_by),
             {"cpu": float(remote.get("num_cpus") or 0), "gpu": float(remote.get("num_gpus") or 0)},
         )
-        experiment = sweep_dir / EXPERIMENT_DIR
         log.info("Searching %d trial(s) (%s search, scheduler %s, max_t %d epochs, %s GPU(s) each) into %s",
                  trials, self.search, self.scheduler_name, max_t, remote.get("num_gpus", 0), sweep_dir)
-        if tune.Tuner.can_restore(str(experiment)):
-            log.info("Resuming the search in %s: finished and stopped trials are kept", experiment)
-            tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(metric="score", mode="max", search_alg=self._searcher(space, trials,
-                                                                                                 sweep_dir),
-                                            scheduler=self._scheduler(max_t), num_samples=trials,
-                                            max_concurrent_trials=self.max_concurrent_trials),
-                run_config=tune.RunConfig(
-                    name=EXPERIMENT_DIR, storage_path=str(sweep_dir), verbose=1,
-                    callbacks=[*_json_logger(), TrialOutcomes(sweep_dir, space, stopped_by)],
-                    failure_config=tune.FailureConfig(max_failures=int(remote.get("max_retries", 3) or 0)),
-                ),
-            )
-        return tuner.fit()
+
+        def stage(name: str, searcher: Any, scheduler: Any, count: int) -> Any:
+            """One Tune experiment in <sweep dir>/<name>, resumed where a run of the same command left it."""
+            experiment = sweep_dir / name
+            if tune.Tuner.can_restore(str(experiment)):
+                log.info("Resuming %s: finished and stopped trials are kept", experiment)
+                tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(metric="score", mode="max", search_alg=searcher(),
+                                                scheduler=scheduler, num_samples=count,
+                                                max_concurrent_trials=self.max_concurrent_trials),
+                    run_config=tune.RunConfig(
+                        name=name, storage_path=str(sweep_dir), verbose=1,
+                        callbacks=[*_json_logger(), TrialOutcomes(sweep_dir, space, stopped_by)],
+                        failure_config=tune.FailureConfig(max_failures=int(remote.get("max_retries", 3) or 0)),
+                    ),
+                )
+            results = tuner.fit()
+            _record_interrupted(results, sweep_dir, space)
+            return results
+
+        results = stage(EXPERIMENT_DIR, lambda: self._searcher(space, trials, sweep_dir), self._scheduler(max_t),
+                        trials)
+        if self.confirm_top_k:
+            from segx.search.searchers import GridSearcher
+
+            points = self._confirmation_points(results, sweep_dir)
+            log.info("Confirming the best %d configuration(s) with seeds %s at full length: %d trial(s)",
+                     len(points) // len(self.confirm_seeds), self.confirm_seeds, len(points))
+            confirm = GridSearcher(space, 1, self.seed, metric="score", mode="max", points=points, first_job=trials)
+            results = stage(CONFIRM_DIR, lambda: confirm, None, len(points))
+        return results
+
+    def _confirmation_points(self, results: Any, sweep_dir: Path) -> list[dict[str, str]]:
+        """The `confirm_top_k` best distinct configurations of the search (by their best epoch's score, seed
+        aside), each with every seed of `confirm_seeds`."""
+        import math
+
+        from segx.runs.record import DEFAULT_MONITOR, best_value, read_record
+        from segx.search.searchers import JOB_KEY
+
+        scored = []
+        for result in results:
+            config = dict(result.config or {})
+            record = read_record(sweep_dir / str(config.pop(JOB_KEY, ""))) or {}
+            value = best_value(record, str(record.get("monitor", DEFAULT_MONITOR)))
+            if not math.isnan(value):
+                scored.append((value, {k: str(v) for k, v in config.items() if k != "seed"}))
+        chosen: list[dict[str, str]] = []
+        for _, values in sorted(scored, key=lambda item: -item[0]):
+            if values not in chosen and len(chosen) < self.confirm_top_k:
+                chosen.append(values)
+        return [{**values, "seed": str(seed)} for values in chosen for seed in self.confirm_seeds]
 
     def _searcher(self, space: Any, trials: int, sweep_dir: Path) -> Any:
         from segx.search.searchers import GridSearcher, NumberedSearcher, optuna_distribution
@@ -197,3 +259,25 @@ def _require_tune(search: str) -> None:
                 f"hydra/sweeper=tune needs {module}, which cannot be imported here ({error}). Install segx's tune "
                 "extra: pip install 'segx[tune]' (Ray Tune with pandas and pyarrow, and Optuna), or run the sweep "
                 "with Hydra's basic sweeper (drop hydra/sweeper=tune).") from None
+
+
+def _record_interrupted(results: Any, sweep_dir: Path, space: Any) -> None:
+    """Tune ends early only on Ctrl-C, keeping its state: trials still running then are recorded as interrupted
+    (as a single run's would be) and the sweep exits 130; the same command resumes them from their last.ckpt."""
+    from segx.runs.job import record_worker_death
+    from segx.runs.record import read_record
+    from segx.runs.status import CTRL_C, EXIT_CODES, RUNNING
+    from segx.search.searchers import JOB_KEY
+    from segx.search.trial import trial_overrides
+
+    running = [result.config for result in results if result.config and JOB_KEY in result.config
+               and (read_record(sweep_dir / str(result.config[JOB_KEY])) or {}).get("status") == RUNNING]
+    if not running:
+        return
+    for config in running:
+        job = int(config[JOB_KEY])
+        record_worker_death(sweep_dir / str(job), job, trial_overrides(config, space), "tune",
+                            f"interrupted by {CTRL_C}: run the same sweep command again to resume it")
+    log.error("Search interrupted by Ctrl-C: %d running trial(s) recorded as interrupted; run the same command "
+              "again (hydra.sweep.dir=%s) to resume the search where it stopped.", len(running), sweep_dir)
+    raise SystemExit(EXIT_CODES[CTRL_C])

@@ -23,13 +23,16 @@ from segx.core.files import write_json_atomic
 from segx.training.runtime import precision_for
 
 SECTIONS = ("data", "loop", "predict", "models", "memory_format")
+# Minutes of training (two 12-configuration searches): measured only when asked for with --sections search.
+EXTRA_SECTIONS = ("search",)
 STUDY_UNETS = ("unet", "unet_medium", "unet_small")
 # (figure, comparison, target) per device type, as issue 10 set them; a dotted figure reads into a dict.
 TARGETS = {
     "cpu": [("data_speedup", ">=", 20.0), ("lightning_overhead", "<=", 1.05), ("train_peak_fraction", ">=", 0.65),
-            ("infer_peak_fraction", ">=", 0.80)],
+            ("infer_peak_fraction", ">=", 0.80), ("search_epoch_fraction", "<=", 0.4), ("search_regret", "<=", 0.01)],
     "cuda": [("data_speedup", ">=", 20.0), ("lightning_overhead", "<=", 1.05),
-             ("unet_train_images_per_second", ">=", 3000.0), ("predict_val_seconds.unet", "<", 0.25)],
+             ("unet_train_images_per_second", ">=", 3000.0), ("predict_val_seconds.unet", "<", 0.25),
+             ("search_epoch_fraction", "<=", 0.4), ("search_regret", "<=", 0.01)],
 }
 
 
@@ -45,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--json", type=Path, default=Path("bench.json"), help="where the results go")
     parser.add_argument("--models", nargs="*", default=None, help="conf/model files for the models table (all)")
-    parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS + EXTRA_SECTIONS,
+                        help=f"default: {' '.join(SECTIONS)}; search (minutes) only when named")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="a folder holding VOCdevkit/VOC2012 (real VOC); default: shapes at VOC's image sizes")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -192,6 +196,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _say(f"  {name:<16}{row['parameters']:>13,}{row['forward_gflops_per_image']:>12.2f}"
                  f"{row['train_images_per_second']:>13.1f}{row['predict_images_per_second']:>15.1f}")
         results["models"] = rows
+
+    if "search" in args.sections:
+        from segx.bench.search import search_comparison
+
+        _say("search: a 12-configuration grid × 12 epochs on shapes, every trial to the end, then with ASHA ...")
+        search = search_comparison(args.workdir, epochs=12, size=args.size)
+        for key in ("search_epoch_fraction", "search_regret"):
+            results[key] = search[key]
+        details["search"] = search
+        _say(f"  grid: {search['grid']['epochs']} epochs, best {search['grid']['best']:.4f}; ASHA: "
+             f"{search['asha']['epochs']} epochs ({search['asha']['stopped']} trials stopped), best "
+             f"{search['asha']['best']:.4f}: epoch fraction {search['search_epoch_fraction']:.2f}, regret "
+             f"{search['search_regret']:.4f}")
 
     results["targets"] = check_targets(results, device.type)
     results["seconds"] = time.perf_counter() - start

@@ -39,10 +39,22 @@ def run_options(config: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
               **({"flush_denormal": config["flush_denormal"]} if "flush_denormal" in config else {})}
     options = {key: run.get(key, legacy.get(key, default)) for key, default in RUN_OPTIONS.items()}
     options["channels_last"] = parse_channels_last(options["channels_last"])
-    for key in ("compile", "flush_denormal"):
-        if not isinstance(options[key], bool):
-            raise ConfigError(f"run.{key}={options[key]!r} must be true or false.")
+    if not isinstance(options["flush_denormal"], bool):
+        raise ConfigError(f"run.flush_denormal={options['flush_denormal']!r} must be true or false.")
+    if not isinstance(options["compile"], bool):
+        options["compile"] = compile_backend(options["compile"])
     return options
+
+
+def compile_backend(name: Any) -> str:
+    """A torch.compile backend named in `run.compile` (true is inductor, the default), checked against the list."""
+    from torch._dynamo import list_backends
+
+    known = list_backends(exclude_tags=())
+    if not isinstance(name, str) or name not in known:
+        raise ConfigError(f"run.compile={name!r} must be true, false or the name of a torch.compile backend: "
+                          f"{', '.join(sorted(known))}.")
+    return name
 
 
 def build_network(model_cfg: Mapping[str, Any] | DictConfig, options: Mapping[str, Any] | None = None) -> nn.Module:
@@ -58,12 +70,13 @@ def build_network(model_cfg: Mapping[str, Any] | DictConfig, options: Mapping[st
 
 def apply_network_options(net: nn.Module, options: Mapping[str, Any]) -> nn.Module:
     """`channels_last` (true, not `auto`: see `segx.models.memory_format`) converts the weights' memory format;
-    `compile` compiles the module in place (`nn.Module.compile`), so parameter names, and so checkpoints, stay
-    those of the plain network."""
+    `compile` (true, or a backend's name) compiles the module in place (`nn.Module.compile`), so parameter
+    names, and so checkpoints, stay those of the plain network."""
     if options.get("channels_last") is True:
         net = net.to(memory_format=torch.channels_last)
-    if options.get("compile"):
-        net.compile()
+    backend = options.get("compile")
+    if backend:
+        net.compile(**({"backend": backend} if isinstance(backend, str) else {}))
     return net
 
 

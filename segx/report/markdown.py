@@ -10,6 +10,7 @@ from typing import Any
 from segx.report.figures import Figure
 from segx.report.runs import Configuration, Run, common_overrides, varying_keys
 from segx.report.tables import lr_keys, markdown_table, tuned_per_model
+from segx.runs.status import STOPPED
 
 
 def _escape(text: Any) -> str:
@@ -63,11 +64,13 @@ def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], run
     keys = varying_keys(runs, over)
     completed = sum(r.completed for r in runs)
     failed = sum(r.ended_badly for r in runs)
+    stopped = sum(r.status == STOPPED for r in runs)  # by a search's scheduler: scores so far, not a failure
     monitors = sorted({c.monitor for c in configs})
     monitor_names = ", ".join(f"`{m}`" for m in monitors)
     lines = [f"# Sweep report: {', '.join(f'`{r}`' for r in roots)}", "",
              f"{_stamp()} from {len(runs)} jobs in {len(configs)} configurations: {completed} completed, "
-             f"{failed} failed, {len(runs) - completed - failed} running.", "",
+             f"{stopped} stopped early by the search's scheduler, {failed} failed, "
+             f"{len(runs) - completed - failed - stopped} running.", "",
              f"Each job's scores are those of its best epoch, the one its monitor ({monitor_names}) picked. "
              "A configuration's mean, max and std (sample standard deviation) are over its completed jobs, which "
              f"differ only by `{over}`; configurations are ranked by the mean, with the max beside it (the study "

@@ -16,13 +16,17 @@ JOB_KEY = "_job"  # the trial's job number, in each trial's config
 
 class GridSearcher(Searcher):
     """Every grid point `samples` times (the first axis varying slowest), each with its distributions drawn from
-    a seeded random generator: the same seed gives the same trials."""
+    a seeded random generator: the same seed gives the same trials. `points` replaces the grid's with a list of
+    its own (the confirmation stage's), numbered from `first_job`."""
 
-    def __init__(self, space: SearchSpace, samples: int, seed: int, metric: str, mode: str) -> None:
+    def __init__(self, space: SearchSpace, samples: int, seed: int, metric: str, mode: str,
+                 points: list[dict[str, str]] | None = None, first_job: int = 0) -> None:
         super().__init__(metric=metric, mode=mode)
-        self.points = [point for point in space.grid_points() for _ in range(samples)]
+        grid = space.grid_points() if points is None else points
+        self.points = [point for point in grid for _ in range(samples)]
         self.distributions = space.distributions
         self.rng = random.Random(seed)
+        self.first_job = first_job
         self.next_job = 0
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
@@ -30,7 +34,7 @@ class GridSearcher(Searcher):
             return Searcher.FINISHED
         values = dict(self.points[self.next_job])
         values.update({key: dist.sample(self.rng) for key, dist in self.distributions.items()})
-        config = {JOB_KEY: self.next_job, **values}
+        config = {JOB_KEY: self.first_job + self.next_job, **values}
         self.next_job += 1
         return config
 

@@ -55,8 +55,9 @@ class SearchSpace:
         return [dict(zip(self.grid, values, strict=True)) for values in itertools.product(*self.grid.values())]
 
     def trial_overrides(self, values: dict[str, str]) -> list[str]:
-        """A trial's full override list: the shared settings, then its own values."""
-        return [*self.fixed, *(f"{key}={value}" for key, value in values.items())]
+        """A trial's full override list: the shared settings (less those the trial sets), then its own values."""
+        shared = [o for o in self.fixed if o.partition("=")[0].lstrip("+~") not in values]
+        return [*shared, *(f"{key}={value}" for key, value in values.items())]
 
 
 def _number(value: Any, key: str) -> float:

@@ -14,8 +14,8 @@ from segx.search.space import SearchSpace
 
 
 def trial_overrides(config: dict[str, Any], space: SearchSpace) -> list[str]:
-    """The overrides of the trial Tune hands this `config`."""
-    return space.trial_overrides({key: str(config[key]) for key in space.keys if key in config})
+    """The overrides of the trial Tune hands this `config`: the shared settings, then the trial's values."""
+    return space.trial_overrides({key: str(value) for key, value in config.items() if key != JOB_KEY})
 
 
 def run_trial(config: dict[str, Any], *, hydra_context: Any, master_config: DictConfig, task_function: Any,
