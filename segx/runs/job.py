@@ -170,9 +170,13 @@ def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
             cfg.ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), job.run_dir)
         value = train(cfg, job, record)
     except StopRequested as stop:
-        record.stop(stop.epoch, stop.by)
+        if stop.recorded_elsewhere:
+            log.info("Job %s ended by Ray Tune after epoch %d: the search records why (its scheduler, or Ctrl-C)",
+                     job.num, stop.epoch)
+        else:
+            record.stop(stop.epoch, stop.by)
+            log.info("Job %s %s: its scores so far are its result", "-" if job.num is None else job.num, stop)
         written = read_record(job.run_dir) or {}
-        log.info("Job %s %s: its scores so far are its result", "-" if job.num is None else job.num, stop)
         return best_value(written, str(written.get("monitor", DEFAULT_MONITOR)))
     except (KeyboardInterrupt, SystemExit) as error:
         cause = interruption(error)

@@ -19,10 +19,13 @@ class StopRequested(BaseException):
     """A search scheduler ended the run early (e.g. ASHA dropped a weak trial): recorded as `stopped` with the
     epoch reached, not as a failure. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
 
-    def __init__(self, epoch: int, by: str = "the search scheduler") -> None:
+    def __init__(self, epoch: int, by: str = "the search scheduler", recorded_elsewhere: bool = False) -> None:
         super().__init__(epoch, by)
         self.epoch = int(epoch)
         self.by = by
+        # Ray Tune ends a trial the same way whether its scheduler dropped it or the search was interrupted: only the
+        # search's driver knows which, and records it; the run then leaves its record as it stands.
+        self.recorded_elsewhere = recorded_elsewhere
 
     def __str__(self) -> str:
         return f"stopped by {self.by} at epoch {self.epoch}"

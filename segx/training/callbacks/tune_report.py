@@ -11,13 +11,14 @@ from segx.runs.status import StopRequested
 
 
 def report_to_tune(epoch: int, score: float, by: str = "the search scheduler") -> None:
-    """`ray.tune.report` of one epoch; Tune's way of ending a trial its scheduler dropped becomes StopRequested."""
+    """`ray.tune.report` of one epoch. Tune's way of ending a trial (its scheduler dropped it, or the search was
+    interrupted) becomes a StopRequested the search's driver records."""
     from ray import tune
 
     try:
         tune.report({"epoch": epoch, "score": score})
     except SystemExit as stop:
-        raise StopRequested(epoch, by) from stop
+        raise StopRequested(epoch, by, recorded_elsewhere=True) from stop
 
 
 class TuneReport(pl.Callback):
