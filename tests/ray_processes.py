@@ -7,14 +7,19 @@ import importlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from tests.in_process import run_in_process
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Every process a sweep test starts (the driver, Ray's raylet, GCS and workers) inherits this variable with a value
 # of its own, so a test checks its own processes only, never another Ray on the machine.
@@ -110,3 +115,22 @@ def run_sweep(*overrides: str, timeout: float = 300) -> subprocess.CompletedProc
     assert "raylet" in names, f"no raylet among the sweep's processes {sorted(names)}:\n{result.stderr[-3000:]}"
     own.wait_until_gone()
     return result
+
+
+def interrupt_sweep(*overrides: str, ready: Callable[[], bool], timeout: float = 180,
+                    wait: float = 60) -> subprocess.CompletedProcess:
+    """`train.py -m ...` in a process of its own, Ctrl-C'd (SIGINT) once `ready()` holds; its output (stdout and
+    stderr together) once it ended, and none of its processes left."""
+    own = OwnProcesses(uuid.uuid4().hex)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", TAG: own.tag}
+    with subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        deadline = time.monotonic() + timeout
+        while not ready() and process.poll() is None and time.monotonic() < deadline:
+            own.record()
+            time.sleep(0.2)
+        assert process.poll() is None, "the sweep ended before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=wait)
+    own.wait_until_gone()
+    return subprocess.CompletedProcess(process.args, process.returncode, output, "")

@@ -3,12 +3,6 @@ and a real Ray Tune experiment with ASHA on 2 simulated GPUs."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,7 +13,7 @@ from segx.runs.record import read_record, write_stop_verdict
 from segx.runs.status import COMPLETED, STOPPED
 from segx.search.space import Distribution, parse_space
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES
-from tests.ray_processes import TAG, OwnProcesses, run_sweep
+from tests.ray_processes import interrupt_sweep, run_sweep
 
 ray_tune = pytest.importorskip("ray.tune", reason="the tune extra (pip install segx[tune]) is not installed")
 
@@ -156,23 +150,13 @@ def test_a_search_interrupted_with_ctrl_c_resumes_without_retraining_a_finished_
                  "trainer.max_epochs=2,8", "hydra/sweeper=tune", "hydra.sweeper.scheduler=none",
                  "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=2",
                  "hydra.sweeper.ray.init.num_cpus=2", f"hydra.sweep.dir={tmp_path}"]
-    own = OwnProcesses(uuid.uuid4().hex)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", TAG: own.tag}
-    with subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
-        deadline = time.monotonic() + 180
-        def under_way() -> bool:
-            first, second = read_record(tmp_path / "0") or {}, read_record(tmp_path / "1") or {}
-            return first.get("status") == COMPLETED and bool(second.get("history"))
+    def under_way() -> bool:
+        first, second = read_record(tmp_path / "0") or {}, read_record(tmp_path / "1") or {}
+        return first.get("status") == COMPLETED and bool(second.get("history"))
 
-        while not under_way() and process.poll() is None and time.monotonic() < deadline:
-            own.record()
-            time.sleep(0.2)
-        assert process.poll() is None, "the search ended before it could be interrupted"
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
-    own.wait_until_gone()
-    assert process.returncode == 130, output[-3000:]
+    interrupted_run = interrupt_sweep(*overrides, ready=under_way, wait=120)
+    output = interrupted_run.stdout
+    assert interrupted_run.returncode == 130, output[-3000:]
     assert "Search interrupted by Ctrl-C: 1 running trial(s) recorded as interrupted" in output
     finished, interrupted = read_record(tmp_path / "0"), read_record(tmp_path / "1")
     assert interrupted["error"].startswith("interrupted by Ctrl-C") and 1 <= len(interrupted["history"]) < 8

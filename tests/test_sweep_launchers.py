@@ -23,7 +23,7 @@ from segx.runs.record import read_record
 from segx.runs.status import COMPLETED, FAILED
 from segx.training.runtime import resolve_precision, strategy_for_sweep_job
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES, run_entry_point, run_in_process
-from tests.ray_processes import TAG, OwnProcesses, run_sweep
+from tests.ray_processes import TAG, OwnProcesses, interrupt_sweep, run_sweep
 
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 # A Ray of the sweep's own, even where $RAY_ADDRESS or a `ray start` on this machine names another one.
@@ -149,23 +149,14 @@ def test_gpus_launcher_refuses_a_request_no_node_can_hold_before_any_job_starts(
 @pytest.mark.slow
 def test_ctrl_c_of_a_gpus_sweep_records_its_running_jobs_as_interrupted_and_exits_130(shapes_root: Path,
                                                                                     tmp_path: Path) -> None:
-    own = OwnProcesses(uuid.uuid4().hex)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", TAG: own.tag}
-    command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, "logger=none",
-               f"data.root={shapes_root}", "trainer.max_epochs=200", "seed=1,2", *SIMULATED_GPUS,
-               f"hydra.sweep.dir={tmp_path}"]
-    with subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT) as process:
-        deadline = time.monotonic() + 180
-        while (len([r for r in records(tmp_path) if r and r.get("history")]) < 2 and process.poll() is None
-               and time.monotonic() < deadline):
-            own.record()
-            time.sleep(0.2)
-        assert process.poll() is None, "the sweep ended before it could be interrupted"
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=60)
-    own.wait_until_gone()
-    assert process.returncode == 130, output[-3000:]
+    def both_training() -> bool:
+        return len([r for r in records(tmp_path) if r and r.get("history")]) >= 2
+
+    result = interrupt_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, "logger=none", f"data.root={shapes_root}",
+                             "trainer.max_epochs=200", "seed=1,2", *SIMULATED_GPUS, f"hydra.sweep.dir={tmp_path}",
+                             ready=both_training)
+    output = result.stdout
+    assert result.returncode == 130, output[-3000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     assert "Sweep interrupted by Ctrl-C: 2 running job(s) recorded as interrupted, 0 not started" in output
     for record in records(tmp_path):
