@@ -109,13 +109,13 @@ def _fit(remote: dict, nodes: list[dict[str, float]], jobs: int) -> tuple[dict, 
         "as asked.")
 
 
-def _alive_nodes() -> list[dict[str, float]]:
+def alive_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
 
 
-def _show_every_log_line() -> None:
+def show_every_log_line() -> None:
     """Ray folds lines that differ only in numbers ("Epoch 3/25 ... [repeated 3x across cluster]"), which
     hides whole jobs' progress. RAY_DEDUP_LOGS=0 turns that off, but Ray reads it when first imported (by
     plugin discovery, before this runs), so the flag it copied is set as well."""
@@ -139,7 +139,7 @@ class GpuLauncher(RayLauncher):
         import ray
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
-        _show_every_log_line()
+        show_every_log_line()
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -150,7 +150,7 @@ class GpuLauncher(RayLauncher):
         start_ray(OmegaConf.create({k: v for k, v in init.items() if v is not None or k == "address"}))
         if self.check_resources:
             try:
-                remote, note = fit_to_cluster(remote, _alive_nodes(), len(job_overrides))
+                remote, note = fit_to_cluster(remote, alive_nodes(), len(job_overrides))
             except ConfigError as error:  # a user's mistake: one paragraph and exit 2, as a single run's would be
                 log.error("%s", error)
                 ray.shutdown()  # this sweep's Ray ends now, not at interpreter exit

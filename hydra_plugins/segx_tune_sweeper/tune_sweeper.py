@@ -86,6 +86,7 @@ class TuneSweeper(Sweeper):
         import ray
         from hydra_plugins.hydra_ray_launcher._launcher_util import start_ray
 
+        from hydra_plugins.segx_gpus_launcher.gpus_launcher import show_every_log_line
         from segx.search.space import parse_space
 
         assert self.config is not None and self.hydra_context is not None
@@ -103,7 +104,7 @@ class TuneSweeper(Sweeper):
         # TensorBoard files would show up as extra runs beside each trial's.
         os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-        os.environ["RAY_DEDUP_LOGS"] = "0"
+        show_every_log_line()
         init = OmegaConf.to_container(self.ray_cfg.init, resolve=True)
         remote = OmegaConf.to_container(self.ray_cfg.remote, resolve=True)
         own_ray = not ray.is_initialized()
@@ -120,18 +121,16 @@ class TuneSweeper(Sweeper):
         return self.num_samples
 
     def _run(self, space: Any, trials: int, max_t: int, remote: dict, sweep_dir: Path) -> Any:
-        import ray
         from ray import tune
 
-        from hydra_plugins.segx_gpus_launcher.gpus_launcher import fit_to_cluster
+        from hydra_plugins.segx_gpus_launcher.gpus_launcher import alive_nodes, fit_to_cluster
         from segx.search.outcomes import TrialOutcomes
         from segx.search.trial import run_trial
 
         assert self.config is not None
         if self.check_resources:
-            nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
             try:
-                remote, note = fit_to_cluster(remote, nodes, trials, prefix="hydra.sweeper")
+                remote, note = fit_to_cluster(remote, alive_nodes(), trials, prefix="hydra.sweeper")
             except ConfigError as error:
                 log.error("%s", error)
                 raise SystemExit(2) from None
@@ -142,7 +141,7 @@ class TuneSweeper(Sweeper):
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, hydra_context=self.hydra_context, master_config=self.config,
                                  task_function=self.task_function, singleton_state=Singleton.get_state(),
-                                 space=space, monitor=monitor, stopped_by=stopped_by),
+                                 space=space, monitor=monitor),
             {"cpu": float(remote.get("num_cpus") or 0), "gpu": float(remote.get("num_gpus") or 0)},
         )
         log.info("Searching %d trial(s) (%s search, scheduler %s, max_t %d epochs, %s GPU(s) each) into %s",

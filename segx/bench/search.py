@@ -3,12 +3,15 @@ then with ASHA, compared by the epochs each trained and the best score each foun
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from segx.runs.record import best_value, read_record
+from segx.runs.discovery import find_runs
+from segx.runs.record import DEFAULT_MONITOR, best_value
+from segx.runs.status import STOPPED
 
 LEARNING_RATES = ("1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2")
 OPTIMIZERS = ("sgd", "adam")  # 6 × 2 = 12 configurations
@@ -27,11 +30,11 @@ def search_overrides(sweep_dir: Path, data_root: Path, epochs: int, size: int, s
 
 def sweep_outcome(sweep_dir: Path) -> dict[str, Any]:
     """Epochs trained in all and the best monitored score of a search directory's trials."""
-    records = [r for r in (read_record(d) for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()) if r]
-    scores = [best_value(r, str(r.get("monitor", "val/miou"))) for r in records]
-    return {"trials": len(records), "epochs": sum(int(r.get("epochs") or 0) for r in records),
-            "best": max((s for s in scores if s == s), default=float("nan")),
-            "stopped": sum(r.get("status") == "stopped" for r in records)}
+    runs = find_runs([sweep_dir])
+    scores = [best_value(r.record, str(r.record.get("monitor", DEFAULT_MONITOR))) for r in runs]
+    return {"trials": len(runs), "epochs": sum(int(r.record.get("epochs") or 0) for r in runs),
+            "best": max((s for s in scores if not math.isnan(s)), default=float("nan")),
+            "stopped": sum(r.status == STOPPED for r in runs)}
 
 
 def compare_outcomes(grid: dict[str, Any], asha: dict[str, Any]) -> dict[str, Any]:

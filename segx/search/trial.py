@@ -19,7 +19,7 @@ def trial_overrides(config: dict[str, Any], space: SearchSpace) -> list[str]:
 
 
 def run_trial(config: dict[str, Any], *, hydra_context: Any, master_config: DictConfig, task_function: Any,
-              singleton_state: Any, space: SearchSpace, monitor: str, stopped_by: str) -> None:
+              singleton_state: Any, space: SearchSpace, monitor: str) -> None:
     """Compose the trial's job config as Hydra's launchers do and run it with the tune report callback added."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton
@@ -35,12 +35,11 @@ def run_trial(config: dict[str, Any], *, hydra_context: Any, master_config: Dict
         if sweep_config.get("callbacks") is None:
             sweep_config.callbacks = {}
         # Added here, not as an override: it is how the trial talks to Tune, not a setting the run records.
-        sweep_config.callbacks.tune_report = {"_target_": "segx.training.callbacks.TuneReport", "monitor": monitor,
-                                              "by": stopped_by}
+        sweep_config.callbacks.tune_report = {"_target_": "segx.training.callbacks.TuneReport", "monitor": monitor}
     HydraConfig.instance().set_config(sweep_config)
-    run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
-            job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-    _report_last_epoch(Path(str(sweep_config.hydra.sweep.dir)) / str(job), monitor)
+    done = run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    _report_last_epoch(Path(str(done.working_dir)), monitor)
 
 
 def _report_last_epoch(run_dir: Path, monitor: str) -> None:

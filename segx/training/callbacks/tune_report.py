@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from segx.runs.status import StopRequested
 
 
-def report_to_tune(epoch: int, score: float, by: str = "the search scheduler") -> None:
+def report_to_tune(epoch: int, score: float) -> None:
     """`ray.tune.report` of one epoch. Tune's way of ending a trial (its scheduler dropped it, or the search was
     interrupted) becomes a StopRequested the search's driver records."""
     from ray import tune
@@ -18,16 +18,15 @@ def report_to_tune(epoch: int, score: float, by: str = "the search scheduler") -
     try:
         tune.report({"epoch": epoch, "score": score})
     except SystemExit as stop:
-        raise StopRequested(epoch, by, recorded_elsewhere=True) from stop
+        raise StopRequested(epoch, "Ray Tune", recorded_elsewhere=True) from stop
 
 
 class TuneReport(pl.Callback):
     """Reports `{"epoch": n, "score": <monitor>}` for every recorded epoch but the run's last, which the trial
     reports once the run has finished (a stop at that report must not cut the run's own ending short)."""
 
-    def __init__(self, monitor: str = "val/miou", by: str = "the search scheduler") -> None:
+    def __init__(self, monitor: str = "val/miou") -> None:
         self.monitor = monitor
-        self.by = by
 
     def epoch_recorded(self, entry: dict[str, float], trainer: pl.Trainer) -> None:
         epoch = int(entry["epoch"]) + 1
@@ -35,4 +34,4 @@ class TuneReport(pl.Callback):
         # An epoch that ran no validation has no score: a report without it would end the whole experiment.
         if score is None or not math.isfinite(score) or (trainer.max_epochs and epoch >= trainer.max_epochs):
             return
-        report_to_tune(epoch, float(score), self.by)
+        report_to_tune(epoch, float(score))
