@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from segx.core.errors import ConfigError
 from segx.runs.record import read_record, write_stop_verdict
-from segx.runs.status import COMPLETED, STOPPED
+from segx.runs.status import COMPLETED, FAILED, STOPPED
 from segx.search.space import Distribution, parse_space
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES
 from tests.ray_processes import interrupt_sweep, run_sweep
@@ -41,6 +41,12 @@ def test_a_preset_grid_expands_to_exactly_its_job_count() -> None:
             cfg = compose("train", [f"experiment={name}"], return_hydra_config=True)
             params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
             assert len(parse_space(params, loader).grid_points()) == jobs, name
+        search = compose("train", ["experiment=optimizer_search"], return_hydra_config=True)  # tune by itself
+        assert search.hydra.sweeper._target_.endswith("TuneSweeper") and search.hydra.sweeper.search == "optuna"
+        space = parse_space([f"{k}={v}" for k, v in search.hydra.sweeper.params.items()], loader)
+        assert not space.grid and space.distributions["optimizer.lr"] == Distribution("loguniform", low=1e-5,
+                                                                                       high=1e-2)
+        assert space.distributions["loss"].values == ("weighted_ce", "dice", "focal")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -112,13 +118,43 @@ def test_unknown_names_and_ddp_trials_are_refused_in_one_paragraph() -> None:
         check("trainer: {strategy: ddp}")
 
 
+def _most_at_once(records: list[dict]) -> int:
+    """The most runs that were training at the same moment."""
+    from datetime import datetime
+
+    events = sorted((datetime.fromisoformat(r[key]), step) for r in records
+                    for key, step in (("started_at", 1), ("ended_at", -1)))
+    most = running = 0
+    for _, step in events:  # an end sorts before a start at the same instant (-1 < 1)
+        running += step
+        most = max(most, running)
+    return most
+
+
+def _trial_spans(experiment: Path) -> dict[int, tuple[float, float]]:
+    """Each trial's (start, last report) in seconds, from Tune's own result.json: job number → span."""
+    import json
+
+    spans = {}
+    for results in experiment.glob("*/result.json"):
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        if rows:
+            first, last = rows[0], rows[-1]
+            spans[int(first["config"]["_job"])] = (first["timestamp"] - first["time_total_s"], last["timestamp"])
+    return spans
+
+
 @pytest.mark.slow
-def test_asha_stops_the_weak_trials_of_a_grid_on_two_simulated_gpus(shapes_root: Path, tmp_path: Path) -> None:
+def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root: Path, tmp_path: Path) -> None:
     """lr=1e-12 learns nothing: the two trials with it reach ASHA's first rung after the two good ones have set
-    its cut-off (two trials at a time), so they are stopped there; the good ones train all 3 epochs."""
+    its cut-off (half a GPU each on one simulated GPU: two trials at a time), so they are stopped there; the good
+    ones train all 3 epochs. The report then shows the search."""
+    from segx.report import collect_runs, write_report
+
     result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none",
                        "trainer.max_epochs=3", "optimizer.lr=3e-3,1e-12", "seed=1,2", "hydra/sweeper=tune",
-                       "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=2",
+                       "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=1",
+                       "hydra.sweeper.ray.remote.num_gpus=0.5", "hydra.sweeper.ray.remote.num_cpus=0.5",
                        "hydra.sweeper.ray.init.num_cpus=2", "hydra.sweeper.confirm_top_k=1",
                        "hydra.sweeper.confirm_seeds=[3,4]", f"hydra.sweep.dir={tmp_path}")
     output = result.stdout + result.stderr
@@ -126,7 +162,12 @@ def test_asha_stops_the_weak_trials_of_a_grid_on_two_simulated_gpus(shapes_root:
     jobs = [read_record(tmp_path / str(n)) for n in range(4)]
     assert [j["overrides"][-2:] for j in jobs] == [["optimizer.lr=0.003", "seed=1"], ["optimizer.lr=0.003", "seed=2"],
                                                   ["optimizer.lr=1e-12", "seed=1"], ["optimizer.lr=1e-12", "seed=2"]]
-    assert all(j["launcher"] == "tune" and j["devices"] in ("0", "1") for j in jobs)
+    # Half a GPU each: every trial on the one device, two of them (CPUs would allow four) at a time, never more.
+    every_job = [read_record(tmp_path / str(n)) for n in range(6)]
+    assert all(j["launcher"] == "tune" and j["devices"] == "0" for j in every_job), [j["devices"] for j in every_job]
+    assert _most_at_once(every_job) <= 2  # training spans, to the millisecond
+    spans = _trial_spans(tmp_path / ".tune")  # whole trial processes (imports too), to the second
+    assert spans[1][0] < spans[0][1] - 1, spans  # the first two trials ran side by side
     assert [j["status"] for j in jobs[:2]] == [COMPLETED, COMPLETED] and all(j["epochs"] == 3 for j in jobs[:2])
     for weak in jobs[2:]:
         assert weak["status"] == STOPPED and weak["stopped_at_epoch"] == 1 and weak["stopped_by"] == "ASHA"
@@ -140,34 +181,51 @@ def test_asha_stops_the_weak_trials_of_a_grid_on_two_simulated_gpus(shapes_root:
     assert "seed=1" not in confirmed[0]["overrides"]
     assert "6 jobs, 4 completed, 0 failed, 2 stopped early by the scheduler" in output
 
+    report = write_report(collect_runs(tmp_path), tmp_path / "report", roots=[tmp_path])
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "asha** (rungs after epochs 1)" in text and "2 stopped early" in text
+    # The cost: 3 + 3 + 1 + 1 epochs of the 4 × 3 the grid would have trained, the confirmation's 6 beside it.
+    assert "8 epochs trained of the 12" in text and "67%" in text and "plus 6 epochs of confirmation" in text
+    stopped = text.split("### Stopped early")[1].split("## ")[0]
+    assert [line.split(" | ")[2] for line in stopped.splitlines() if line.startswith("| 2 ") or
+            line.startswith("| 3 ")] == ["1", "1"]
+    assert "Jobs without a result" not in text  # stopped trials are listed once, as stopped
+    assert "**Best:** `optimizer.lr=0.003`: val/miou " in text and "over 4 completed run(s), 2 of them from the " \
+        "confirmation stage" in text
+    ranked = report.rows[0]
+    assert ranked["settings"]["optimizer.lr"] == "0.003" and ranked["runs"] == 4  # 2 searched + 2 confirmed seeds
+    assert (tmp_path / "report" / "plots" / "search_curves.png").stat().st_size > 10_000
+
 
 @pytest.mark.slow
 def test_a_search_interrupted_with_ctrl_c_resumes_without_retraining_a_finished_trial(shapes_root: Path,
                                                                                      tmp_path: Path) -> None:
-    """Trial 0 trains 2 epochs, trial 1 eight: Ctrl-C once 0 has finished and 1 is under way, then the same
-    command again."""
+    """Trial 0 fails at once (0 epochs), trial 1 trains 2 epochs, trial 2 eight: Ctrl-C once 1 has finished and 2 is
+    under way, then the same command again. The failed trial ends neither the search nor its resume."""
     overrides = [*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none",
-                 "trainer.max_epochs=2,8", "hydra/sweeper=tune", "hydra.sweeper.scheduler=none",
+                 "trainer.max_epochs=0,2,8", "hydra/sweeper=tune", "hydra.sweeper.scheduler=none",
                  "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=2",
                  "hydra.sweeper.ray.init.num_cpus=2", f"hydra.sweep.dir={tmp_path}"]
     def under_way() -> bool:
-        first, second = read_record(tmp_path / "0") or {}, read_record(tmp_path / "1") or {}
+        first, second = read_record(tmp_path / "1") or {}, read_record(tmp_path / "2") or {}
         return first.get("status") == COMPLETED and bool(second.get("history"))
 
     interrupted_run = interrupt_sweep(*overrides, ready=under_way, wait=120)
     output = interrupted_run.stdout
     assert interrupted_run.returncode == 130, output[-3000:]
     assert "Search interrupted by Ctrl-C: 1 running trial(s) recorded as interrupted" in output
-    finished, interrupted = read_record(tmp_path / "0"), read_record(tmp_path / "1")
+    failed, finished, interrupted = (read_record(tmp_path / str(n)) for n in range(3))
+    assert failed["status"] == FAILED and "trainer.max_epochs=0 trains nothing" in failed["error"]
     assert interrupted["error"].startswith("interrupted by Ctrl-C") and 1 <= len(interrupted["history"]) < 8
 
     result = run_sweep(*overrides)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    assert read_record(tmp_path / "0") == finished  # not trained again
-    resumed = read_record(tmp_path / "1")
+    assert result.returncode == 1, output[-4000:]  # for the failed trial only
+    assert read_record(tmp_path / "1") == finished  # not trained again
+    resumed = read_record(tmp_path / "2")
     assert resumed["status"] == COMPLETED and [int(h["epoch"]) for h in resumed["history"]] == list(range(8))
-    assert "resuming from" in output and "2 jobs, 2 completed, 0 failed" in output
+    assert "resuming from" in output and "3 jobs, 2 completed, 1 failed" in output
+    assert "start the search again in a new hydra.sweep.dir" in output
 
 
 def test_the_search_benchmark_counts_epochs_and_the_best_score_of_each_search(tmp_path: Path) -> None:
@@ -191,3 +249,35 @@ def test_the_search_benchmark_counts_epochs_and_the_best_score_of_each_search(tm
     assert figures["search_epoch_fraction"] == pytest.approx(16 / 36)
     assert figures["search_regret"] == pytest.approx(0.02)
     assert figures["asha"]["stopped"] == 2 and figures["grid"]["trials"] == 3
+
+
+def test_a_search_report_plots_score_against_a_log_sampled_parameter_coloured_by_optimizer(tmp_path: Path) -> None:
+    """Six TPE-like trials (lr sampled on a log scale, optimizer a choice), two of them stopped: written as the tune
+    sweeper would, then reported."""
+    import json
+
+    from segx.report import collect_runs, write_report
+    from segx.search.plan import SearchPlan, write_plan
+
+    trials = [("adam", 3e-4, COMPLETED, 4), ("sgd", 1e-2, COMPLETED, 4), ("adam", 2e-5, STOPPED, 1),
+              ("sgd", 5e-5, STOPPED, 2), ("adam", 1e-3, COMPLETED, 4), ("sgd", 2e-3, COMPLETED, 4)]
+    for job, (optimizer, lr, status, epochs) in enumerate(trials):
+        history = [{"epoch": e, "val/miou": 0.1 * (e + 1) * (1 + job % 3)} for e in range(epochs)]
+        record = {"status": status, "epochs": epochs, "monitor": "val/miou", "history": history,
+                  "best": dict(history[-1]), "overrides": [f"optimizer={optimizer}", f"optimizer.lr={lr}"],
+                  **({"stopped_at_epoch": epochs, "stopped_by": "ASHA"} if status == STOPPED else {})}
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "metrics.json").write_text(json.dumps(record))
+    write_plan(tmp_path, SearchPlan(search="optuna", scheduler="asha", trials=6, max_t=4, grace_period=1,
+                                    reduction_factor=2, parameters={"optimizer": "choice",
+                                                                    "optimizer.lr": "loguniform"}))
+    report = write_report(collect_runs(tmp_path), tmp_path / "report", roots=[tmp_path])
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "optuna search over 6 trials of up to 4 epochs" in text and "(rungs after epochs 1, 2)" in text
+    assert "19 epochs trained of the 24" in text and "79%" in text
+    figure = next(f for f in report.figures if f.name == "score_vs_parameters.png")
+    assert figure.path is not None and figure.path.stat().st_size > 10_000, figure.skipped
+    assert "`optimizer.lr`, coloured by `optimizer`" in figure.caption
+    stopped = text.split("### Stopped early")[1].split("## ")[0]
+    assert stopped.index("| 2 |") < stopped.index("| 3 |")  # by last score: job 2's 30% above job 3's 20%
+    assert "| 3 | optimizer=sgd optimizer.lr=5e-05 | 2 | 20.00 | 20.00 |" in stopped

@@ -104,6 +104,9 @@ class TuneSweeper(Sweeper):
         # TensorBoard files would show up as extra runs beside each trial's.
         os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        # A trial that failed before its first validated epoch ends without a score; Tune's strict check would then
+        # abort the whole experiment instead of recording one failed trial.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         show_every_log_line()
         init = OmegaConf.to_container(self.ray_cfg.init, resolve=True)
         remote = OmegaConf.to_container(self.ray_cfg.remote, resolve=True)
@@ -125,6 +128,7 @@ class TuneSweeper(Sweeper):
 
         from hydra_plugins.segx_gpus_launcher.gpus_launcher import alive_nodes, fit_to_cluster
         from segx.search.outcomes import TrialOutcomes
+        from segx.search.plan import SearchPlan, space_kinds, write_plan
         from segx.search.trial import run_trial
 
         assert self.config is not None
@@ -146,6 +150,10 @@ class TuneSweeper(Sweeper):
         )
         log.info("Searching %d trial(s) (%s search, scheduler %s, max_t %d epochs, %s GPU(s) each) into %s",
                  trials, self.search, self.scheduler_name, max_t, remote.get("num_gpus", 0), sweep_dir)
+        plan = SearchPlan(search=self.search, scheduler=self.scheduler_name, trials=trials, max_t=max_t,
+                          grace_period=self.grace_period, reduction_factor=self.reduction_factor,
+                          parameters=space_kinds(space))
+        write_plan(sweep_dir, plan)  # what the report reads to tell this search from a grid sweep
 
         def stage(name: str, searcher: Any, scheduler: Any, count: int) -> Any:
             """One Tune experiment in <sweep dir>/<name>, resumed where a run of the same command left it."""
@@ -178,6 +186,8 @@ class TuneSweeper(Sweeper):
             log.info("Confirming the best %d configuration(s) with seeds %s at full length: %d trial(s)",
                      len(points) // len(self.confirm_seeds), self.confirm_seeds, len(points))
             confirm = GridSearcher(space, 1, self.seed, metric="score", mode="max", points=points, first_job=trials)
+            plan.confirm_jobs, plan.confirm_seeds = list(range(trials, trials + len(points))), self.confirm_seeds
+            write_plan(sweep_dir, plan)
             results = stage(CONFIRM_DIR, lambda: confirm, None, len(points))
         return results
 

@@ -10,7 +10,8 @@ from typing import Any
 from segx.core.files import write_text_atomic
 from segx.report.figures import Figure, draw_figures
 from segx.report.markdown import run_markdown, sweep_markdown
-from segx.report.runs import Run, group_runs, rank
+from segx.report.runs import Run, group_runs, rank, varying_keys
+from segx.report.search import find_search
 from segx.report.tables import configuration_row, to_csv
 
 
@@ -34,11 +35,13 @@ def write_report(runs: list[Run], out_dir: str | Path, roots: Sequence[str | Pat
     report = Report(out_dir=out_dir, rows=[configuration_row(c) for c in configs])
     write_text_atomic(out_dir / "report.csv", to_csv(report.rows))
     single = len(runs) == 1
-    report.figures = draw_figures(configs, out_dir, single=single, images=images)
+    root_dirs = [Path(r) for r in roots] or [out_dir]
+    search = find_search(runs, root_dirs)
+    report.figures = draw_figures(configs, out_dir, single=single, images=images, search=search,
+                                  keys=varying_keys(runs, over))
     if single:
         text = run_markdown(runs[0], report.figures, out_dir)
     else:
-        text = sweep_markdown(report.rows, configs, runs, report.figures, out_dir, [Path(r) for r in roots] or
-                              [out_dir], over)
+        text = sweep_markdown(report.rows, configs, runs, report.figures, out_dir, root_dirs, over, search)
     write_text_atomic(out_dir / "report.md", text)
     return report

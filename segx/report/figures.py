@@ -7,18 +7,21 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segx.core.errors import find_user_error
 from segx.report import plots
 from segx.report.runs import Configuration, Run
+
+if TYPE_CHECKING:
+    from segx.report.search import Search
 
 log = logging.getLogger(__name__)
 
 PLOT_DIR = "plots"
 MAX_CURVES = 10  # configurations drawn in the curves figure (the best ones): more is unreadable
 PLOT_FILES = ("scores.png", "curves.png", "per_class_iou.png", "predictions.png", "score_vs_predict_time.png",
-              "confusion_matrix.png")
+              "confusion_matrix.png", "search_curves.png", "score_vs_parameters.png")
 
 
 class Skip(Exception):
@@ -102,9 +105,44 @@ def _curves(configs: list[Configuration], single: bool) -> Callable[[Path], Any]
     return draw
 
 
-def draw_figures(configs: list[Configuration], out_dir: Path, single: bool, images: int = 4) -> list[Figure]:
+def _search_figures(search: Search, keys: list[str], metric: str) -> list[tuple[Figure, Callable[[Path], Any]]]:
+    """A search's two figures: every trial's curve to where it stopped, and score against each numeric parameter."""
+    from segx.report import search as searches
+
+    name = plots.METRIC_NAMES.get(metric, metric)
+    rungs = search.plan.rungs
+    at = f" (rungs after epochs {', '.join(f'{r:g}' for r in rungs)})." if rungs else "."
+    figures: list[tuple[Figure, Callable[[Path], Any]]] = [(
+        Figure("search_curves.png", "Search: every trial's curve",
+               f"Val {name} per epoch of each of the {len(search.trials)} search trials; stopped trials grey, "
+               f"ending where the scheduler stopped them{at}"),
+        lambda p: plots.search_curves(search.trials, metric, rungs, p))]
+    numeric = searches.continuous_keys(search, keys)
+    colour_by = searches.colour_key(search, keys)
+    if not numeric:
+        figures.append((Figure("score_vs_parameters.png", "Search: score against parameters", "",
+                               skipped="no numeric parameter varies in this search"), lambda p: None))
+        return figures
+    panels = [{"key": key, "log": searches.log_scaled(search, key), "points": searches.trial_points(search, key)}
+              for key in numeric]
+
+    def draw(path: Path) -> Any:
+        if not any(panel["points"] for panel in panels):
+            raise Skip("no trial has a score yet")
+        return plots.score_against_parameters(panels, metric, colour_by, path)
+
+    figures.append((Figure("score_vs_parameters.png", "Search: score against parameters",
+                           f"Each trial's best val {name} against {', '.join(f'`{k}`' for k in numeric)}"
+                           + (f", coloured by `{colour_by}`" if colour_by else "") + "; hollow: stopped early."),
+                    draw))
+    return figures
+
+
+def draw_figures(configs: list[Configuration], out_dir: Path, single: bool, images: int = 4,
+                 search: Search | None = None, keys: list[str] | None = None) -> list[Figure]:
     """The figures for ranked `configs`: a sweep gets scores, curves, per-class IoU, predictions and (where timed)
-    score against prediction time; a single run its curves, confusion matrix and predictions."""
+    score against prediction time; a search also its trials' curves and score against parameters; a single run
+    its curves, confusion matrix and predictions."""
     metric = plots.headline_metric(configs)
     name = plots.METRIC_NAMES.get(metric, metric)
     best = next((c for c in configs if c.best_run() is not None), None)
@@ -141,6 +179,8 @@ def draw_figures(configs: list[Configuration], out_dir: Path, single: bool, imag
                                "Mean time to predict the val split (model and data loaded) against mean best-epoch "
                                f"{name}; point area ∝ parameters."),
                         lambda p: plots.score_vs_predict_time(configs, metric, p)))
+    if search is not None and not single:
+        figures += _search_figures(search, keys or [], metric)
     done = [figure if figure.skipped else _draw(figure, out_dir, draw) for figure, draw in figures]
     written = {f.name for f in done if f.path is not None}
     for stale in PLOT_FILES:  # a figure not drawn this time must not linger from an earlier report

@@ -9,6 +9,7 @@ from typing import Any
 
 from segx.report.figures import Figure
 from segx.report.runs import Configuration, Run, common_overrides, varying_keys
+from segx.report.search import Search, search_markdown
 from segx.report.tables import lr_keys, markdown_table, tuned_per_model
 from segx.runs.status import STOPPED
 
@@ -30,8 +31,8 @@ def _job_name(run: Run, roots: Sequence[Path]) -> str:
     return run.run_dir.name
 
 
-def _unfinished(runs: list[Run], roots: Sequence[Path]) -> list[str]:
-    unfinished = [r for r in runs if not r.completed]
+def _unfinished(runs: list[Run], roots: Sequence[Path], listed: Sequence[Run] = ()) -> list[str]:
+    unfinished = [r for r in runs if not r.completed and r not in listed]
     if not unfinished:
         return []
     lines = ["## Jobs without a result", "", "| job | status | run directory | why (first line of the error) |",
@@ -59,8 +60,10 @@ def _stamp() -> str:
 
 
 def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], runs: list[Run],
-                   figures: list[Figure], out_dir: Path, roots: Sequence[Path], over: str = "seed") -> str:
-    """The report of several runs: configurations ranked by the mean over seeds of their monitored score."""
+                   figures: list[Figure], out_dir: Path, roots: Sequence[Path], over: str = "seed",
+                   search: Search | None = None) -> str:
+    """The report of several runs: configurations ranked by the mean over seeds of their monitored score; a
+    search's stages, cost and stopped trials before the ranking."""
     keys = varying_keys(runs, over)
     completed = sum(r.completed for r in runs)
     failed = sum(r.ended_badly for r in runs)
@@ -79,6 +82,8 @@ def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], run
     shared = common_overrides(runs)
     if shared:
         lines += ["## Settings shared by every job", "", " ".join(f"`{_escape(o)}`" for o in shared), ""]
+    if search is not None:
+        lines += search_markdown(search, keys, configs)
     lines += [f"## Configurations ranked by {' / '.join(monitors)}", "", markdown_table(rows, keys), ""]
     tuned = tuned_per_model(rows, keys)
     if tuned:
@@ -88,7 +93,7 @@ def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], run
                   f"Each model at its best {' / '.join(f'`{k}`' for k in lrs)} by mean {' / '.join(monitors)} (the "
                   "study's method: the learning rate tuned for each model, then the models compared).", "",
                   markdown_table(tuned, ["model", *others, *lrs]), ""]
-    lines += _unfinished(runs, roots) + _figures(figures, out_dir)
+    lines += _unfinished(runs, roots, search.stopped if search else ()) + _figures(figures, out_dir)
     return "\n".join(lines).rstrip() + "\n"
 
 

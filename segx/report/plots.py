@@ -1,5 +1,6 @@
 """Report figures (matplotlib, Agg backend): scores per configuration, training curves, per-class IoU, example
-predictions, accuracy against prediction time, and a confusion matrix. Each is saved atomically as a PNG."""
+predictions, accuracy against prediction time, a confusion matrix, and a search's trial curves and score against
+its parameters. Each is saved atomically as a PNG."""
 
 from __future__ import annotations
 
@@ -287,4 +288,75 @@ def confusion_matrix_figure(confmat: Sequence[Sequence[float]] | np.ndarray, cla
     axes.set_title(title or "Confusion matrix, rows normalised\n(cell: % of the true class's pixels; grey row: "
                             "class absent from the ground truth)")
     figure.colorbar(image, ax=axes, label="fraction of the true class's pixels", fraction=0.04, pad=0.02)
+    return save_figure(figure, path)
+
+
+def search_curves(trials: Sequence[Any], monitor: str, rungs: Sequence[float], path: str | Path,
+                  title: str = "") -> Path:
+    """Each search trial's validation score over epochs: trials that ran to the end in colour, stopped ones grey and
+    ending early with a cross, ASHA's rungs as dotted verticals."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(figsize=(9, 5))
+    finished = [t for t in trials if t.status == COMPLETED]
+    colours = dict(zip((id(t) for t in finished), _colours(len(finished)), strict=True))
+    for trial in trials:
+        curve = _curve([trial], monitor, 100.0)
+        if curve is None:
+            continue
+        epochs, values = curve[0], curve[1]
+        stopped = id(trial) not in colours
+        colour = "0.6" if stopped else colours[id(trial)]
+        axes.plot(epochs, values, "--" if stopped else "-", color=colour, lw=1.2 if stopped else 1.8,
+                  marker="o" if len(epochs) < 3 else None, markersize=3)
+        if stopped:
+            axes.scatter(epochs[-1:], values[-1:], marker="x", color="0.3", zorder=3)
+        else:
+            axes.annotate(f" {trial.run_dir.name}", (epochs[-1], values[-1]), fontsize=7, va="center", color=colour)
+    for rung in rungs:
+        axes.axvline(rung, color="0.4", ls=":", lw=1)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(f"{METRIC_NAMES.get(monitor, monitor)} (%)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.set_title(title or f"{METRIC_NAMES.get(monitor, monitor)} of every trial per epoch")
+    handles = [Line2D([], [], color="tab:blue", label="trained to the end (job number at its end)"),
+               Line2D([], [], color="0.6", ls="--", marker="x", markeredgecolor="0.3", label="stopped early")]
+    if rungs:
+        handles.append(Line2D([], [], color="0.4", ls=":", label="rung (trials compared)"))
+    axes.legend(handles=handles, fontsize=8, loc="lower right")
+    return save_figure(figure, path)
+
+
+def score_against_parameters(panels: Sequence[dict[str, Any]], monitor: str, colour_by: str | None,
+                             path: str | Path) -> Path:
+    """One panel per parameter: each trial's best score against its value (filled: trained to the end; hollow:
+    stopped early), coloured by `colour_by`'s value. A panel is {"key", "log", "points"} (see report.search)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    groups = sorted({str(p["run"].settings.get(colour_by, "")) for panel in panels for p in panel["points"]}) \
+        if colour_by else [""]
+    colours = dict(zip(groups, _colours(len(groups)), strict=True))
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for group in groups:
+            for completed in (True, False):
+                points = [p for p in panel["points"] if p["completed"] == completed
+                          and (not colour_by or str(p["run"].settings.get(colour_by, "")) == group)]
+                if not points:
+                    continue
+                colour = colours[group]
+                label = (f"{colour_by}={group}" if colour_by else "trial") + ("" if completed else " (stopped)")
+                ax.scatter([p["value"] for p in points], [100 * p["score"] for p in points], s=36, label=label,
+                           facecolors=colour if completed else "none", edgecolors=colour, linewidths=1.4)
+        if panel["log"]:
+            ax.set_xscale("log")
+        ax.set_xlabel(panel["key"] + (" (log scale)" if panel["log"] else ""))
+        ax.set_ylabel(f"best {METRIC_NAMES.get(monitor, monitor)} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    figure.suptitle(f"Best {METRIC_NAMES.get(monitor, monitor)} of each trial against its parameters\n(filled: "
+                    "trained to the end; hollow: stopped early, its best so far)")
+    figure.tight_layout()
     return save_figure(figure, path)

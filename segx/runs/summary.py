@@ -84,7 +84,13 @@ class SweepSummary(Callback):
         if not failed:
             return
         lines = [f"  {run.run_dir}: {run.reason}" for run in failed]
-        log.error("%d of %d jobs failed (details in each run directory's metrics.json and log):\n%s\nFix the cause "
-                  "and run the same command with hydra.sweep.dir=%s: completed jobs are skipped.",
-                  len(failed), len(runs), "\n".join(lines), sweep_dir)
+        sweeper = OmegaConf.select(config, "hydra.sweeper._target_", default="")
+        if str(sweeper).endswith("TuneSweeper"):  # Tune's restore keeps finished trials, failed or not
+            again = ("Fix the cause and start the search again in a new hydra.sweep.dir: resuming this one (the same "
+                     "command) finishes interrupted trials but keeps failed ones as they are.")
+        else:
+            again = (f"Fix the cause and run the same command with hydra.sweep.dir={sweep_dir}: completed jobs are "
+                     "skipped.")
+        log.error("%d of %d jobs failed (details in each run directory's metrics.json and log):\n%s\n%s",
+                  len(failed), len(runs), "\n".join(lines), again)
         sys.exit(1)
