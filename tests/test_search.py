@@ -228,6 +228,38 @@ def test_a_search_interrupted_with_ctrl_c_resumes_without_retraining_a_finished_
     assert "start the search again in a new hydra.sweep.dir" in output
 
 
+@pytest.mark.slow
+def test_a_seeded_tpe_search_over_a_mixed_space_runs_the_configurations_its_seed_samples(shapes_root: Path,
+                                                                                       tmp_path: Path) -> None:
+    """Six Optuna TPE trials over a choice, a log interval and an integer interval, each trained one short epoch;
+    the trials are what a fresh searcher with the same seed proposes, and the report plots score against lr."""
+    from hydra_plugins.segx_tune_sweeper.tune_sweeper import TuneSweeper
+    from segx.report import collect_runs, write_report
+
+    space = ["optimizer=choice(sgd,adam)", "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
+             "data.batch_size=int(interval(4, 8))"]
+    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none",
+                       "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                       *space, "hydra/sweeper=tune", "hydra.sweeper.search=optuna", "hydra.sweeper.num_samples=6",
+                       "hydra.sweeper.seed=7", "hydra.sweeper.scheduler=none", "hydra.sweeper.ray.init.address=local",
+                       "hydra.sweeper.ray.init.num_gpus=2", "hydra.sweeper.ray.init.num_cpus=2",
+                       f"hydra.sweep.dir={tmp_path / 'search'}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "6 jobs, 6 completed, 0 failed" in output and (tmp_path / "search" / "optuna.journal").is_file()
+    # With fewer trials than TPE's 10 random start-up ones, the proposals do not depend on the scores.
+    expected = _suggestions(TuneSweeper(search="optuna", num_samples=6, seed=7)._searcher(
+        parse_space(space), 6, tmp_path / "fresh"), 6)
+    ran = [read_record(tmp_path / "search" / str(n)) for n in range(6)]
+    assert all(r["status"] == COMPLETED for r in ran)
+    assert [r["overrides"][-3:] for r in ran] == [[f"{k}={t[k]}" for k in ("optimizer", "optimizer.lr",
+                                                                          "data.batch_size")] for t in expected]
+    report = write_report(collect_runs(tmp_path / "search"), tmp_path / "report", roots=[tmp_path / "search"])
+    figure = next(f for f in report.figures if f.name == "score_vs_parameters.png")
+    assert figure.path is not None and "`optimizer.lr`, `data.batch_size`, coloured by `optimizer`" in figure.caption
+    assert "optuna search over 6 trials of up to 1 epochs" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_the_search_benchmark_counts_epochs_and_the_best_score_of_each_search(tmp_path: Path) -> None:
     import json
 
