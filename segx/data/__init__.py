@@ -1,4 +1,5 @@
-"""Data: a cached segmentation data module and its sources (Pascal VOC, the embedded `shapes` dataset).
+"""Data: a cached segmentation data module and its sources (Pascal VOC, the embedded `shapes` dataset, a folder of
+one's own).
 
 A source lists each split's files and names the classes (`segx.data.source`); `CachedSegmentationDataModule`
 checks and caches them as uint8 tensors (`segx.data.cache`), batches them (`segx.data.device_batches`) and
@@ -16,6 +17,7 @@ _EXPORTS = {
     "ShapesDataModule": "segx.data.shapes_datamodule", "ShapesSource": "segx.data.shapes_datamodule",
     "IGNORE_INDEX": "segx.data.source", "SegmentationSource": "segx.data.source", "SplitFiles": "segx.data.source",
     "VOCDataModule": "segx.data.voc", "VOCSource": "segx.data.voc",
+    "FolderDataModule": "segx.data.folder", "FolderSource": "segx.data.folder",
     "NUM_CLASSES": "segx.data.voc_classes", "VOC_CLASSES": "segx.data.voc_classes",
     "VOC_PALETTE": "segx.data.voc_classes",
 }

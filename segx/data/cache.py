@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from filelock import FileLock
@@ -25,6 +24,7 @@ from PIL import Image
 
 from segx.core.errors import DatasetUnavailableError, SegxError
 from segx.core.files import atomic_path
+from segx.data.masks import MaskDecoder, MaskProblem
 from segx.data.source import IGNORE_INDEX, SplitFiles
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ PROBLEMS = {
     "mask": "mask(s) that cannot be decoded (truncated or corrupt {format})",
     "mode": "mask(s) that are not index images (a mask holds one class index per pixel: a palette 'P' or "
             "greyscale 'L' image)",
+    "colour": "mask(s) with colours that are not in data.palette",
     "labels": "mask(s) with values outside the classes",
     "size": "mask(s) whose height and width differ from their image's",
 }
@@ -126,6 +127,7 @@ def _pil_error(error: BaseException, path: str) -> str:
 
 def check_pair(
     image_file: str, mask_file: str, size: int, num_classes: int, ignore_index: int = IGNORE_INDEX,
+    decoder: MaskDecoder | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None, list[BadFile]]:
     """Decode and check one pair fully: (image, mask, original size) or None, and every problem found.
 
@@ -141,13 +143,13 @@ def check_pair(
             image = TF.pil_to_tensor(img.convert("RGB"))
     except Exception as error:  # whatever the decoder raises, this file cannot be used
         bad.append(BadFile("image", image_file, _pil_error(error, image_file)))
+    decoder = decoder or MaskDecoder(ignore_index=ignore_index)
     try:
         with Image.open(mask_file) as msk:
             msk.load()
-            if msk.mode in ("P", "L"):
-                mask = torch.from_numpy(np.array(msk, dtype=np.uint8))[None]
-            else:
-                bad.append(BadFile("mode", mask_file, f"mode {msk.mode}"))
+            mask = torch.from_numpy(decoder.decode(msk))[None]
+    except MaskProblem as problem:
+        bad.append(BadFile(problem.problem, mask_file, problem.detail))
     except Exception as error:
         bad.append(BadFile("mask", mask_file, _pil_error(error, mask_file)))
     if mask is not None:
@@ -176,7 +178,7 @@ def _atomic_save(obj: object, path: Path) -> None:
 
 def _build(
     split: str, files: SplitFiles, size: int, num_classes: int, ignore_index: int, bad_files_fix: str,
-    progress: Callable[[int, int], None] | None,
+    progress: Callable[[int, int], None] | None, decoder: MaskDecoder | None = None,
 ) -> CachedSplit:
     """Decode every pair, checking each; one SegxError at the end lists every bad file, grouped by problem."""
     n = len(files.ids)
@@ -186,7 +188,7 @@ def _build(
     bad: list[BadFile] = []
     # PIL decodes and resizes with the GIL released, so threads use every core without pickling tensors.
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        results = pool.map(lambda pair: check_pair(pair[0], pair[1], size, num_classes, ignore_index),
+        results = pool.map(lambda pair: check_pair(pair[0], pair[1], size, num_classes, ignore_index, decoder),
                            zip(files.images, files.masks, strict=True))
         for i, (decoded, problems) in enumerate(results):
             bad.extend(problems)
@@ -240,7 +242,7 @@ def _make_writable(cache_dir: Path) -> None:
 
 def load_or_build(
     cache_dir: Path, split: str, files: SplitFiles, size: int, num_classes: int,
-    ignore_index: int = IGNORE_INDEX, bad_files_fix: str = DEFAULT_FIX,
+    ignore_index: int = IGNORE_INDEX, bad_files_fix: str = DEFAULT_FIX, decoder: MaskDecoder | None = None,
 ) -> CachedSplit:
     """Return the cached split, building it first if no cache matches this file list and size.
 
@@ -250,7 +252,8 @@ def load_or_build(
     """
     ids = files.ids
     _make_writable(cache_dir)
-    path = cache_dir / f"{split}-{size}px-{fingerprint(files.images, files.masks)}.pt"
+    decoding = f"-{decoder.key}" if decoder is not None and decoder.key else ""  # masks read another way: apart
+    path = cache_dir / f"{split}-{size}px-{fingerprint(files.images, files.masks)}{decoding}.pt"
     with FileLock(str(path) + ".lock"):
         if path.exists():
             try:
@@ -272,7 +275,7 @@ def load_or_build(
                 log.info("Caching %s split at %dpx: %d/%d images (%.0fs)", split, size, done, total, now - start)
 
         log.info("Building the %s cache at %dpx from %d images into %s", split, size, len(ids), path)
-        cached = _build(split, files, size, num_classes, ignore_index, bad_files_fix, progress)
+        cached = _build(split, files, size, num_classes, ignore_index, bad_files_fix, progress, decoder)
         blob = {
             "format": CACHE_FORMAT, "ids": cached.ids, "images": cached.images, "masks": cached.masks,
             "original_sizes": cached.original_sizes,

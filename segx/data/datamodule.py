@@ -194,6 +194,16 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         return self.source.ignore_index
 
     # -- data on disk -------------------------------------------------------------------------------
+    def read_mask(self, path: str | Path) -> np.ndarray:
+        """One mask file at its own size as class indices, decoded as the cache decodes it (full-res scoring)."""
+        from PIL import Image
+
+        from segx.data.masks import MaskDecoder
+
+        decoder = self.source.mask_decoder or MaskDecoder(ignore_index=self.source.ignore_index)
+        with Image.open(path) as mask:
+            return decoder.decode(mask)
+
     def prepare_data(self) -> None:
         self.source.prepare()
 
@@ -216,6 +226,7 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
             self._splits[split] = load_or_build(
                 self.cache_dir, split, files, self.image_size, num_classes=self.num_classes,
                 ignore_index=self.source.ignore_index, bad_files_fix=self.source.bad_files_fix(split),
+                decoder=self.source.mask_decoder,
             )
         return self._splits[split]
 

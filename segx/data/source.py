@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from segx.data.masks import MaskDecoder
 
 IGNORE_INDEX = 255  # the mask value loss and metrics skip: VOC's void, and the pad of a rescaled batch
 
@@ -31,6 +34,7 @@ class SegmentationSource(ABC):
     palette: np.ndarray  # uint8 [256, 3]: the colour each label is drawn with
     ignore_index: int = IGNORE_INDEX
     splits: tuple[str, ...] | None = None  # the split names it knows, when they are fixed; None: any name
+    mask_decoder: MaskDecoder | None = None  # how its mask files read as class ids; None: index images as they are
 
     def prepare(self) -> None:
         """Make the files exist (download, generate); called before any split is listed, so it must be cheap

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from segx.data.palette import color_map
+
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -13,19 +15,9 @@ NUM_CLASSES = len(VOC_CLASSES)
 
 
 def voc_palette() -> np.ndarray:
-    """The 256×3 colour map VOC masks are stored with (bit-interleaved class index), so our PNGs
-    open with the same colours as the official ones in any viewer; index 255 is the cream 'void'."""
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= ((c >> 0) & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette[index] = (r, g, b)
-    return palette
+    """The 256×3 colour map VOC masks are stored with, so our PNGs open with the same colours as the official ones
+    in any viewer; index 255 is the cream 'void'."""
+    return color_map(256)
 
 
 VOC_PALETTE = voc_palette()

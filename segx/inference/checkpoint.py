@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -90,6 +91,16 @@ def run_config(checkpoint: dict[str, Any]) -> DictConfig:
     if target in LEGACY_TARGETS:
         config.model._target_ = LEGACY_TARGETS[target]
     return config
+
+
+def checkpoint_classes(checkpoint: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    """The class names and uint8 [256, 3] palette the run trained with (VOC's for checkpoints that stored none)."""
+    from segx.data.voc_classes import VOC_CLASSES, VOC_PALETTE
+
+    record = checkpoint[CHECKPOINT_KEY]
+    names = record.get("class_names") or OmegaConf.select(run_config(checkpoint), "data.class_names") or VOC_CLASSES
+    palette = np.asarray(record["palette"], dtype=np.uint8) if record.get("palette") else VOC_PALETTE
+    return [str(n) for n in names], palette
 
 
 def network_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:

@@ -38,10 +38,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     return target
 
 
-def save_palette_png(labels: np.ndarray, path: Path) -> None:
-    """A label map as a palette PNG, the format VOC's own masks use."""
+def save_palette_png(labels: np.ndarray, path: Path, palette: np.ndarray | None = None) -> None:
+    """A label map as a palette PNG (the format VOC's own masks use), in `palette`'s colours (default VOC's)."""
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
-    image.putpalette(VOC_PALETTE.flatten().tolist())
+    image.putpalette((VOC_PALETTE if palette is None else palette).flatten().tolist())
     image.save(path)
 
 
@@ -101,18 +101,18 @@ def evaluate_checkpoint(
             confmat.update(preds, cached.masks[begin:end].to(target).long())
             if save_predictions:
                 for i, pred in enumerate(preds.cpu().numpy()):
-                    save_palette_png(pred, pred_dir / f"{cached.ids[begin + i]}.png")
+                    save_palette_png(pred, pred_dir / f"{cached.ids[begin + i]}.png", datamodule.palette)
             continue
         for i in range(end - begin):
             height, width = (int(v) for v in cached.original_sizes[begin + i])
             full = F.interpolate(logits[i:i + 1].float(), size=(height, width), mode="bilinear",
                                  align_corners=False)
             pred = full.argmax(1)
-            with Image.open(mask_files[begin + i]) as mask_image:
-                mask = torch.from_numpy(np.array(mask_image, dtype=np.uint8)).to(target).long()[None]
+            mask = torch.from_numpy(datamodule.read_mask(mask_files[begin + i])).to(target).long()[None]
             confmat.update(pred, mask)
             if save_predictions:
-                save_palette_png(pred[0].cpu().numpy(), pred_dir / f"{cached.ids[begin + i]}.png")
+                save_palette_png(pred[0].cpu().numpy(), pred_dir / f"{cached.ids[begin + i]}.png",
+                                 datamodule.palette)
         log.debug("Evaluated %d/%d images", end, len(cached))
 
     counts = confmat.compute().cpu()

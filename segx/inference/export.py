@@ -23,7 +23,7 @@ from torch import nn
 
 from segx.core.errors import SegxError
 from segx.core.files import atomic_path
-from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+from segx.inference.checkpoint import checkpoint_classes, load_checkpoint, network_from_checkpoint, run_config
 from segx.models.contract import pads_input, size_divisor
 
 FORMATS = ("onnx",)
@@ -327,13 +327,14 @@ def export_onnx(
     config = run_config(checkpoint)
     net = network_from_checkpoint(checkpoint)
     data = config.data
+    class_names, _ = checkpoint_classes(checkpoint)  # the dataset's, also where a classes file named them
     metadata = {
         "segx.output": "float32 logits [N,num_classes,H,W]; argmax over dim 1 gives the class index",
         "mean": list(data.mean),
         "std": list(data.std),
         "image_size": int(data.image_size),
-        "num_classes": int(data.num_classes),
-        "class_names": list(data.class_names),
+        "num_classes": len(class_names),
+        "class_names": class_names,
         "checkpoint": str(Path(ckpt).expanduser().resolve()),
     }
     return export_network(net, output, opset=opset, tolerance=tolerance, example_size=int(data.image_size),

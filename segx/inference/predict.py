@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from segx.core.errors import ConfigError, SegxError
 from segx.data.voc_classes import VOC_PALETTE
-from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+from segx.inference.checkpoint import checkpoint_classes, load_checkpoint, network_from_checkpoint, run_config
 from segx.inference.evaluate import resolve_device, save_palette_png
 from segx.inference.predictor import Predictor
 
@@ -152,9 +152,10 @@ def labels_at_size(
     return best_label
 
 
-def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
-    """The image | the image tinted with each pixel's class colour (background left untinted), side by side."""
-    colours = Image.fromarray(VOC_PALETTE[labels])
+def overlay(image: Image.Image, labels: np.ndarray, palette: np.ndarray | None = None) -> Image.Image:
+    """The image | the image tinted with each pixel's class colour (class 0, the background, left untinted), side
+    by side; `palette` uint8 [256, 3], VOC's by default."""
+    colours = Image.fromarray((VOC_PALETTE if palette is None else palette)[labels])
     objects = Image.fromarray(np.where(labels != 0, 255, 0).astype(np.uint8))
     tinted = Image.composite(Image.blend(image, colours, OVERLAY_ALPHA), image, objects)
     pair = Image.new("RGB", (2 * image.width, image.height))
@@ -227,6 +228,7 @@ def predict_images(
     _check_images(files)
 
     config = run_config(checkpoint)
+    _, palette = checkpoint_classes(checkpoint)  # the dataset's colours, stored with the weights
     size = int(config.data.image_size)
     target = resolve_device(device)
     predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, target, int(batch_size))
@@ -249,8 +251,8 @@ def predict_images(
             for path, image, image_logits in zip(group, images, logits, strict=True):
                 labels = labels_at_size(image_logits, image.height, image.width).cpu().numpy().astype(np.uint8)
                 mask_path, overlay_path = out_dir / f"{path.stem}.png", overlay_dir / f"{path.stem}.jpg"
-                save_palette_png(labels, mask_path)
-                overlay(image, labels).save(overlay_path, quality=90)
+                save_palette_png(labels, mask_path, palette)
+                overlay(image, labels, palette).save(overlay_path, quality=90)
                 masks.append(mask_path)
                 overlays.append(overlay_path)
             if bar is not None:

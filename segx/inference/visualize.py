@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.utils import make_grid
 
 from segx.data.voc_classes import VOC_PALETTE
 
 
-def colorize(labels: torch.Tensor) -> torch.Tensor:
-    """Integer labels [N,H,W] (0..255) → float RGB [N,3,H,W] in [0,1], VOC colours (255 is cream void)."""
-    palette = torch.as_tensor(VOC_PALETTE, device=labels.device, dtype=torch.float32) / 255.0
-    return palette[labels.long().clamp(0, 255)].permute(0, 3, 1, 2)
+def colorize(labels: torch.Tensor, palette: np.ndarray | None = None) -> torch.Tensor:
+    """Integer labels [N,H,W] (0..255) → float RGB [N,3,H,W] in [0,1] in `palette`'s colours (uint8 [256, 3];
+    default VOC's, where 255 is the cream void)."""
+    colours = torch.as_tensor(VOC_PALETTE if palette is None else palette, device=labels.device,
+                              dtype=torch.float32) / 255.0
+    return colours[labels.long().clamp(0, 255)].permute(0, 3, 1, 2)
 
 
-def prediction_grid(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
+def prediction_grid(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor,
+                    palette: np.ndarray | None = None) -> torch.Tensor:
     """One row per image: the image ([0,1] floats), its ground truth, the prediction. Returns [3,H',W']."""
-    rows = torch.stack([images.float().cpu(), colorize(masks).cpu(), colorize(preds).cpu()], dim=1)
+    rows = torch.stack([images.float().cpu(), colorize(masks, palette).cpu(), colorize(preds, palette).cpu()], dim=1)
     return make_grid(rows.flatten(0, 1), nrow=3, padding=2, pad_value=1.0)

@@ -76,7 +76,7 @@ def _predictions(config: Configuration, images: int, single: bool) -> Callable[[
         title = (f"{name}: best checkpoint ({epoch}{config.monitor}{score_text}) on the first {len(examples.ids)} "
                  f"val images\n{run.checkpoint}")
         return plots.prediction_examples(examples.images, examples.masks, examples.preds, examples.class_names,
-                                         path, title, examples.ids)
+                                         path, title, examples.ids, examples.palette)
     return draw
 
 

@@ -190,9 +190,9 @@ def per_class_iou(configs: Sequence[Configuration], class_names: Sequence[str], 
 
 
 def prediction_examples(images: Any, masks: Any, preds: Any, class_names: Sequence[str], path: str | Path,
-                        title: str, ids: Sequence[str] = ()) -> Path:
+                        title: str, ids: Sequence[str] = (), palette: Any = None) -> Path:
     """image | ground truth | prediction, one row per image (`segx.inference.visualize.prediction_grid`), with a legend
-    of the classes that appear."""
+    of the classes that appear; `palette` uint8 [256, 3], VOC's by default."""
     import torch
 
     from segx.data.voc_classes import VOC_PALETTE
@@ -201,7 +201,8 @@ def prediction_examples(images: Any, masks: Any, preds: Any, class_names: Sequen
     plt = _pyplot()
     from matplotlib.patches import Patch
 
-    grid = prediction_grid(images.float() / 255, masks, preds).permute(1, 2, 0).numpy()
+    palette = VOC_PALETTE if palette is None else palette
+    grid = prediction_grid(images.float() / 255, masks, preds, palette).permute(1, 2, 0).numpy()
     size, pad = int(images.shape[-1]), 2
     rows = int(images.shape[0])
     figure, axes = plt.subplots(figsize=(7.5, 1.0 + 7.5 * grid.shape[0] / grid.shape[1]))
@@ -215,7 +216,7 @@ def prediction_examples(images: Any, masks: Any, preds: Any, class_names: Sequen
     for spine in axes.spines.values():
         spine.set_visible(False)
     present = sorted({int(v) for v in torch.cat([masks.flatten(), preds.flatten()]).unique().tolist()})
-    handles = [Patch(color=VOC_PALETTE[c] / 255, label=class_names[c] if c < len(class_names) else "void (ignored)")
+    handles = [Patch(color=palette[c] / 255, label=class_names[c] if c < len(class_names) else "void (ignored)")
                for c in present if c < len(class_names) or c == 255]
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="classes")
     axes.set_title(title, fontsize=10, pad=24)

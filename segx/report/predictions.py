@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ class Examples:
     ids: list[str]
     class_names: list[str]
     epoch: int | None
+    palette: Any = None  # uint8 [256, 3]: the dataset's colours
 
 
 @torch.inference_mode()
@@ -30,7 +32,7 @@ def predict_examples(checkpoint_path: str | Path, count: int = 4) -> Examples:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+    from segx.inference.checkpoint import checkpoint_classes, load_checkpoint, network_from_checkpoint, run_config
     from segx.inference.predictor import Predictor
 
     checkpoint = load_checkpoint(checkpoint_path)
@@ -38,7 +40,8 @@ def predict_examples(checkpoint_path: str | Path, count: int = 4) -> Examples:
     root = Path(str(config.data.get("root", ""))).expanduser()
     if not root.is_dir():
         raise SegxError(f"the run's data.root={root} is not a folder on this machine")
-    data_cfg = OmegaConf.merge(config.data, {"download": False})
+    # Never a download for a figure; only sources that can download have the key.
+    data_cfg = OmegaConf.merge(config.data, {"download": False}) if "download" in config.data else config.data
     datamodule = instantiate(data_cfg)
     split = datamodule.load_split(datamodule.val_split)
     images, masks = split.images[:count], split.masks[:count]
@@ -46,4 +49,5 @@ def predict_examples(checkpoint_path: str | Path, count: int = 4) -> Examples:
     preds = predictor.logits(images).argmax(1)
     epoch = checkpoint.get("epoch")
     return Examples(images=images, masks=masks, preds=preds, ids=list(split.ids[:count]),
-                    class_names=list(datamodule.class_names), epoch=int(epoch) if epoch is not None else None)
+                    class_names=list(datamodule.class_names), epoch=int(epoch) if epoch is not None else None,
+                    palette=checkpoint_classes(checkpoint)[1])

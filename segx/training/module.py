@@ -35,6 +35,7 @@ class SegmentationModule(pl.LightningModule):
         ignore_index: int = IGNORE_INDEX,
         run_config: Mapping[str, Any] | None = None,
         channels_last: bool = False,
+        palette: Sequence[Sequence[int]] | None = None,
         example_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -43,6 +44,8 @@ class SegmentationModule(pl.LightningModule):
         self.optimizer_cfg = dict(optimizer)
         self.scheduler_cfg = dict(scheduler) if scheduler is not None else None
         self.class_names = list(class_names)
+        self.palette = [list(map(int, colour)) for colour in palette] if palette is not None else None
+        self.ignore_index = int(ignore_index)
         self.run_config = dict(run_config or {})
         num_classes = len(self.class_names)
         self.train_confmat = confusion_matrix_metric(num_classes, ignore_index)
@@ -115,4 +118,7 @@ class SegmentationModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"format": 1, "config": self.run_config, "class_names": self.class_names}
+        checkpoint[CHECKPOINT_KEY] = {"format": 1, "config": self.run_config, "class_names": self.class_names,
+                                      "ignore_index": self.ignore_index}
+        if self.palette is not None:  # predict and export draw with the dataset's colours, without its files
+            checkpoint[CHECKPOINT_KEY]["palette"] = self.palette

@@ -10,7 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
 from segx.core.errors import ConfigError
@@ -163,6 +163,19 @@ def _refuse_run_options_in_model(model_cfg: DictConfig) -> None:
         )
 
 
+def _take_the_datasets_classes(model_cfg: DictConfig, num_classes: int) -> None:
+    """A model whose `num_classes` is null (a dataset that names its classes in a file) gets the dataset's count;
+    one that asks for another count than the dataset has is refused."""
+    if "num_classes" not in model_cfg:
+        return
+    if model_cfg.num_classes is None:
+        with open_dict(model_cfg):
+            model_cfg.num_classes = num_classes
+    elif int(model_cfg.num_classes) != num_classes:
+        raise ConfigError(f"model.num_classes={model_cfg.num_classes} but the dataset has {num_classes} classes; "
+                          "drop the override (the model takes the dataset's count) or fix data.class_names.")
+
+
 def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> float:
     """Fit the configured model and write `metrics.json`; returns the best value of `monitor` (for sweepers).
 
@@ -189,6 +202,8 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
                      ", ".join(f"{key} {old} → {new}" for key, (old, new) in changed.items()))
     options = run_options(cfg)
     torch.set_flush_denormal(options["flush_denormal"])  # CPU only; a no-op where unsupported
+    datamodule = instantiate(cfg.data)  # reads no data yet: the image size is checked against the network first
+    _take_the_datasets_classes(cfg.model, datamodule.num_classes)
     fetch_pretrained(cfg.model)  # the one download, on rank 0: the constructor never downloads
     net = build_network(cfg.model)
     image_size = int(cfg.data.image_size)
@@ -196,12 +211,12 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     memory_format = choose_run_memory_format(options["channels_last"], net, runtime, cfg.trainer,
                                              int(cfg.data.batch_size), image_size)
     net = apply_network_options(net, {**options, "channels_last": memory_format.channels_last})
-    datamodule = instantiate(cfg.data)
     loss = build_loss(cfg.loss, class_frequencies=datamodule.class_frequencies)
     module = SegmentationModule(
         net, loss, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         class_names=datamodule.class_names, run_config=OmegaConf.to_container(cfg, resolve=True),
+        palette=datamodule.palette.tolist(), ignore_index=datamodule.ignore_index,
         channels_last=memory_format.channels_last, example_size=None if options["compile"] else image_size,
     )
     counts = parameter_counts(net)

@@ -37,7 +37,7 @@ class PredictionGridLogger(pl.Callback):
         dtype = next(pl_module.parameters()).dtype  # bf16-true precision keeps bf16 weights
         with torch.no_grad():
             preds = pl_module(datamodule.normalize(images).to(dtype)).argmax(1)
-        grid = prediction_grid(images.float() / 255, masks, preds)
+        grid = prediction_grid(images.float() / 255, masks, preds, datamodule.palette)
         for logger in loggers:
             logger.experiment.add_image(self.tag, grid, global_step=trainer.global_step)
 
