@@ -141,3 +141,40 @@ def test_forty_index_classes_with_zero_as_other_train_with_the_count_from_classe
     assert record["final"]["val/pixels"] == 4 * (32 * 32 - 32 * 4)
     cached = sorted((root / "segx-cache").glob("val-32px-*.pt"))
     assert len(cached) == 1 and cached[0].stem.count("-") == 3  # the decoding's own key in the name
+
+
+def test_the_cityscapes_and_ade20k_presets_read_their_layouts_into_their_train_ids(tmp_path: Path) -> None:
+    """A city sub-folder with Cityscapes' file names and label ids (7 road, 26 car, 0 unlabelled); ADE20K's
+    training/validation folders with 0 as "other"."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.conftest import ROOT
+
+    city = tmp_path / "cityscapes"
+    labels = np.zeros((32, 64), dtype=np.uint8)
+    labels[:16], labels[16:, :20] = 7, 26
+    for split in ("train", "val"):
+        (city / "leftImg8bit" / split / "aachen").mkdir(parents=True)
+        (city / "gtFine" / split / "aachen").mkdir(parents=True)
+        stem = f"aachen/aachen_000000_00001{9 if split == 'train' else 8}"
+        Image.new("RGB", (64, 32), (90, 90, 90)).save(city / "leftImg8bit" / split / f"{stem}_leftImg8bit.png")
+        Image.fromarray(labels, mode="L").save(city / "gtFine" / split / f"{stem}_gtFine_labelIds.png")
+    ade = tmp_path / "ade"
+    scene = np.arange(32 * 32, dtype=np.int64).reshape(32, 32) % 151  # 0 (other) and classes 1..150
+    for split in ("training", "validation"):
+        (ade / "images" / split).mkdir(parents=True)
+        (ade / "annotations" / split).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(ade / "images" / split / f"ADE_{split}_00000001.jpg")
+        mask = ade / "annotations" / split / f"ADE_{split}_00000001.png"
+        Image.fromarray(scene.astype(np.uint8), mode="L").save(mask)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        city_data = instantiate(compose("train", ["data=cityscapes", f"data.root={city}", "data.image_size=32"]).data)
+        ade_data = instantiate(compose("train", ["data=ade20k", f"data.root={ade}", "data.image_size=32"]).data)
+    assert city_data.num_classes == 19 and city_data.class_names[13] == "car"
+    assert city_data.split_files("train").ids == ["aachen/aachen_000000_000019"]
+    masks = city_data.load_split("val").masks
+    assert sorted(masks.unique().tolist()) == [0, 13, 255]  # road, car, and the unlabelled id ignored
+    assert ade_data.num_classes == 150 and ade_data.val_split == "validation"
+    values = ade_data.load_split("training").masks.unique().tolist()
+    assert 255 in values and max(v for v in values if v != 255) <= 149  # "other" ignored, 1..150 → 0..149
