@@ -178,3 +178,36 @@ def test_the_cityscapes_and_ade20k_presets_read_their_layouts_into_their_train_i
     assert ade_data.num_classes == 150 and ade_data.val_split == "validation"
     values = ade_data.load_split("training").masks.unique().tolist()
     assert 255 in values and max(v for v in values if v != 255) <= 149  # "other" ignored, 1..150 → 0..149
+
+
+def test_keep_ratio_fits_the_longer_side_and_pads_the_mask_with_the_ignore_index() -> None:
+    import torch
+
+    from segx.data.cache import resize_pair, resized_shape
+
+    image = torch.full((3, 30, 60), 200, dtype=torch.uint8)
+    mask = torch.ones((1, 30, 60), dtype=torch.uint8)
+    assert resized_shape(30, 60, 32, "keep_ratio") == (16, 32) and resized_shape(30, 60, 32) == (32, 32)
+    kept_image, kept_mask = resize_pair(image, mask, 32, "keep_ratio")
+    assert kept_image.shape == (3, 32, 32) and kept_mask.shape == (1, 32, 32)
+    assert (kept_mask[:, :16] == 1).all() and (kept_mask[:, 16:] == 255).all()
+    assert (kept_image[:, 16:] == 0).all() and (kept_image[:, :16] > 150).all()
+
+
+@pytest.mark.slow
+def test_keep_ratio_padding_is_never_scored_and_full_resolution_uses_only_the_image(tmp_path: Path) -> None:
+    """2:1 images at 32 px: 16 × 32 of each cached mask is the image, the rest padding. Were the padding scored, the
+    val pixel count would be 32 × 32 per image."""
+    from segx.inference.predict import predict_images
+
+    root = write_folder_dataset(tmp_path / "data", sizes=((24, 48),), counts={"train": 8, "val": 4})
+    run = tmp_path / "run"
+    run_in_process("train.py", "data=folder", f"data.root={root}", f"data.class_names=[{','.join(THREE)}]",
+                   "data.resize=keep_ratio", *TINY, f"hydra.run.dir={run}")
+    assert read_record(run)["final"]["val/pixels"] == 4 * 16 * 32
+    ckpt = run / "checkpoints" / "best.ckpt"
+    run_in_process("evaluate.py", f"ckpt={ckpt}", "full_res=true", f"hydra.run.dir={tmp_path / 'eval'}")
+    scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert sum(map(sum, scores["confusion_matrix"])) == 4 * 24 * 48
+    predicted = predict_images(ckpt, root / "images" / "val", tmp_path / "pred")
+    assert Image.open(predicted.masks[0]).size == (48, 24)

@@ -22,7 +22,7 @@ import torchvision.transforms.v2.functional as TF
 from filelock import FileLock
 from PIL import Image
 
-from segx.core.errors import DatasetUnavailableError, SegxError
+from segx.core.errors import ConfigError, DatasetUnavailableError, SegxError
 from segx.core.files import atomic_path
 from segx.data.masks import MaskDecoder, MaskProblem
 from segx.data.source import IGNORE_INDEX, SplitFiles
@@ -125,9 +125,41 @@ def _pil_error(error: BaseException, path: str) -> str:
     return f"{type(error).__name__}: {error}".replace("\n", " ").replace(path, os.path.basename(path))
 
 
+RESIZES = ("square", "keep_ratio")
+
+
+def check_resize(resize: str) -> str:
+    if resize not in RESIZES:
+        raise ConfigError(f"data.resize={resize!r} is not a choice; use square (stretch every image to image_size × "
+                          "image_size, the study's) or keep_ratio (the longer side to image_size, the rest padded).")
+    return resize
+
+
+def resized_shape(height: int, width: int, size: int, resize: str = "square") -> tuple[int, int]:
+    """The (height, width) an image of that size covers in the size × size cache: all of it for `square`; for
+    `keep_ratio` its longer side is `size` and the top-left part holds it (the rest is padding)."""
+    if resize == "square":
+        return size, size
+    scale = size / max(height, width)
+    return max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
+
+
+def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: int, resize: str = "square",
+                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [3,H,W] and [1,H,W] to size × size: bilinear with antialiasing for the image, nearest for the mask;
+    `keep_ratio` pads the bottom and right with black and with `ignore_index` (never scored)."""
+    height, width = resized_shape(int(image.shape[-2]), int(image.shape[-1]), size, resize)
+    image = TF.resize(image, [height, width], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    mask = TF.resize(mask, [height, width], interpolation=TF.InterpolationMode.NEAREST_EXACT)
+    if (height, width) != (size, size):
+        padding = [0, 0, size - width, size - height]  # left, top, right, bottom
+        image, mask = TF.pad(image, padding, fill=0), TF.pad(mask, padding, fill=ignore_index)
+    return image, mask
+
+
 def check_pair(
     image_file: str, mask_file: str, size: int, num_classes: int, ignore_index: int = IGNORE_INDEX,
-    decoder: MaskDecoder | None = None,
+    decoder: MaskDecoder | None = None, resize: str = "square",
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None, list[BadFile]]:
     """Decode and check one pair fully: (image, mask, original size) or None, and every problem found.
 
@@ -166,8 +198,7 @@ def check_pair(
     if bad or image is None or mask is None:
         return None, bad
     original = (int(image.shape[-2]), int(image.shape[-1]))
-    image = TF.resize(image, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    mask = TF.resize(mask, [size, size], interpolation=TF.InterpolationMode.NEAREST_EXACT)
+    image, mask = resize_pair(image, mask, size, resize, ignore_index)
     return (image, mask[0], original), bad
 
 
@@ -178,7 +209,7 @@ def _atomic_save(obj: object, path: Path) -> None:
 
 def _build(
     split: str, files: SplitFiles, size: int, num_classes: int, ignore_index: int, bad_files_fix: str,
-    progress: Callable[[int, int], None] | None, decoder: MaskDecoder | None = None,
+    progress: Callable[[int, int], None] | None, decoder: MaskDecoder | None = None, resize: str = "square",
 ) -> CachedSplit:
     """Decode every pair, checking each; one SegxError at the end lists every bad file, grouped by problem."""
     n = len(files.ids)
@@ -188,7 +219,8 @@ def _build(
     bad: list[BadFile] = []
     # PIL decodes and resizes with the GIL released, so threads use every core without pickling tensors.
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        results = pool.map(lambda pair: check_pair(pair[0], pair[1], size, num_classes, ignore_index, decoder),
+        results = pool.map(lambda pair: check_pair(pair[0], pair[1], size, num_classes, ignore_index, decoder,
+                                                      resize),
                            zip(files.images, files.masks, strict=True))
         for i, (decoded, problems) in enumerate(results):
             bad.extend(problems)
@@ -243,6 +275,7 @@ def _make_writable(cache_dir: Path) -> None:
 def load_or_build(
     cache_dir: Path, split: str, files: SplitFiles, size: int, num_classes: int,
     ignore_index: int = IGNORE_INDEX, bad_files_fix: str = DEFAULT_FIX, decoder: MaskDecoder | None = None,
+    resize: str = "square",
 ) -> CachedSplit:
     """Return the cached split, building it first if no cache matches this file list and size.
 
@@ -253,7 +286,8 @@ def load_or_build(
     ids = files.ids
     _make_writable(cache_dir)
     decoding = f"-{decoder.key}" if decoder is not None and decoder.key else ""  # masks read another way: apart
-    path = cache_dir / f"{split}-{size}px-{fingerprint(files.images, files.masks)}{decoding}.pt"
+    kept = "-keep_ratio" if check_resize(resize) == "keep_ratio" else ""
+    path = cache_dir / f"{split}-{size}px{kept}-{fingerprint(files.images, files.masks)}{decoding}.pt"
     with FileLock(str(path) + ".lock"):
         if path.exists():
             try:
@@ -275,7 +309,7 @@ def load_or_build(
                 log.info("Caching %s split at %dpx: %d/%d images (%.0fs)", split, size, done, total, now - start)
 
         log.info("Building the %s cache at %dpx from %d images into %s", split, size, len(ids), path)
-        cached = _build(split, files, size, num_classes, ignore_index, bad_files_fix, progress, decoder)
+        cached = _build(split, files, size, num_classes, ignore_index, bad_files_fix, progress, decoder, resize)
         blob = {
             "format": CACHE_FORMAT, "ids": cached.ids, "images": cached.images, "masks": cached.masks,
             "original_sizes": cached.original_sizes,

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segx.core.errors import ConfigError, DatasetUnavailableError, SegxError
 from segx.data.augment import augment_from_config
-from segx.data.cache import CachedSplit, load_or_build
+from segx.data.cache import CachedSplit, check_resize, load_or_build
 from segx.data.device_batches import DeviceBatches, EpochOrderSampler
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from segx.data.source import IGNORE_INDEX, SegmentationSource, SplitFiles
@@ -141,10 +141,12 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         seed: int = 0,
         on_device: str | bool = "auto",
         on_device_memory_fraction: float = 0.5,
+        resize: str = "square",
     ) -> None:
         super().__init__()
         self.source = source
         self.image_size = _whole("data.image_size", image_size)
+        self.resize = check_resize(resize)
         if self.image_size < 16:
             raise ConfigError(f"data.image_size={image_size} is too small; use 16 or more (the study used 128).")
         self.batch_size = _whole("data.batch_size", batch_size)
@@ -226,7 +228,7 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
             self._splits[split] = load_or_build(
                 self.cache_dir, split, files, self.image_size, num_classes=self.num_classes,
                 ignore_index=self.source.ignore_index, bad_files_fix=self.source.bad_files_fix(split),
-                decoder=self.source.mask_decoder,
+                decoder=self.source.mask_decoder, resize=self.resize,
             )
         return self._splits[split]
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from segx.core.errors import ConfigError
+from segx.data.cache import resized_shape
 from segx.data.voc_classes import VOC_PALETTE
 from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
 from segx.inference.predictor import Predictor
@@ -105,8 +106,10 @@ def evaluate_checkpoint(
             continue
         for i in range(end - begin):
             height, width = (int(v) for v in cached.original_sizes[begin + i])
-            full = F.interpolate(logits[i:i + 1].float(), size=(height, width), mode="bilinear",
-                                 align_corners=False)
+            # keep_ratio: only the top-left part of the logits saw the image, the rest its padding
+            covered_h, covered_w = resized_shape(height, width, datamodule.image_size, datamodule.resize)
+            full = F.interpolate(logits[i:i + 1, :, :covered_h, :covered_w].float(), size=(height, width),
+                                 mode="bilinear", align_corners=False)
             pred = full.argmax(1)
             mask = torch.from_numpy(datamodule.read_mask(mask_files[begin + i])).to(target).long()[None]
             confmat.update(pred, mask)

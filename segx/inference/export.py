@@ -333,6 +333,7 @@ def export_onnx(
         "mean": list(data.mean),
         "std": list(data.std),
         "image_size": int(data.image_size),
+        "resize": str(data.get("resize", "square")),  # keep_ratio: longer side to image_size, padded bottom-right
         "num_classes": len(class_names),
         "class_names": class_names,
         "checkpoint": str(Path(ckpt).expanduser().resolve()),

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from segx.core.errors import ConfigError, SegxError
+from segx.data.cache import resize_pair, resized_shape
 from segx.data.voc_classes import VOC_PALETTE
 from segx.inference.checkpoint import checkpoint_classes, load_checkpoint, network_from_checkpoint, run_config
 from segx.inference.evaluate import resolve_device, save_palette_png
@@ -122,10 +123,12 @@ def _check_readable(path: Path) -> str | None:
     return None
 
 
-def network_input(image: Image.Image, size: int) -> torch.Tensor:
-    """uint8 [3,size,size]: bilinear with antialiasing, exactly as the training cache resized (segx.data.cache)."""
-    return TF.resize(TF.pil_to_tensor(image), [size, size], interpolation=TF.InterpolationMode.BILINEAR,
-                     antialias=True)
+def network_input(image: Image.Image, size: int, resize: str = "square") -> torch.Tensor:
+    """uint8 [3,size,size], exactly as the training cache resized (segx.data.cache): bilinear with antialiasing,
+    stretched (`square`) or with its ratio kept and the rest padded (`keep_ratio`)."""
+    pixels = TF.pil_to_tensor(image)
+    resized, _ = resize_pair(pixels, pixels[:1], size, resize)
+    return resized
 
 
 def labels_at_size(
@@ -230,6 +233,7 @@ def predict_images(
     config = run_config(checkpoint)
     _, palette = checkpoint_classes(checkpoint)  # the dataset's colours, stored with the weights
     size = int(config.data.image_size)
+    resize = str(config.data.get("resize", "square"))
     target = resolve_device(device)
     predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, target, int(batch_size))
 
@@ -247,9 +251,11 @@ def predict_images(
                     images.append(load_rgb(path))
                 except _DECODE_ERRORS as error:  # changed on disk since it was checked
                     raise SegxError(f"Input image {path} can no longer be read ({error}).") from error
-            logits = predictor.logits(torch.stack([network_input(image, size) for image in images]))
+            logits = predictor.logits(torch.stack([network_input(image, size, resize) for image in images]))
             for path, image, image_logits in zip(group, images, logits, strict=True):
-                labels = labels_at_size(image_logits, image.height, image.width).cpu().numpy().astype(np.uint8)
+                covered_h, covered_w = resized_shape(image.height, image.width, size, resize)  # the padding aside
+                labels = labels_at_size(image_logits[:, :covered_h, :covered_w], image.height,
+                                        image.width).cpu().numpy().astype(np.uint8)
                 mask_path, overlay_path = out_dir / f"{path.stem}.png", overlay_dir / f"{path.stem}.jpg"
                 save_palette_png(labels, mask_path, palette)
                 overlay(image, labels, palette).save(overlay_path, quality=90)
