@@ -133,10 +133,14 @@ def test_forty_index_classes_with_zero_as_other_train_with_the_count_from_classe
                                 sizes=((48, 48),))
     (root / "classes.txt").write_text("\n".join(f"class{i}" for i in range(40)) + "\n")
     run = tmp_path / "run"
-    run_in_process("train.py", "data=folder", f"data.root={root}", "data.reduce_zero_label=true", *TINY,
-                   f"hydra.run.dir={run}")
+    refused = run_in_process("train.py", "data=folder", f"data.root={root}", "data.background_index=null",
+                             "monitor=val/miou_no_bg", *TINY, f"hydra.run.dir={tmp_path / 'refused'}", check=False)
+    assert refused.returncode == 2 and "needs a background class" in refused.stdout + refused.stderr
+    run_in_process("train.py", "data=folder", f"data.root={root}", "data.reduce_zero_label=true",
+                   "data.background_index=null", *TINY, f"hydra.run.dir={run}")
     record = read_record(run)
     assert record["status"] == "completed" and len(record["class_names"]) == 40
+    assert "val/miou" in record["best"] and "val/miou_no_bg" not in record["best"]  # no background to leave out
     # The top eighth of every mask is "other" (0 in the files): ignored, so fewer pixels are scored than drawn.
     assert record["final"]["val/pixels"] == 4 * (32 * 32 - 32 * 4)
     cached = sorted((root / "segx-cache").glob("val-32px-*.pt"))
@@ -211,3 +215,15 @@ def test_keep_ratio_padding_is_never_scored_and_full_resolution_uses_only_the_im
     assert sum(map(sum, scores["confusion_matrix"])) == 4 * 24 * 48
     predicted = predict_images(ckpt, root / "images" / "val", tmp_path / "pred")
     assert Image.open(predicted.masks[0]).size == (48, 24)
+
+
+def test_miou_without_background_leaves_out_the_datasets_background_class_or_is_not_reported() -> None:
+    import torch
+
+    from segx.metrics import segmentation_scores
+
+    confmat = torch.tensor([[4.0, 0, 0], [0, 2, 2], [0, 0, 4]])  # IoU 1, 0.5, 2/3
+    names = ["a", "b", "c"]
+    assert segmentation_scores(confmat, names)["miou_no_bg"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert segmentation_scores(confmat, names, background_index=2)["miou_no_bg"] == pytest.approx(0.75)
+    assert segmentation_scores(confmat, names, background_index=None)["miou_no_bg"] is None

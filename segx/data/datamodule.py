@@ -191,6 +191,11 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         return self.source.palette
 
     @property
+    def background_index(self) -> int | None:
+        """The class `miou_no_bg` leaves out (None: no background class, and no `miou_no_bg`)."""
+        return self.source.background_index
+
+    @property
     def ignore_index(self) -> int:
         """The mask value that marks unlabelled pixels (skipped by loss and metrics)."""
         return self.source.ignore_index

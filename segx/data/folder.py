@@ -67,7 +67,7 @@ class FolderSource(SegmentationSource):
                  img_suffix: str = ".jpg", seg_map_suffix: str = ".png", split_lists: Mapping[str, str] | None = None,
                  class_names: Sequence[str] | None = None, palette: Sequence[Any] | None = None,
                  ignore_index: int = IGNORE_INDEX, mask_format: str = "index", reduce_zero_label: bool = False,
-                 label_map: Mapping[Any, Any] | None = None) -> None:
+                 label_map: Mapping[Any, Any] | None = None, background_index: int | None = 0) -> None:
         self.root = Path(root).expanduser().resolve()
         self.img_dir, self.ann_dir = str(img_dir), str(ann_dir)
         self.img_suffix, self.seg_map_suffix = str(img_suffix), str(seg_map_suffix)
@@ -91,6 +91,10 @@ class FolderSource(SegmentationSource):
             raise ConfigError(f"{len(names)} classes leave no room for data.ignore_index={self.ignore_index}: class "
                               "indices must lie below it.")
         self.classes = tuple(str(n) for n in names)
+        if background_index is not None and not 0 <= int(background_index) < len(self.classes):
+            raise ConfigError(f"data.background_index={background_index} is not a class index (0..{len(names) - 1}); "
+                              "null: the dataset has no background class.")
+        self.background_index = None if background_index is None else int(background_index)
         colours = palette if palette is not None else file_palette
         self.palette = full_palette(colours, len(self.classes), self.ignore_index)
         self.mask_decoder = MaskDecoder.from_config(mask_format, colours, label_map, reduce_zero_label,
@@ -162,10 +166,10 @@ class FolderDataModule(CachedSegmentationDataModule):
                  img_suffix: str = ".jpg", seg_map_suffix: str = ".png", split_lists: Mapping[str, str] | None = None,
                  class_names: Sequence[str] | None = None, palette: Sequence[Any] | None = None,
                  ignore_index: int = IGNORE_INDEX, mask_format: str = "index", reduce_zero_label: bool = False,
-                 label_map: Mapping[Any, Any] | None = None, num_classes: int | None = None,
-                 **options: Any) -> None:
+                 label_map: Mapping[Any, Any] | None = None, background_index: int | None = 0,
+                 num_classes: int | None = None, **options: Any) -> None:
         source = FolderSource(root, img_dir, ann_dir, img_suffix, seg_map_suffix, split_lists, class_names, palette,
-                              ignore_index, mask_format, reduce_zero_label, label_map)
+                              ignore_index, mask_format, reduce_zero_label, label_map, background_index)
         super().__init__(source=source, num_classes=num_classes, **options)
 
 

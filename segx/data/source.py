@@ -35,6 +35,7 @@ class SegmentationSource(ABC):
     ignore_index: int = IGNORE_INDEX
     splits: tuple[str, ...] | None = None  # the split names it knows, when they are fixed; None: any name
     mask_decoder: MaskDecoder | None = None  # how its mask files read as class ids; None: index images as they are
+    background_index: int | None = 0  # the class miou_no_bg leaves out; None: the dataset has no background
 
     def prepare(self) -> None:
         """Make the files exist (download, generate); called before any split is listed, so it must be cheap

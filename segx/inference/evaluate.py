@@ -119,7 +119,7 @@ def evaluate_checkpoint(
         log.debug("Evaluated %d/%d images", end, len(cached))
 
     counts = confmat.compute().cpu()
-    scores = segmentation_scores(counts, datamodule.class_names)
+    scores = segmentation_scores(counts, datamodule.class_names, datamodule.background_index)
     return {
         **scores,
         "confusion_matrix": counts.long().tolist(),  # rows: ground truth, columns: prediction

@@ -74,10 +74,11 @@ def per_class_iou(confmat: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
 
 
-def segmentation_scores(confmat: torch.Tensor, class_names: Sequence[str]) -> dict[str, object]:
-    """`pixel_acc` (micro), `miou`, `miou_no_bg` (classes 1.., background being class 0) and
-    `per_class_iou` (name → IoU or None when the class is absent), and `pixels` (labelled pixels counted);
-    absent classes are left out of means."""
+def segmentation_scores(confmat: torch.Tensor, class_names: Sequence[str],
+                        background_index: int | None = 0) -> dict[str, object]:
+    """`pixel_acc` (micro), `miou`, `miou_no_bg` (every class but `background_index`; None for a dataset without
+    a background class) and `per_class_iou` (name → IoU or None when the class is absent), and `pixels` (labelled
+    pixels counted); absent classes are left out of means."""
     confmat = confmat.double()
     iou = per_class_iou(confmat)
     total = confmat.sum()
@@ -85,7 +86,8 @@ def segmentation_scores(confmat: torch.Tensor, class_names: Sequence[str]) -> di
     return {
         "pixel_acc": pixel_acc,
         "miou": float(iou.nanmean()),
-        "miou_no_bg": float(iou[1:].nanmean()),
+        "miou_no_bg": None if background_index is None else float(
+            torch.cat([iou[:background_index], iou[background_index + 1:]]).nanmean()),
         "pixels": int(total),
         "per_class_iou": {
             name: (None if torch.isnan(v) else float(v)) for name, v in zip(class_names, iou, strict=True)

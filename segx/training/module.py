@@ -37,6 +37,7 @@ class SegmentationModule(pl.LightningModule):
         channels_last: bool = False,
         palette: Sequence[Sequence[int]] | None = None,
         example_size: int | None = None,
+        background_index: int | None = 0,
     ) -> None:
         super().__init__()
         self.net = net
@@ -46,6 +47,7 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = list(class_names)
         self.palette = [list(map(int, colour)) for colour in palette] if palette is not None else None
         self.ignore_index = int(ignore_index)
+        self.background_index = background_index  # None: no background class, so no val/miou_no_bg
         self.run_config = dict(run_config or {})
         num_classes = len(self.class_names)
         self.train_confmat = confusion_matrix_metric(num_classes, ignore_index)
@@ -87,13 +89,14 @@ class SegmentationModule(pl.LightningModule):
     def _log_scores(self, stage: str) -> None:
         confmat = self.train_confmat if stage == "train" else self.val_confmat
         counts = confmat.compute()
-        scores = segmentation_scores(counts, self.class_names)
+        scores = segmentation_scores(counts, self.class_names, self.background_index)
         confmat.reset()
         if stage == "val":  # the epoch's whole val confusion matrix, for metrics.json (rows: ground truth)
             self.val_confusion_matrix = counts.detach().long().cpu()
         metrics = {f"{stage}/acc": scores["pixel_acc"], f"{stage}/miou": scores["miou"]}
         if stage == "val":
-            metrics["val/miou_no_bg"] = scores["miou_no_bg"]
+            if scores["miou_no_bg"] is not None:
+                metrics["val/miou_no_bg"] = scores["miou_no_bg"]
             # Labelled pixels scored (over all DDP ranks): every val pixel once, none padded in twice.
             self.log("val/pixels", float(scores["pixels"]), logger=False)
             # Classes absent from both prediction and ground truth have no IoU; they are not logged.

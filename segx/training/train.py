@@ -204,6 +204,9 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     torch.set_flush_denormal(options["flush_denormal"])  # CPU only; a no-op where unsupported
     datamodule = instantiate(cfg.data)  # reads no data yet: the image size is checked against the network first
     _take_the_datasets_classes(cfg.model, datamodule.num_classes)
+    if monitor == "val/miou_no_bg" and datamodule.background_index is None:
+        raise ConfigError("monitor=val/miou_no_bg needs a background class, but this dataset has none "
+                          "(data.background_index=null); monitor val/miou instead, or set data.background_index.")
     fetch_pretrained(cfg.model)  # the one download, on rank 0: the constructor never downloads
     net = build_network(cfg.model)
     image_size = int(cfg.data.image_size)
@@ -217,6 +220,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         class_names=datamodule.class_names, run_config=OmegaConf.to_container(cfg, resolve=True),
         palette=datamodule.palette.tolist(), ignore_index=datamodule.ignore_index,
+        background_index=datamodule.background_index,
         channels_last=memory_format.channels_last, example_size=None if options["compile"] else image_size,
     )
     counts = parameter_counts(net)
