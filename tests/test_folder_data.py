@@ -146,6 +146,20 @@ def test_forty_index_classes_with_zero_as_other_train_with_the_count_from_classe
     cached = sorted((root / "segx-cache").glob("val-32px-*.pt"))
     assert len(cached) == 1 and cached[0].stem.count("-") == 3  # the decoding's own key in the name
 
+    from segx.inference.export import export_onnx
+    from segx.inference.predict import predict_images
+    from segx.report import collect_runs, write_report
+
+    ckpt = run / "checkpoints" / "best.ckpt"
+    run_in_process("evaluate.py", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}")
+    scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert len(scores["per_class_iou"]) == 40 and scores["miou_no_bg"] is None
+    assert sum(map(sum, scores["confusion_matrix"])) == record["final"]["val/pixels"]  # as training scored it
+    assert len(predict_images(ckpt, root / "images" / "val", tmp_path / "pred").masks) == 4
+    assert export_onnx(ckpt, tmp_path / "model.onnx").path.is_file()
+    write_report(collect_runs(run), tmp_path / "report")
+    assert "| class39 |" in (tmp_path / "report" / "report.md").read_text()
+
 
 def test_the_cityscapes_and_ade20k_presets_read_their_layouts_into_their_train_ids(tmp_path: Path) -> None:
     """A city sub-folder with Cityscapes' file names and label ids (7 road, 26 car, 0 unlabelled); ADE20K's

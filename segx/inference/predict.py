@@ -25,7 +25,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from segx.core.errors import ConfigError, SegxError
 from segx.data.cache import resize_pair, resized_shape
 from segx.data.voc_classes import VOC_PALETTE
-from segx.inference.checkpoint import checkpoint_classes, load_checkpoint, network_from_checkpoint, run_config
+from segx.inference.checkpoint import (
+    CHECKPOINT_KEY,
+    checkpoint_classes,
+    load_checkpoint,
+    network_from_checkpoint,
+    run_config,
+)
 from segx.inference.evaluate import resolve_device, save_palette_png
 from segx.inference.predictor import Predictor
 
@@ -155,11 +161,12 @@ def labels_at_size(
     return best_label
 
 
-def overlay(image: Image.Image, labels: np.ndarray, palette: np.ndarray | None = None) -> Image.Image:
-    """The image | the image tinted with each pixel's class colour (class 0, the background, left untinted), side
-    by side; `palette` uint8 [256, 3], VOC's by default."""
+def overlay(image: Image.Image, labels: np.ndarray, palette: np.ndarray | None = None,
+            background: int | None = 0) -> Image.Image:
+    """The image | the image tinted with each pixel's class colour (the background class left untinted), side by
+    side; `palette` uint8 [256, 3], VOC's by default."""
     colours = Image.fromarray((VOC_PALETTE if palette is None else palette)[labels])
-    objects = Image.fromarray(np.where(labels != 0, 255, 0).astype(np.uint8))
+    objects = Image.fromarray(np.where(labels != background, 255, 0).astype(np.uint8))
     tinted = Image.composite(Image.blend(image, colours, OVERLAY_ALPHA), image, objects)
     pair = Image.new("RGB", (2 * image.width, image.height))
     pair.paste(image, (0, 0))
@@ -232,6 +239,7 @@ def predict_images(
 
     config = run_config(checkpoint)
     _, palette = checkpoint_classes(checkpoint)  # the dataset's colours, stored with the weights
+    background = checkpoint[CHECKPOINT_KEY].get("background_index", 0)
     size = int(config.data.image_size)
     resize = str(config.data.get("resize", "square"))
     target = resolve_device(device)
@@ -258,7 +266,7 @@ def predict_images(
                                         image.width).cpu().numpy().astype(np.uint8)
                 mask_path, overlay_path = out_dir / f"{path.stem}.png", overlay_dir / f"{path.stem}.jpg"
                 save_palette_png(labels, mask_path, palette)
-                overlay(image, labels, palette).save(overlay_path, quality=90)
+                overlay(image, labels, palette, background).save(overlay_path, quality=90)
                 masks.append(mask_path)
                 overlays.append(overlay_path)
             if bar is not None:

@@ -122,6 +122,6 @@ class SegmentationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"format": 1, "config": self.run_config, "class_names": self.class_names,
-                                      "ignore_index": self.ignore_index}
+                                      "ignore_index": self.ignore_index, "background_index": self.background_index}
         if self.palette is not None:  # predict and export draw with the dataset's colours, without its files
             checkpoint[CHECKPOINT_KEY]["palette"] = self.palette
