@@ -241,3 +241,18 @@ def test_miou_without_background_leaves_out_the_datasets_background_class_or_is_
     assert segmentation_scores(confmat, names)["miou_no_bg"] == pytest.approx((0.5 + 2 / 3) / 2)
     assert segmentation_scores(confmat, names, background_index=2)["miou_no_bg"] == pytest.approx(0.75)
     assert segmentation_scores(confmat, names, background_index=None)["miou_no_bg"] is None
+
+
+def test_a_report_of_a_150_class_dataset_lists_every_class_as_a_row_of_its_heat_map(tmp_path: Path) -> None:
+    from segx.report import collect_runs, write_report
+
+    names = [f"class{i}" for i in range(150)]
+    for job in range(3):
+        best = {"val/miou": 0.3 + job / 10, **{f"val/iou/{n}": (i * 7 + job) % 100 / 100 for i, n in enumerate(names)}}
+        (tmp_path / "sweep" / str(job)).mkdir(parents=True)
+        (tmp_path / "sweep" / str(job) / "metrics.json").write_text(json.dumps(
+            {"status": "completed", "best": best, "overrides": [f"optimizer.lr=1e-{job + 2}"], "class_names": names}))
+    report = write_report(collect_runs(tmp_path / "sweep"), tmp_path / "report", roots=[tmp_path / "sweep"])
+    heat = next(f for f in report.figures if f.name == "per_class_iou.png")
+    width, height = Image.open(heat.path).size
+    assert height > 3 * width  # 150 rows of class names, 3 columns of configurations

@@ -15,6 +15,7 @@ from segx.report.runs import Configuration
 from segx.runs.status import COMPLETED, RUNNING
 
 DPI = 120
+MAX_CLASS_COLUMNS = 40  # beyond this many classes the per-class heat map lists them as rows
 METRIC_NAMES = {"val/miou": "val mIoU", "val/miou_no_bg": "val mIoU without background",
                 "val/acc": "val pixel accuracy"}
 
@@ -171,19 +172,26 @@ def per_class_iou(configs: Sequence[Configuration], class_names: Sequence[str], 
             scores = config.best_values(f"val/iou/{name}")
             if scores:
                 values[i, j] = 100 * float(np.mean(scores))
-    figure, axes = plt.subplots(figsize=(2.5 + 0.5 * len(class_names), 1.8 + 0.42 * len(configs)))
+    labels = [c.label for c in configs]
+    tall = len(class_names) > MAX_CLASS_COLUMNS  # many classes (ADE20K's 150): one row each, read top to bottom
+    if tall:
+        values = values.T
+        figure, axes = plt.subplots(figsize=(3.5 + 0.6 * len(configs), 1.8 + 0.2 * len(class_names)))
+    else:
+        figure, axes = plt.subplots(figsize=(2.5 + 0.5 * len(class_names), 1.8 + 0.42 * len(configs)))
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     image = axes.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100, aspect="auto",
                         interpolation="nearest")
     if len(configs) <= 25:
         for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
-                axes.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                axes.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6 if tall else 7,
                           color="white" if value < 55 else "black")
-    axes.set_xticks(range(len(class_names)), class_names, rotation=60, ha="right", fontsize=8)
-    axes.set_yticks(range(len(configs)), [c.label for c in configs], fontsize=8)
-    axes.set_xlabel("class")
-    axes.set_ylabel("configuration")
+    rows, columns = (class_names, labels) if tall else (labels, class_names)
+    axes.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=8)
+    axes.set_yticks(range(len(rows)), rows, fontsize=6 if tall else 8)
+    axes.set_xlabel("configuration" if tall else "class")
+    axes.set_ylabel("class" if tall else "configuration")
     axes.set_title("Val IoU per class at the best epoch (%, mean over seeds; blank: class absent)")
     figure.colorbar(image, ax=axes, label="IoU (%)", fraction=0.03, pad=0.02)
     return save_figure(figure, path)
