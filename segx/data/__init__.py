@@ -18,6 +18,7 @@ _EXPORTS = {
     "IGNORE_INDEX": "segx.data.source", "SegmentationSource": "segx.data.source", "SplitFiles": "segx.data.source",
     "VOCDataModule": "segx.data.voc", "VOCSource": "segx.data.voc",
     "FolderDataModule": "segx.data.folder", "FolderSource": "segx.data.folder",
+    "VOCAugDataModule": "segx.data.voc_aug", "VOCAugSource": "segx.data.voc_aug",
     "NUM_CLASSES": "segx.data.voc_classes", "VOC_CLASSES": "segx.data.voc_classes",
     "VOC_PALETTE": "segx.data.voc_classes",
 }

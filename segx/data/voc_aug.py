@@ -180,9 +180,10 @@ class VOCAugSource(VOCSource):
         if not groups:
             return None
         count = len(set(plan.missing_images) | set(plan.missing_masks))
-        return (f"The train_aug split (VOC train, SBD train and SBD val, less VOC val) lists {count} id(s) whose files "
-                f"do not exist: {'; '.join(groups)}. The copies are incomplete: re-extract VOC and SBD's benchmark.tgz, "
-                f"or remove those ids from {self.sbd_root / 'train.txt'} and {self.sbd_root / 'val.txt'}.")
+        return (f"The train_aug split (VOC train, SBD train and SBD val, less VOC val) lists {count} id(s) whose "
+                f"files do not exist: {'; '.join(groups)}. The copies are incomplete: re-extract VOC and SBD's "
+                f"benchmark.tgz, or remove those ids from {self.sbd_root / 'train.txt'} and "
+                f"{self.sbd_root / 'val.txt'}.")
 
     def _convert(self, pending: list[tuple[str, str]]) -> None:
         """SBD's .mat masks as palette PNGs in aug_dir, under a lock (parallel jobs convert once); one error names
