@@ -72,7 +72,8 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Returns `miou`, `miou_no_bg`, `pixel_acc`, `per_class_iou`, `n_images`, `seconds`.
+    """Returns segx.metrics.segmentation_scores' scores (`miou`, `mdice`, `macc`, ..., per class), `n_images`,
+    `seconds`.
 
     At training size the score matches what training logged as `val/*`. With `full_res` the logits
     are upsampled (bilinear) to each image's original size and scored against the original mask —
@@ -119,7 +120,8 @@ def evaluate_checkpoint(
         log.debug("Evaluated %d/%d images", end, len(cached))
 
     counts = confmat.compute().cpu()
-    scores = segmentation_scores(counts, datamodule.class_names, datamodule.background_index)
+    scores = segmentation_scores(counts, datamodule.class_names, datamodule.background_index,
+                                 float(config.get("fscore_beta", 1.0)))
     return {
         **scores,
         "confusion_matrix": counts.long().tolist(),  # rows: ground truth, columns: prediction

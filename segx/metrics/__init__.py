@@ -1,5 +1,13 @@
 """Segmentation scores from one confusion matrix accumulated over a split."""
 
-from segx.metrics.confusion import ConfusionMatrix, confusion_matrix_metric, per_class_iou, segmentation_scores
+from segx.metrics.confusion import (
+    MEANS,
+    ConfusionMatrix,
+    confusion_matrix_metric,
+    per_class_iou,
+    per_class_scores,
+    segmentation_scores,
+)
 
-__all__ = ["ConfusionMatrix", "confusion_matrix_metric", "per_class_iou", "segmentation_scores"]
+__all__ = ["MEANS", "ConfusionMatrix", "confusion_matrix_metric", "per_class_iou", "per_class_scores",
+           "segmentation_scores"]

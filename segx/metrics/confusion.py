@@ -74,22 +74,55 @@ def per_class_iou(confmat: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
 
 
-def segmentation_scores(confmat: torch.Tensor, class_names: Sequence[str],
-                        background_index: int | None = 0) -> dict[str, object]:
-    """`pixel_acc` (micro), `miou`, `miou_no_bg` (every class but `background_index`; None for a dataset without
-    a background class) and `per_class_iou` (name → IoU or None when the class is absent), and `pixels` (labelled
-    pixels counted); absent classes are left out of means."""
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator per class, NaN where the denominator is 0 (the score is undefined there)."""
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-300), torch.full_like(numerator,
+                                                                                                 float("nan")))
+
+
+def per_class_scores(confmat: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tensor]:
+    """IoU, Dice, precision, recall (= class accuracy) and F-beta of every class, as mmsegmentation computes them:
+    NaN where a score is undefined (IoU and Dice: the class is in neither ground truth nor prediction; precision:
+    never predicted; recall: not in the ground truth; F-beta: either of its parts undefined)."""
     confmat = confmat.double()
-    iou = per_class_iou(confmat)
+    tp = confmat.diag()
+    predicted, labelled = confmat.sum(0), confmat.sum(1)
+    precision, recall = _ratio(tp, predicted), _ratio(tp, labelled)
+    b2 = float(beta) ** 2
+    fscore = (1 + b2) * precision * recall / (b2 * precision + recall)
+    fscore = torch.where((precision == 0) & (recall == 0), torch.zeros_like(fscore), fscore)  # both 0: F is 0
+    return {"iou": per_class_iou(confmat), "dice": _ratio(2 * tp, predicted + labelled), "precision": precision,
+            "recall": recall, "fscore": fscore}
+
+
+def _named(values: torch.Tensor, class_names: Sequence[str]) -> dict[str, float | None]:
+    return {name: (None if torch.isnan(v) else float(v)) for name, v in zip(class_names, values, strict=True)}
+
+
+#: The means `segmentation_scores` returns beside mIoU, and the per-class score each is the mean of.
+MEANS = {"mdice": "dice", "mprecision": "precision", "mrecall": "recall", "macc": "recall", "mfscore": "fscore"}
+
+
+def segmentation_scores(confmat: torch.Tensor, class_names: Sequence[str],
+                        background_index: int | None = 0, beta: float = 1.0) -> dict[str, object]:
+    """`pixel_acc` (micro), `miou`, `miou_no_bg` (every class but `background_index`; None for a dataset without
+    a background class), `mdice`, `mprecision`, `mrecall`, `macc` (class accuracy: the mean recall), `mfscore`
+    (F-beta), each class's scores under `per_class_<score>` (name → value, None where undefined), and `pixels`
+    (labelled pixels counted). A class whose score is undefined is left out of that score's mean."""
+    confmat = confmat.double()
+    per_class = per_class_scores(confmat, beta)
+    iou = per_class["iou"]
     total = confmat.sum()
     pixel_acc = float(confmat.diag().sum() / total) if total > 0 else float("nan")
-    return {
+    scores: dict[str, object] = {
         "pixel_acc": pixel_acc,
         "miou": float(iou.nanmean()),
         "miou_no_bg": None if background_index is None else float(
             torch.cat([iou[:background_index], iou[background_index + 1:]]).nanmean()),
         "pixels": int(total),
-        "per_class_iou": {
-            name: (None if torch.isnan(v) else float(v)) for name, v in zip(class_names, iou, strict=True)
-        },
+        "fscore_beta": float(beta),
     }
+    scores.update({mean: float(per_class[score].nanmean()) for mean, score in MEANS.items()})
+    for score, values in per_class.items():
+        scores[f"per_class_{score}"] = _named(values, class_names)
+    return scores

@@ -13,7 +13,8 @@ from rich.table import Table
 from segx.report.runs import Configuration
 
 # report.csv's metric columns: val_<name>_{max,mean,std}, each from the jobs' best epochs
-METRICS = {"miou": "val/miou", "miou_no_bg": "val/miou_no_bg", "acc": "val/acc", "loss": "val/loss"}
+METRICS = {"miou": "val/miou", "miou_no_bg": "val/miou_no_bg", "acc": "val/acc", "mdice": "val/mdice",
+           "macc": "val/macc", "mfscore": "val/mfscore", "loss": "val/loss"}
 LR_KEYS = ("lr", "lr_decay")  # override keys (or key suffixes) that choose a learning rate
 
 
@@ -140,16 +141,22 @@ def print_scores(result: dict[str, Any], console: Console | None = None) -> None
     title = (f"{result.get('split', '')} split, {result.get('n_images', '?')} images, "
              f"{'full resolution' if result.get('full_res') else str(result.get('image_size', '')) + ' px'}")
     overall = Table(title=title)
-    for column in ("mIoU %", "mIoU no bg %", "pixel acc %", "seconds"):
+    beta = result.get("fscore_beta", 1.0)
+    means = (("mIoU %", "miou"), ("mIoU no bg %", "miou_no_bg"), ("mDice %", "mdice"), ("mAcc %", "macc"),
+             (f"mF{beta:g} %", "mfscore"), ("pixel acc %", "pixel_acc"))
+    for column, _ in means:
         overall.add_column(column, justify="right")
-    overall.add_row(_pct(result["miou"]), _pct(result["miou_no_bg"]), _pct(result["pixel_acc"]),
-                    f"{result.get('seconds', 0):.1f}")
+    overall.add_column("seconds", justify="right")
+    overall.add_row(*(_pct(result.get(key)) for _, key in means), f"{result.get('seconds', 0):.1f}")
     console.print(overall)
-    per_class = Table(title="IoU per class")
+    per_class = Table(title="IoU per class, with Dice, precision and recall (—: undefined, left out of the means)")
     per_class.add_column("class")
-    per_class.add_column("IoU %", justify="right")
-    for name, value in result["per_class_iou"].items():
-        per_class.add_row(name, _pct(value))
+    columns = [(name, key) for name, key in (("IoU %", "iou"), ("Dice %", "dice"), ("precision %", "precision"),
+                                              ("recall %", "recall")) if f"per_class_{key}" in result]
+    for column, _ in columns:
+        per_class.add_column(column, justify="right")
+    for name in result["per_class_iou"]:
+        per_class.add_row(name, *(_pct(result[f"per_class_{key}"].get(name)) for _, key in columns))
     console.print(per_class)
 
 

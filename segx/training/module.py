@@ -13,7 +13,7 @@ from torch import nn
 
 from segx.data.voc import IGNORE_INDEX, VOC_CLASSES
 from segx.inference.checkpoint import CHECKPOINT_KEY
-from segx.metrics import confusion_matrix_metric, segmentation_scores
+from segx.metrics import MEANS, confusion_matrix_metric, segmentation_scores
 from segx.training.optim import build_optimizer
 
 
@@ -38,6 +38,7 @@ class SegmentationModule(pl.LightningModule):
         palette: Sequence[Sequence[int]] | None = None,
         example_size: int | None = None,
         background_index: int | None = 0,
+        fscore_beta: float = 1.0,
     ) -> None:
         super().__init__()
         self.net = net
@@ -48,6 +49,7 @@ class SegmentationModule(pl.LightningModule):
         self.palette = [list(map(int, colour)) for colour in palette] if palette is not None else None
         self.ignore_index = int(ignore_index)
         self.background_index = background_index  # None: no background class, so no val/miou_no_bg
+        self.fscore_beta = float(fscore_beta)
         self.run_config = dict(run_config or {})
         num_classes = len(self.class_names)
         self.train_confmat = confusion_matrix_metric(num_classes, ignore_index)
@@ -60,7 +62,7 @@ class SegmentationModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Epoch scores come from confusion matrices torchmetrics already summed over the DDP ranks, so every
         # rank logs the same value: Lightning's advice to sync them (one warning per class) does not apply.
-        synced = r"(train|val)(/acc|/miou|/miou_no_bg|/pixels|/lr|/iou/.+|_miou)"
+        synced = r"(train|val)(/acc|/miou|/miou_no_bg|/m\w+|/pixels|/lr|/(iou|dice|precision|recall|fscore)/.+|_miou)"
         warnings.filterwarnings("ignore", message=rf".*self\.log\('{synced}',.*sync_dist")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own code
 
@@ -89,7 +91,7 @@ class SegmentationModule(pl.LightningModule):
     def _log_scores(self, stage: str) -> None:
         confmat = self.train_confmat if stage == "train" else self.val_confmat
         counts = confmat.compute()
-        scores = segmentation_scores(counts, self.class_names, self.background_index)
+        scores = segmentation_scores(counts, self.class_names, self.background_index, self.fscore_beta)
         confmat.reset()
         if stage == "val":  # the epoch's whole val confusion matrix, for metrics.json (rows: ground truth)
             self.val_confusion_matrix = counts.detach().long().cpu()
@@ -99,8 +101,11 @@ class SegmentationModule(pl.LightningModule):
                 metrics["val/miou_no_bg"] = scores["miou_no_bg"]
             # Labelled pixels scored (over all DDP ranks): every val pixel once, none padded in twice.
             self.log("val/pixels", float(scores["pixels"]), logger=False)
-            # Classes absent from both prediction and ground truth have no IoU; they are not logged.
-            metrics.update({f"val/iou/{k}": v for k, v in scores["per_class_iou"].items() if v is not None})
+            metrics.update({f"val/{mean}": scores[mean] for mean in MEANS if scores[mean] == scores[mean]})
+            # A class whose score is undefined (absent from both prediction and ground truth, for IoU) is not logged.
+            for score in ("iou", "dice", "precision", "recall", "fscore"):
+                metrics.update({f"val/{score}/{k}": v for k, v in scores[f"per_class_{score}"].items()
+                                if v is not None})
         self.log_dict(metrics, prog_bar=False)
         self.log(f"{stage}_miou", scores["miou"], prog_bar=True, logger=False)
 

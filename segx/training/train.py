@@ -108,7 +108,8 @@ def _route_lightning_logs() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-MONITORS = ("val/miou", "val/miou_no_bg", "val/acc")  # higher is better for each
+MONITORS = ("val/miou", "val/miou_no_bg", "val/acc", "val/mdice", "val/mfscore", "val/macc", "val/mprecision",
+            "val/mrecall")  # higher is better for each
 
 
 def _check_epochs(trainer_cfg: DictConfig) -> None:
@@ -220,7 +221,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         class_names=datamodule.class_names, run_config=OmegaConf.to_container(cfg, resolve=True),
         palette=datamodule.palette.tolist(), ignore_index=datamodule.ignore_index,
-        background_index=datamodule.background_index,
+        background_index=datamodule.background_index, fscore_beta=float(cfg.get("fscore_beta", 1.0)),
         channels_last=memory_format.channels_last, example_size=None if options["compile"] else image_size,
     )
     counts = parameter_counts(net)
