@@ -19,7 +19,7 @@ from segx.core.errors import ConfigError
 from segx.data.cache import resized_shape
 from segx.data.voc_classes import VOC_PALETTE
 from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
-from segx.inference.predictor import Predictor
+from segx.inference.predictor import Predictor, TestTimeAugmentation
 from segx.metrics import confusion_matrix_metric, segmentation_scores
 from segx.models.contract import check_input_size
 
@@ -71,6 +71,7 @@ def evaluate_checkpoint(
     out_dir: str | Path | None = None,
     batch_size: int = 64,
     device: str = "auto",
+    tta: TestTimeAugmentation | None = None,
 ) -> dict[str, Any]:
     """Returns segx.metrics.segmentation_scores' scores (`miou`, `mdice`, `macc`, ..., per class), `n_images`,
     `seconds`.
@@ -89,7 +90,8 @@ def evaluate_checkpoint(
     datamodule = instantiate(data_cfg)
     cached = datamodule.load_split(split)
     target = resolve_device(device)
-    predictor = Predictor.from_run(net, config, target, int(batch_size))
+    tta = tta or TestTimeAugmentation()
+    predictor = Predictor.from_run(net, config, target, int(batch_size), tta=tta)
     confmat = confusion_matrix_metric(datamodule.num_classes).to(target)
     mask_files = datamodule.split_files(split)[2] if full_res else []
     pred_dir = Path(out_dir or ".") / "predictions"
@@ -132,4 +134,6 @@ def evaluate_checkpoint(
         "split": split,
         "full_res": bool(full_res),
         "image_size": datamodule.image_size,
+        "tta": tta.label or "none",  # scores made with test-time augmentation are labelled so
+        **({"tta_scales": list(tta.scales)} if tta.mode == "ms_flip" else {}),
     }

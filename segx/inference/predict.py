@@ -33,7 +33,7 @@ from segx.inference.checkpoint import (
     run_config,
 )
 from segx.inference.evaluate import resolve_device, save_palette_png
-from segx.inference.predictor import Predictor
+from segx.inference.predictor import Predictor, TestTimeAugmentation
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,7 @@ def predict_images(
     batch_size: int = 16,
     device: str = "auto",
     progress: bool = False,
+    tta: TestTimeAugmentation | None = None,
 ) -> Predictions:
     """Masks for every image `inputs` names (file, folder or glob); nothing is written unless all are readable.
 
@@ -243,7 +244,7 @@ def predict_images(
     size = int(config.data.image_size)
     resize = str(config.data.get("resize", "square"))
     target = resolve_device(device)
-    predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, target, int(batch_size))
+    predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, target, int(batch_size), tta=tta)
 
     overlay_dir = out_dir / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)

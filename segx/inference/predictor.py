@@ -8,18 +8,54 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segx.core.errors import ConfigError
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from segx.models import run_options
+from segx.models.contract import size_divisor
 from segx.models.memory_format import MemoryFormat, choose_memory_format, probe_channels_last
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+TTA_MODES = ("none", "flip", "ms_flip")
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmsegmentation's aug-test
+
+
+@dataclass(frozen=True)
+class TestTimeAugmentation:
+    """What one prediction averages: `flip` the image and its mirror; `ms_flip` both at every scale of `scales`
+    (each side rounded to the network's size divisor). Softmax probabilities are averaged (`probabilities`), or
+    raw logits."""
+
+    __test__ = False  # pytest: not a test class, despite its name
+    mode: str = "none"
+    scales: tuple[float, ...] = TTA_SCALES
+    probabilities: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in TTA_MODES:
+            raise ConfigError(f"tta={self.mode!r} is not a choice; use none, flip (the image and its mirror) or "
+                              "ms_flip (both at every scale of tta_scales).")
+        if self.mode == "ms_flip" and (not self.scales or min(self.scales) <= 0):
+            raise ConfigError(f"tta_scales={list(self.scales)} needs at least one positive scale (e.g. "
+                              "[0.5,0.75,1.0,1.25,1.5,1.75]).")
+
+    @property
+    def label(self) -> str:
+        """How a score made with it is labelled ("" without TTA)."""
+        return {"none": "", "flip": "flip", "ms_flip": "ms+flip"}[self.mode]
 _HALF_TRUE = {"bf16-true": "bf16-mixed", "bf16": "bf16-mixed", "16-true": "16-mixed", "16": "16-mixed"}
+
+
+def tta_from_config(cfg: Any) -> TestTimeAugmentation:
+    """`tta`, `tta_scales` and `tta_probabilities` of an entry point's config."""
+    return TestTimeAugmentation(str(cfg.get("tta", "none")), tuple(float(s) for s in cfg.get("tta_scales", TTA_SCALES)),
+                                bool(cfg.get("tta_probabilities", True)))
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -69,6 +105,7 @@ class Predictor:
         channels_last: bool = True,
         normalize: Normalize | None = None,
         batch_size: int = 64,
+        tta: TestTimeAugmentation | None = None,
     ) -> None:
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1.")
@@ -78,9 +115,12 @@ class Predictor:
         self.net = net.to(self.device).to(memory_format=self.memory_format).eval()
         self.normalize = normalize or Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.batch_size = int(batch_size)
+        self.tta = tta or TestTimeAugmentation()
+        self.divisor = size_divisor(net)
 
     @classmethod
-    def from_run(cls, net: nn.Module, config: Any, device: torch.device, batch_size: int = 64) -> Predictor:
+    def from_run(cls, net: nn.Module, config: Any, device: torch.device, batch_size: int = 64,
+                 tta: TestTimeAugmentation | None = None) -> Predictor:
         """For a network trained with `config` (a run's resolved config, e.g. from its checkpoint), in the memory
         format of its `run.channels_last` (`inference_memory_format`)."""
         data = config.get("data") or {}
@@ -89,14 +129,40 @@ class Predictor:
         return cls(net, device, inference_precision(trainer.get("precision", "auto"), device),
                    channels_last=memory_format.channels_last,
                    normalize=Normalize(list(data.get("mean", IMAGENET_MEAN)), list(data.get("std", IMAGENET_STD))),
-                   batch_size=batch_size)
+                   batch_size=batch_size, tta=tta)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        with autocast_for(self.precision, self.device):
+            return self.net(batch.contiguous(memory_format=self.memory_format))
+
+    def _scaled_side(self, side: int, scale: float) -> int:
+        return max(self.divisor, round(side * scale / self.divisor) * self.divisor)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [N,3,H,W] (any device) → logits [N,C,H,W] on this device, in the autocast dtype when mixed."""
-        batch = self.normalize(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
-        with autocast_for(self.precision, self.device):
-            return self.net(batch)
+        """uint8 [N,3,H,W] (any device) → logits [N,C,H,W] on this device, in the autocast dtype when mixed; with
+        test-time augmentation the float32 mean of the passes' probabilities (or logits)."""
+        batch = self.normalize(images.to(self.device, non_blocking=True))
+        if self.tta.mode == "none":
+            return self._forward(batch)
+        height, width = batch.shape[-2:]
+        scales = self.tta.scales if self.tta.mode == "ms_flip" else (1.0,)
+        total: torch.Tensor | None = None
+        passes = 0
+        for scale in scales:
+            size = (self._scaled_side(height, scale), self._scaled_side(width, scale))
+            scaled = batch if size == (height, width) else F.interpolate(batch, size=size, mode="bilinear",
+                                                                         align_corners=False)
+            for mirrored in (False, True):
+                out = self._forward(scaled.flip(-1) if mirrored else scaled).float()
+                out = out.flip(-1) if mirrored else out
+                if out.shape[-2:] != (height, width):
+                    out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
+                out = out.softmax(1) if self.tta.probabilities else out
+                total = out if total is None else total + out
+                passes += 1
+        assert total is not None
+        return total / passes
 
     @torch.inference_mode()
     def batches(self, images: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:

@@ -139,7 +139,8 @@ def print_scores(result: dict[str, Any], console: Console | None = None) -> None
     """Overall scores, then IoU per class (— for a class absent from ground truth and prediction)."""
     console = console or Console()
     title = (f"{result.get('split', '')} split, {result.get('n_images', '?')} images, "
-             f"{'full resolution' if result.get('full_res') else str(result.get('image_size', '')) + ' px'}")
+             f"{'full resolution' if result.get('full_res') else str(result.get('image_size', '')) + ' px'}"
+             + (f", test-time augmentation {result['tta']}" if result.get("tta") not in (None, "none") else ""))
     overall = Table(title=title)
     beta = result.get("fscore_beta", 1.0)
     means = (("mIoU %", "miou"), ("mIoU no bg %", "miou_no_bg"), ("mDice %", "mdice"), ("mAcc %", "macc"),
