@@ -3,6 +3,7 @@ training device. The sources (VOC, shapes) only list files and name classes; see
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 AUGMENT_SEED_STRIDE = 1_000_003  # rank r augments with seed + 1 + r * stride: streams apart, rank 0 unchanged
 ON_DEVICE_CHOICES = ("auto", True, False)
+VOID_LABELS = ("ignore", "background")
 
 
 def check_on_device(setting: str | bool) -> str | bool:
@@ -142,11 +144,13 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         on_device: str | bool = "auto",
         on_device_memory_fraction: float = 0.5,
         resize: str = "square",
+        void_label: str = "ignore",
     ) -> None:
         super().__init__()
         self.source = source
         self.image_size = _whole("data.image_size", image_size)
         self.resize = check_resize(resize)
+        self._relabel_void(void_label)
         if self.image_size < 16:
             raise ConfigError(f"data.image_size={image_size} is too small; use 16 or more (the study used 128).")
         self.batch_size = _whole("data.batch_size", batch_size)
@@ -189,6 +193,23 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
     def palette(self) -> np.ndarray:
         """uint8 [256, 3]: the colour of each label in the source's masks (and in pictures of predictions)."""
         return self.source.palette
+
+    def _relabel_void(self, void_label: str) -> None:
+        """`data.void_label=background`: the ignore index read as the background class (the study's preprocessing
+        did so to VOC's void borders); `ignore` leaves it unscored."""
+        if void_label not in VOID_LABELS:
+            raise ConfigError(f"data.void_label={void_label!r} is not a choice; use ignore (void pixels are not "
+                              "scored, the standard protocol) or background (read as the background class).")
+        if void_label == "ignore":
+            return
+        if self.source.background_index is None:
+            raise ConfigError("data.void_label=background needs a background class, but data.background_index is "
+                              "null; keep data.void_label=ignore.")
+        from segx.data.masks import MaskDecoder
+
+        decoder = self.source.mask_decoder or MaskDecoder(ignore_index=self.source.ignore_index)
+        mapping = (*decoder.label_map, (self.source.ignore_index, self.source.background_index))
+        self.source.mask_decoder = dataclasses.replace(decoder, label_map=mapping)
 
     @property
     def background_index(self) -> int | None:

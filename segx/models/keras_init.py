@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TypeVar
 
 from torch import nn
@@ -16,9 +17,17 @@ def glorot(module: M) -> M:
     return module
 
 
+# Keras' TruncatedNormal divides the stddev by this (the stddev of a unit normal cut at ±2) so the cut values
+# keep the asked-for spread.
+TRUNCATED_STDDEV = 0.87962566103423978
+
+
 def he_normal(module: M) -> M:
-    """Keras' `he_normal`, for the convs the study marked with it (zero bias as in Keras)."""
-    nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+    """Keras' `he_normal`, for the convs the study marked with it: a normal of stddev sqrt(2 / fan_in) / 0.8796
+    truncated at two of those stddevs (zero bias as in Keras)."""
+    fan_in = module.weight[0].numel()  # in_channels × kernel height × kernel width
+    std = math.sqrt(2.0 / fan_in) / TRUNCATED_STDDEV
+    nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
     nn.init.zeros_(module.bias)
     return module
 

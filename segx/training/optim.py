@@ -17,6 +17,9 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRSc
 from segx.core.errors import ConfigError
 
 KERAS_DECAY = "segx.training.optim.keras_decay_schedule"
+# optimizer.keras_epsilon=true: the optimizer that updates as Keras does (SGD's update is the same in both).
+KERAS_UPDATES = {"torch.optim.Adam": "segx.training.keras_adam.KerasAdam",
+                 "torch.optim.Adamax": "segx.training.keras_adam.KerasAdamax", "torch.optim.SGD": "torch.optim.SGD"}
 
 
 def keras_decay(decay: float) -> Callable[[int], float]:
@@ -78,6 +81,13 @@ def build_optimizer(
     from `conf/scheduler/` (None: `keras_decay`, what checkpoints from before schedulers used)."""
     options = dict(cfg)
     decay = float(options.pop("decay", 0.0))
+    if options.pop("keras_epsilon", False):  # Keras' own update where it differs (segx.training.keras_adam)
+        target = options.get("_target_")
+        if target not in KERAS_UPDATES and target not in KERAS_UPDATES.values():
+            raise ConfigError(f"optimizer.keras_epsilon=true gives Adam's and Adamax's Keras update, but the optimizer "
+                              f"is {target}; use it with optimizer=adam, adamax or sgd (whose update Keras shares), "
+                              "or drop it.")
+        options["_target_"] = KERAS_UPDATES.get(target, target)
     if float(options.get("lr", 1.0)) <= 0:
         raise ConfigError(f"optimizer.lr={options.get('lr')} must be positive.")
     schedule = dict(scheduler or {"_target_": KERAS_DECAY, "_partial_": True})
