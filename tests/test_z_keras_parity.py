@@ -1,10 +1,14 @@
 """The study as Keras ran it: segx's Keras-mode optimizers and initialiser against Keras 3 itself (torch backend),
-and the study's relabelling of VOC's void pixels."""
+and the study's relabelling of VOC's void pixels.
+
+Named to run last: once imported, Keras takes over the process' stderr, and the in-process runs of tests after it
+lose theirs ("lost sys.stderr"); Keras is therefore only imported by this file's fixture."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +17,14 @@ import torch
 from segx.core.errors import ConfigError
 from segx.training.optim import build_optimizer
 
-os.environ.setdefault("KERAS_BACKEND", "torch")  # before Keras is imported: the study's code, on segx's torch
-keras = pytest.importorskip("keras", reason="Keras 3 is in the dev extra (pip install 'segx[dev]')")
+
+@pytest.fixture(scope="module")
+def keras() -> Any:
+    """Keras 3 on the torch backend, imported only by these tests: imported while the suite is collected, it takes
+    over the process' stderr and logging, which the in-process runs of other tests then lose."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    return pytest.importorskip("keras", reason="Keras 3 is in the dev extra (pip install 'segx[dev]')")
+
 
 STEPS = 3
 
@@ -25,7 +35,7 @@ def _gradients() -> list[np.ndarray]:
     return [rng.normal(0, 1e-6, size=(64,)).astype(np.float32) * (1 + step) for step in range(STEPS)]
 
 
-def _keras_updates(optimizer: object, start: np.ndarray) -> np.ndarray:
+def _keras_updates(keras: Any, optimizer: object, start: np.ndarray) -> np.ndarray:
     variable = keras.Variable(start.copy())
     for gradient in _gradients():
         optimizer.apply_gradients([(keras.ops.convert_to_tensor(gradient), variable)])
@@ -47,15 +57,16 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name, keras_optimizer, target", [
-    ("adam", lambda lr: keras.optimizers.Adam(learning_rate=lr, epsilon=1e-7), "torch.optim.Adam"),
-    ("adamax", lambda lr: keras.optimizers.Adamax(learning_rate=lr, epsilon=1e-7), "torch.optim.Adamax"),
-    ("sgd", lambda lr: keras.optimizers.SGD(learning_rate=lr), "torch.optim.SGD"),
+    ("adam", lambda k, lr: k.optimizers.Adam(learning_rate=lr, epsilon=1e-7), "torch.optim.Adam"),
+    ("adamax", lambda k, lr: k.optimizers.Adamax(learning_rate=lr, epsilon=1e-7), "torch.optim.Adamax"),
+    ("sgd", lambda k, lr: k.optimizers.SGD(learning_rate=lr), "torch.optim.SGD"),
 ])
-def test_keras_epsilon_updates_as_keras_does_three_steps_with_the_study_decay(name: str, keras_optimizer: object,
+def test_keras_epsilon_updates_as_keras_does_three_steps_with_the_study_decay(keras: Any, name: str,
+                                                                             keras_optimizer: Any,
                                                                              target: str) -> None:
     start = (1e-6 * np.random.default_rng(1).normal(size=(64,))).astype(np.float32)  # SGD moves it by ~1e-10
     schedule = keras.optimizers.schedules.InverseTimeDecay(1e-4, decay_steps=1, decay_rate=1e-3)
-    expected = _keras_updates(keras_optimizer(schedule), start)
+    expected = _keras_updates(keras, keras_optimizer(keras, schedule), start)
     extra = {} if name == "sgd" else {"betas": [0.9, 0.999], "eps": 1e-7}
     keras_mode = _segx_updates({"_target_": target, "lr": 1e-4, "keras_epsilon": True, **extra}, start, 1e-3)
     assert _relative(keras_mode, expected) <= 0.01, name
@@ -70,7 +81,7 @@ def test_keras_epsilon_is_refused_for_an_optimizer_whose_keras_update_segx_does_
         build_optimizer([param], {"_target_": "torch.optim.RMSprop", "lr": 1e-3, "keras_epsilon": True})
 
 
-def test_he_normal_is_keras_truncated_normal() -> None:
+def test_he_normal_is_keras_truncated_normal(keras: Any) -> None:
     from segx.models.keras_init import TRUNCATED_STDDEV, he_normal
 
     torch.manual_seed(0)
