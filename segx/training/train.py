@@ -203,11 +203,11 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
                      ", ".join(f"{key} {old} → {new}" for key, (old, new) in changed.items()))
     options = run_options(cfg)
     torch.set_flush_denormal(options["flush_denormal"])  # CPU only; a no-op where unsupported
-    datamodule = instantiate(cfg.data)  # reads no data yet: the image size is checked against the network first
-    _take_the_datasets_classes(cfg.model, datamodule.num_classes)
-    if monitor == "val/miou_no_bg" and datamodule.background_index is None:
-        raise ConfigError("monitor=val/miou_no_bg needs a background class, but this dataset has none "
-                          "(data.background_index=null); monitor val/miou instead, or set data.background_index.")
+    # A model without a class count takes the dataset's (constructing the data module reads no data yet); else the
+    # network's size check comes first, so an image size it cannot take is named as its mistake.
+    datamodule = instantiate(cfg.data) if cfg.model.get("num_classes", 0) is None else None
+    if datamodule is not None:
+        _take_the_datasets_classes(cfg.model, datamodule.num_classes)
     fetch_pretrained(cfg.model)  # the one download, on rank 0: the constructor never downloads
     net = build_network(cfg.model)
     image_size = int(cfg.data.image_size)
@@ -215,6 +215,12 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     memory_format = choose_run_memory_format(options["channels_last"], net, runtime, cfg.trainer,
                                              int(cfg.data.batch_size), image_size)
     net = apply_network_options(net, {**options, "channels_last": memory_format.channels_last})
+    if datamodule is None:
+        datamodule = instantiate(cfg.data)
+        _take_the_datasets_classes(cfg.model, datamodule.num_classes)
+    if monitor == "val/miou_no_bg" and datamodule.background_index is None:
+        raise ConfigError("monitor=val/miou_no_bg needs a background class, but this dataset has none "
+                          "(data.background_index=null); monitor val/miou instead, or set data.background_index.")
     loss = build_loss(cfg.loss, class_frequencies=datamodule.class_frequencies)
     module = SegmentationModule(
         net, loss, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
