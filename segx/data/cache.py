@@ -144,17 +144,25 @@ def resized_shape(height: int, width: int, size: int, resize: str = "square") ->
     return max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
 
 
+def _resize(tensor: torch.Tensor, size: int, resize: str, mode: TF.InterpolationMode, fill: int) -> torch.Tensor:
+    height, width = resized_shape(int(tensor.shape[-2]), int(tensor.shape[-1]), size, resize)
+    tensor = TF.resize(tensor, [height, width], interpolation=mode, antialias=mode == TF.InterpolationMode.BILINEAR)
+    if (height, width) != (size, size):
+        tensor = TF.pad(tensor, [0, 0, size - width, size - height], fill=fill)  # left, top, right, bottom
+    return tensor
+
+
+def resize_image(image: torch.Tensor, size: int, resize: str = "square") -> torch.Tensor:
+    """uint8 [3,H,W] to size × size, bilinear with antialiasing; `keep_ratio` pads the bottom and right black."""
+    return _resize(image, size, resize, TF.InterpolationMode.BILINEAR, 0)
+
+
 def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: int, resize: str = "square",
                 ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [3,H,W] and [1,H,W] to size × size: bilinear with antialiasing for the image, nearest for the mask;
-    `keep_ratio` pads the bottom and right with black and with `ignore_index` (never scored)."""
-    height, width = resized_shape(int(image.shape[-2]), int(image.shape[-1]), size, resize)
-    image = TF.resize(image, [height, width], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    mask = TF.resize(mask, [height, width], interpolation=TF.InterpolationMode.NEAREST_EXACT)
-    if (height, width) != (size, size):
-        padding = [0, 0, size - width, size - height]  # left, top, right, bottom
-        image, mask = TF.pad(image, padding, fill=0), TF.pad(mask, padding, fill=ignore_index)
-    return image, mask
+    """uint8 [3,H,W] and [1,H,W] to size × size: the image as `resize_image`, the mask nearest, `keep_ratio`'s
+    padding `ignore_index` (never scored)."""
+    return (resize_image(image, size, resize),
+            _resize(mask, size, resize, TF.InterpolationMode.NEAREST_EXACT, ignore_index))
 
 
 def check_pair(

@@ -18,6 +18,7 @@ from segx.core.errors import ConfigError, DatasetUnavailableError, SegxError
 from segx.data.augment import augment_from_config
 from segx.data.cache import CachedSplit, check_resize, load_or_build
 from segx.data.device_batches import DeviceBatches, EpochOrderSampler
+from segx.data.masks import MaskDecoder
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from segx.data.source import IGNORE_INDEX, SegmentationSource, SplitFiles
 
@@ -205,11 +206,14 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         if self.source.background_index is None:
             raise ConfigError("data.void_label=background needs a background class, but data.background_index is "
                               "null; keep data.void_label=ignore.")
-        from segx.data.masks import MaskDecoder
-
-        decoder = self.source.mask_decoder or MaskDecoder(ignore_index=self.source.ignore_index)
+        decoder = self.mask_decoder
         mapping = (*decoder.label_map, (self.source.ignore_index, self.source.background_index))
         self.source.mask_decoder = dataclasses.replace(decoder, label_map=mapping)
+
+    @property
+    def mask_decoder(self) -> MaskDecoder:
+        """How the source's mask files read as class ids (plain index images unless the source says otherwise)."""
+        return self.source.mask_decoder or MaskDecoder(ignore_index=self.source.ignore_index)
 
     @property
     def background_index(self) -> int | None:
@@ -226,11 +230,8 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         """One mask file at its own size as class indices, decoded as the cache decodes it (full-res scoring)."""
         from PIL import Image
 
-        from segx.data.masks import MaskDecoder
-
-        decoder = self.source.mask_decoder or MaskDecoder(ignore_index=self.source.ignore_index)
         with Image.open(path) as mask:
-            return decoder.decode(mask)
+            return self.mask_decoder.decode(mask)
 
     def prepare_data(self) -> None:
         self.source.prepare()
@@ -254,7 +255,7 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
             self._splits[split] = load_or_build(
                 self.cache_dir, split, files, self.image_size, num_classes=self.num_classes,
                 ignore_index=self.source.ignore_index, bad_files_fix=self.source.bad_files_fix(split),
-                decoder=self.source.mask_decoder, resize=self.resize,
+                decoder=self.mask_decoder, resize=self.resize,
             )
         return self._splits[split]
 

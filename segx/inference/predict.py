@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from segx.core.errors import ConfigError, SegxError
-from segx.data.cache import resize_pair, resized_shape
+from segx.data.cache import resize_image, resized_shape
 from segx.data.voc_classes import VOC_PALETTE
 from segx.inference.checkpoint import (
     CHECKPOINT_KEY,
@@ -132,9 +132,7 @@ def _check_readable(path: Path) -> str | None:
 def network_input(image: Image.Image, size: int, resize: str = "square") -> torch.Tensor:
     """uint8 [3,size,size], exactly as the training cache resized (segx.data.cache): bilinear with antialiasing,
     stretched (`square`) or with its ratio kept and the rest padded (`keep_ratio`)."""
-    pixels = TF.pil_to_tensor(image)
-    resized, _ = resize_pair(pixels, pixels[:1], size, resize)
-    return resized
+    return resize_image(TF.pil_to_tensor(image), size, resize)
 
 
 def labels_at_size(

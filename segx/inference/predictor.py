@@ -22,6 +22,7 @@ from segx.models.contract import size_divisor
 from segx.models.memory_format import MemoryFormat, choose_memory_format, probe_channels_last
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_HALF_TRUE = {"bf16-true": "bf16-mixed", "bf16": "bf16-mixed", "16-true": "16-mixed", "16": "16-mixed"}
 TTA_MODES = ("none", "flip", "ms_flip")
 TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmsegmentation's aug-test
 
@@ -49,7 +50,6 @@ class TestTimeAugmentation:
     def label(self) -> str:
         """How a score made with it is labelled ("" without TTA)."""
         return {"none": "", "flip": "flip", "ms_flip": "ms+flip"}[self.mode]
-_HALF_TRUE = {"bf16-true": "bf16-mixed", "bf16": "bf16-mixed", "16-true": "16-mixed", "16": "16-mixed"}
 
 
 def tta_from_config(cfg: Any) -> TestTimeAugmentation:

@@ -2,6 +2,7 @@
 
 from segx.metrics.confusion import (
     MEANS,
+    PER_CLASS_SCORES,
     ConfusionMatrix,
     confusion_matrix_metric,
     per_class_iou,
@@ -9,5 +10,5 @@ from segx.metrics.confusion import (
     segmentation_scores,
 )
 
-__all__ = ["MEANS", "ConfusionMatrix", "confusion_matrix_metric", "per_class_iou", "per_class_scores",
-           "segmentation_scores"]
+__all__ = ["MEANS", "PER_CLASS_SCORES", "ConfusionMatrix", "confusion_matrix_metric", "per_class_iou",
+           "per_class_scores", "segmentation_scores"]

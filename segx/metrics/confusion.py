@@ -91,14 +91,16 @@ def per_class_scores(confmat: torch.Tensor, beta: float = 1.0) -> dict[str, torc
     b2 = float(beta) ** 2
     fscore = (1 + b2) * precision * recall / (b2 * precision + recall)
     fscore = torch.where((precision == 0) & (recall == 0), torch.zeros_like(fscore), fscore)  # both 0: F is 0
-    return {"iou": per_class_iou(confmat), "dice": _ratio(2 * tp, predicted + labelled), "precision": precision,
-            "recall": recall, "fscore": fscore}
+    scores = (per_class_iou(confmat), _ratio(2 * tp, predicted + labelled), precision, recall, fscore)
+    return dict(zip(PER_CLASS_SCORES, scores, strict=True))
 
 
 def _named(values: torch.Tensor, class_names: Sequence[str]) -> dict[str, float | None]:
     return {name: (None if torch.isnan(v) else float(v)) for name, v in zip(class_names, values, strict=True)}
 
 
+#: The scores `per_class_scores` gives each class.
+PER_CLASS_SCORES = ("iou", "dice", "precision", "recall", "fscore")
 #: The means `segmentation_scores` returns beside mIoU, and the per-class score each is the mean of.
 MEANS = {"mdice": "dice", "mprecision": "precision", "mrecall": "recall", "macc": "recall", "mfscore": "fscore"}
 

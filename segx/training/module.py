@@ -13,7 +13,7 @@ from torch import nn
 
 from segx.data.voc import IGNORE_INDEX, VOC_CLASSES
 from segx.inference.checkpoint import CHECKPOINT_KEY
-from segx.metrics import MEANS, confusion_matrix_metric, segmentation_scores
+from segx.metrics import MEANS, PER_CLASS_SCORES, confusion_matrix_metric, segmentation_scores
 from segx.training.optim import build_optimizer
 
 
@@ -62,7 +62,7 @@ class SegmentationModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Epoch scores come from confusion matrices torchmetrics already summed over the DDP ranks, so every
         # rank logs the same value: Lightning's advice to sync them (one warning per class) does not apply.
-        synced = r"(train|val)(/acc|/miou|/miou_no_bg|/m\w+|/pixels|/lr|/(iou|dice|precision|recall|fscore)/.+|_miou)"
+        synced = rf"(train|val)(/acc|/miou|/miou_no_bg|/m\w+|/pixels|/lr|/({'|'.join(PER_CLASS_SCORES)})/.+|_miou)"
         warnings.filterwarnings("ignore", message=rf".*self\.log\('{synced}',.*sync_dist")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own code
 
@@ -103,7 +103,7 @@ class SegmentationModule(pl.LightningModule):
             self.log("val/pixels", float(scores["pixels"]), logger=False)
             metrics.update({f"val/{mean}": scores[mean] for mean in MEANS if scores[mean] == scores[mean]})
             # A class whose score is undefined (absent from both prediction and ground truth, for IoU) is not logged.
-            for score in ("iou", "dice", "precision", "recall", "fscore"):
+            for score in PER_CLASS_SCORES:
                 metrics.update({f"val/{score}/{k}": v for k, v in scores[f"per_class_{score}"].items()
                                 if v is not None})
         self.log_dict(metrics, prog_bar=False)
