@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-compile $(TORCH_SPEC)
-	$(PY) -m pip install -q --no-compile -e '.[dev,tune]'
+	$(PY) -m pip install -q --no-compile -e '.[dev,tune,mlflow]'
 	@touch $@
 
 venv:

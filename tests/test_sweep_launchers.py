@@ -102,14 +102,41 @@ def test_parallel_jobs_build_the_cache_once_and_log_per_job(ray_sweep: tuple) ->
 
 
 @pytest.mark.slow
-def test_gpus_launcher_isolates_a_failed_job(shapes_root: Path, tmp_path: Path) -> None:
-    result = run_sweep(*TINY_SHAPES, *QUIET, *FIRST_JOB_FAILS, f"data.root={shapes_root}", *SIMULATED_GPUS,
-                       f"hydra.sweep.dir={tmp_path}")
-    assert result.returncode == 1
-    failed, completed = records(tmp_path)
-    assert failed["status"] == FAILED and "divisible by 16" in failed["error"]
-    assert completed["status"] == COMPLETED and completed["epochs"] == 1
-    assert f"{tmp_path / '0'}: data.image_size=40 cannot be used" in result.stdout + result.stderr
+def test_gpus_launcher_isolates_a_failed_job_and_files_all_four_in_one_fresh_mlflow_database(
+        shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 jobs, two at a time on 2 simulated GPUs, logging to an MLflow database that does not exist yet (parallel
+    jobs race on a fresh SQLite file's migrations unless it is created once before they start); job 0 fails."""
+    pytest.importorskip("mlflow", reason="the mlflow extra (pip install 'segx[mlflow]') is not installed")
+    import mlflow
+
+    database, sweep_dir = tmp_path / "tracking" / "mlruns.db", tmp_path / "sweep"
+    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}", "data.batch_size=0,2,4,8",
+                       "logger=mlflow", f"logger.tracking_uri=sqlite:///{database}", "logger.experiment_name=sweep",
+                       *SIMULATED_GPUS, f"hydra.sweep.dir={sweep_dir}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-4000:]
+    jobs = records(sweep_dir)
+    assert [j["status"] for j in jobs] == [FAILED, COMPLETED, COMPLETED, COMPLETED]
+    assert "data.batch_size=0 must be at least 1" in jobs[0]["error"] and all(j["epochs"] == 1 for j in jobs[1:])
+    assert f"{sweep_dir / '0'}: data.batch_size=0 must be at least 1" in output
+    assert output.count("Creating initial MLflow database tables") == 1  # once, by the sweep before its jobs
+
+    client = mlflow.MlflowClient(f"sqlite:///{database}")
+    experiment = client.get_experiment_by_name("sweep")
+    runs = sorted(client.search_runs([experiment.experiment_id]), key=lambda r: int(r.data.tags["segx.job"]))
+    assert [r.info.run_id for r in runs] == [j["mlflow"]["run_id"] for j in jobs]
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    assert "data.batch_size=0 must be at least 1" in runs[0].data.tags["segx.error"]
+    assert [r.info.run_name for r in runs] == [f"data.batch_size={n}" for n in (0, 2, 4, 8)]
+    assert {r.data.tags["segx.devices"] for r in runs[1:]} <= {"0", "1"}
+    assert {r.data.tags["segx.sweep_dir"] for r in runs} == {str(sweep_dir.resolve())}
+    assert experiment.creation_time <= min(r.info.start_time for r in runs)
+    # README's query: a param filter, ordered by the score
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    found = mlflow.search_runs(experiment_names=["sweep"], order_by=["metrics.`val/miou` DESC"],
+                               filter_string="params.model = 'unet_small' and tags.`segx.status` = 'completed'")
+    assert sorted(found["params.data.batch_size"]) == ["2", "4", "8"]
+    assert list(found["metrics.val/miou"]) == sorted(j["best"]["val/miou"] for j in jobs[1:])[::-1]
 
 
 @pytest.mark.slow

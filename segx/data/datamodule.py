@@ -314,9 +314,11 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
+        # trainer.overfit_batches (debug=overfit) takes the first batches: the same ones only in a fixed order
+        shuffle = self.trainer is None or not self.trainer.overfit_batches
         if self.serves_from_device(self.train_split):
-            return self._device_batches(self.train_split, self.batch_size, shuffle=True)
-        return self._loader(self.train_split, self.batch_size, shuffle=True)
+            return self._device_batches(self.train_split, self.batch_size, shuffle=shuffle)
+        return self._loader(self.train_split, self.batch_size, shuffle=shuffle)
 
     def val_dataloader(self) -> DataLoader | DeviceBatches:
         """Under DDP each rank scores a disjoint shard without padding: Lightning's DistributedSampler would

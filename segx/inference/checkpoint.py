@@ -54,9 +54,20 @@ def _weights_only_refusal(path: Path, message: str) -> SegxError:
     )
 
 
+def checkpoint_path(ckpt: str | Path) -> Path:
+    """The local file of `ckpt`: a path, or an MLflow URI (`models:/<name>/<version>`, `runs:/<run id>/checkpoints`)
+    of a checkpoint `logger=mlflow` logged, fetched from $MLFLOW_TRACKING_URI or ./mlruns.db."""
+    if isinstance(ckpt, str) and ckpt.startswith(("models:/", "runs:/")):
+        from segx.tracking.registry import checkpoint_from_tracking
+
+        return checkpoint_from_tracking(ckpt)
+    return Path(ckpt).expanduser()
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by `train.py` with `weights_only=True` semantics."""
-    path = Path(path).expanduser()
+    """Read a checkpoint written by `train.py` with `weights_only=True` semantics (`path` as `checkpoint_path`
+    takes it)."""
+    path = checkpoint_path(path)
     if not path.is_file():
         raise SegxError(
             f"Checkpoint ckpt={path} does not exist. Pass the path of a best*.ckpt or last.ckpt file from a "

@@ -18,7 +18,7 @@ from PIL import Image
 from segx.core.errors import ConfigError
 from segx.data.cache import resized_shape
 from segx.data.voc_classes import VOC_PALETTE
-from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint, run_config
+from segx.inference.checkpoint import checkpoint_path, load_checkpoint, network_from_checkpoint, run_config
 from segx.inference.predictor import Predictor, TestTimeAugmentation
 from segx.metrics import confusion_matrix_metric, segmentation_scores
 from segx.models.contract import check_input_size
@@ -81,6 +81,7 @@ def evaluate_checkpoint(
     the standard VOC protocol, and the number to compare with published results.
     """
     start = time.perf_counter()
+    ckpt = checkpoint_path(ckpt)  # a file, or an MLflow models:/ or runs:/ URI
     checkpoint = load_checkpoint(ckpt)
     config = run_config(checkpoint)
     overrides = {k: v for k, v in dict(data_overrides or {}).items() if v is not None}

@@ -23,7 +23,13 @@ from torch import nn
 
 from segx.core.errors import SegxError
 from segx.core.files import atomic_path
-from segx.inference.checkpoint import checkpoint_classes, load_checkpoint, network_from_checkpoint, run_config
+from segx.inference.checkpoint import (
+    checkpoint_classes,
+    checkpoint_path,
+    load_checkpoint,
+    network_from_checkpoint,
+    run_config,
+)
 from segx.models.contract import pads_input, size_divisor
 
 FORMATS = ("onnx",)
@@ -323,6 +329,7 @@ def export_onnx(
     ckpt: str | Path, output: str | Path, opset: int = 17, tolerance: float = DEFAULT_TOLERANCE,
 ) -> ExportReport:
     """Export a checkpoint's network, recording in the file's metadata how inputs must be prepared."""
+    ckpt = checkpoint_path(ckpt)  # a file, or an MLflow models:/ or runs:/ URI
     checkpoint = load_checkpoint(ckpt)
     config = run_config(checkpoint)
     net = network_from_checkpoint(checkpoint)

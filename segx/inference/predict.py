@@ -28,6 +28,7 @@ from segx.data.voc_classes import VOC_PALETTE
 from segx.inference.checkpoint import (
     CHECKPOINT_KEY,
     checkpoint_classes,
+    checkpoint_path,
     load_checkpoint,
     network_from_checkpoint,
     run_config,
@@ -230,6 +231,7 @@ def predict_images(
     start = time.perf_counter()
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size} must be at least 1.")
+    ckpt = checkpoint_path(ckpt)  # a file, or an MLflow models:/ or runs:/ URI
     checkpoint = load_checkpoint(ckpt)
     files = find_images(inputs)
     out_dir = Path(output).expanduser()

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -38,6 +39,9 @@ class JobInfo:
     num: int | None = None
     overrides: list[str] = field(default_factory=list)
     launcher: str = "basic"
+    launch_dir: Path | None = None  # where the command was started (Hydra's runtime.cwd); None: the working directory
+    choices: dict[str, Any] = field(default_factory=dict)  # each config group's choice, e.g. {"optimizer": "sgd"}
+    name: str = "train"  # Hydra's job name
 
     @property
     def in_worker(self) -> bool:
@@ -70,6 +74,9 @@ class JobInfo:
             # A tune search runs its trials itself: Hydra's launcher setting is not used there.
             launcher="tune" if hydra_cfg.runtime.choices.get("hydra/sweeper") == "tune" else
             str(hydra_cfg.runtime.choices.get("hydra/launcher", "basic")),
+            launch_dir=Path(hydra_cfg.runtime.cwd),
+            choices=dict(hydra_cfg.runtime.choices),
+            name=str(hydra_cfg.job.name),
         )
 
 
@@ -190,6 +197,7 @@ def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
             _release_cuda_memory()
             return float("nan")
         cause = cause or CTRL_C  # a KeyboardInterrupt always is
+        record.fields["interrupted_by"] = cause
         record.fail(f"interrupted by {cause}: resume with ckpt_path=last in this run directory, or run the same "
                     "sweep command again")
         raise SystemExit(EXIT_CODES[cause]) from error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,11 +78,13 @@ class JobRecord:
             "status": RUNNING, "host": socket.gethostname(), "launcher": job.launcher, "job": job.num,
             "overrides": job.overrides, "started_at": utc_now(),
         }
+        # Called with `fields` once the run has ended and metrics.json says so (e.g. to close its MLflow run).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def start(self, **fields: Any) -> None:
         """Mark the run as running (again, when resumed), with `fields` such as devices and precision."""
         self.fields.update(fields, status=RUNNING)
-        ended = ("error", "ended_at", "stopped_at_epoch", "stopped_by")  # of an earlier attempt
+        ended = ("error", "ended_at", "stopped_at_epoch", "stopped_by", "interrupted_by")  # of an earlier attempt
         for key in ended:
             self.fields.pop(key, None)
         self._update(drop=ended)
@@ -94,15 +97,23 @@ class JobRecord:
     def complete(self) -> None:
         self.fields.update(status=COMPLETED, ended_at=utc_now())
         self._update(drop=("error",))
+        self._ended()
 
     def fail(self, error: str) -> None:
         self.fields.update(status=FAILED, error=error, ended_at=utc_now())
         self._update(on_full_disk_in_place=True)  # a run that failed for a full disk still says so
+        self._ended()
 
     def stop(self, epoch: int, by: str) -> None:
         """Ended early by a search scheduler at `epoch`: its scores so far are its result, not a failure."""
         self.fields.update(status=STOPPED, stopped_at_epoch=int(epoch), stopped_by=by, ended_at=utc_now())
         self._update(drop=("error",))
+        self._ended()
+
+    def _ended(self) -> None:
+        if self.write:
+            for listener in self.listeners:
+                listener(dict(self.fields))
 
     def _update(self, drop: tuple[str, ...] = (), on_full_disk_in_place: bool = False) -> None:
         if not self.write:

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
 from segx.core.errors import ConfigError
 from segx.core.files import write_json_atomic
@@ -30,6 +30,8 @@ from segx.models.smp import fetch_pretrained
 from segx.runs.job import JobInfo
 from segx.runs.overrides import override_settings
 from segx.runs.record import JobRecord, best_value, read_record
+from segx.tracking.run import TrackedRun, start_tracking
+from segx.tracking.settings import is_mlflow_node, logger_nodes
 from segx.training.callbacks import RunSummary
 from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
 from segx.training.callbacks.run_summary import EpochListener
@@ -55,17 +57,33 @@ def _flat_choices(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def build_logger(cfg: DictConfig, job: JobInfo, record: JobRecord) -> Any:
-    """The configured logger in the run directory. A sweep job's TensorBoard files go to `<sweep dir>/<run name>`
-    instead (e.g. `multirun/.../optimizer=sgd,seed=1`), so `tensorboard --logdir <sweep dir>` names every run by
-    the overrides it varies, not `0/tensorboard`; `metrics.json` records where (`tensorboard_dir`)."""
-    if not cfg.get("logger"):
+def build_logger(cfg: DictConfig, job: JobInfo, record: JobRecord, tracked: TrackedRun | None = None) -> Any:
+    """The configured logger(s) (`logger=many`: a list), writing into the run directory. A sweep job's TensorBoard
+    files go to `<sweep dir>/<run name>` instead (e.g. `multirun/.../optimizer=sgd,seed=1`), so `tensorboard --logdir
+    <sweep dir>` names every run by the overrides it varies, not `0/tensorboard`; `metrics.json` records where
+    (`tensorboard_dir`). An MLflow logger writes into the run `tracked` opened."""
+    loggers = []
+    for node in logger_nodes(cfg.get("logger")):
+        target = str(node._target_)
+        if is_mlflow_node(node):
+            if tracked is None:  # another rank of a DDP run: rank zero logs
+                continue
+            loggers.append(instantiate(node, **tracked.logger_arguments()))
+        elif job.multirun and target.endswith("TensorBoardLogger"):
+            logger = instantiate(node, save_dir=str(job.sweep_dir), name=job.run_name(), version="")
+            record.fields["tensorboard_dir"] = str(Path(logger.log_dir))
+            loggers.append(logger)
+        else:
+            loggers.append(instantiate(node, save_dir=str(job.run_dir)))
+    if not loggers:
         return False
-    if job.multirun and str(cfg.logger._target_).endswith("TensorBoardLogger"):
-        logger = instantiate(cfg.logger, save_dir=str(job.sweep_dir), name=job.run_name(), version="")
-        record.fields["tensorboard_dir"] = str(Path(logger.log_dir))
-        return logger
-    return instantiate(cfg.logger, save_dir=str(job.run_dir))
+    return loggers[0] if len(loggers) == 1 else loggers
+
+
+def _describe_logger(logger: Any) -> str:
+    if type(logger).__name__.lower().endswith("mlflowlogger"):  # its `name` is the experiment's id
+        return f"MLflow run {logger.run_id}"
+    return str(getattr(logger, "name", None) or type(logger).__name__)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, show_progress: bool = True) -> list[pl.Callback]:
@@ -185,11 +203,14 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     """
     run_dir = job.run_dir
     record = record or JobRecord(job)
+    _route_lightning_logs()
+    tracked = start_tracking(cfg, job, record)  # first, so a job failing on its config is filed there too
     monitor = _monitor(cfg)
     _check_epochs(cfg.trainer)
-    _route_lightning_logs()
     runtime = resolve_runtime(cfg.trainer, in_sweep=job.multirun)
     record.start(**runtime.record())
+    if tracked is not None:
+        tracked.note_runtime(record.fields)
     log.info("Job %s · launcher %s · host %s · %s", "-" if job.num is None else job.num, job.launcher,
              record.fields["host"], " · ".join(f"{k} {v}" for k, v in runtime.record().items()))
 
@@ -237,10 +258,13 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
              cfg.model._target_, f"{counts['total']:,}", f"{counts['trainable']:,}", flops / 1e9, image_size,
              image_size, memory_format.describe(), ", compiled" if options["compile"] else "")
 
-    logger = build_logger(cfg, job, record)
+    logger = build_logger(cfg, job, record, tracked)
     hparams = {**override_settings(job.overrides), **_flat_choices(cfg)}  # resolved values win
     show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker
     configured = build_callbacks(cfg, run_dir, show_progress)
+    if not logger and any(isinstance(c, LearningRateMonitor) for c in configured):
+        raise ConfigError("callbacks.lr_monitor logs the learning rate to the logger, but logger=none; choose a logger "
+                          "(logger=tensorboard, csv, mlflow or many), or leave lr_monitor out of callbacks=[...].")
     summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
                          provenance=record.fields, listeners=[c for c in configured if isinstance(c, EpochListener)])
     callbacks = [*configured, summary, CheckpointOnInterrupt()]
@@ -251,6 +275,11 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
         logger=logger, callbacks=callbacks, default_root_dir=str(run_dir), **plugins,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    for stopper in trainer.early_stopping_callbacks:  # callbacks=[default,early_stopping]
+        if stopper.stopped_epoch:
+            record.note(early_stopped_at_epoch=int(stopper.stopped_epoch) + 1)
+            log.info("Early stopping: %s did not improve for %d validations; stopped after epoch %d", stopper.monitor,
+                     stopper.patience, stopper.stopped_epoch + 1)
     written = read_record(run_dir)
     if written is None or "history" not in written:  # e.g. resumed past max_epochs: nothing trained
         write_json_atomic(run_dir / "metrics.json", {**record.fields, **summary.summary(trainer)})
@@ -258,7 +287,8 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     if cfg.get("timing") and cfg.timing.get("predict") and record.write:
         record.note(**_time_prediction(cfg, net, datamodule, runtime, memory_format))
 
+    loggers = logger if isinstance(logger, list) else [logger] if logger else []
     log.info("Run directory: %s (metrics.json, checkpoints/, %s)", run_dir,
-             getattr(logger, "name", None) or "no logger")
+             ", ".join(_describe_logger(lg) for lg in loggers) or "no logger")
     # Read back from the file: with a spawned DDP strategy the epochs were recorded in another process.
     return best_value(written, summary.monitor)
