@@ -19,9 +19,9 @@ EPOCHS = 6
 STEPS_PER_EPOCH = 96 // 8
 
 
-def start_training(run_dir: Path, shapes_root: Path, *extra: str) -> subprocess.Popen:
+def start_training(run_dir: Path, shapes_root: Path, *extra: str, logger: str = "logger=none") -> subprocess.Popen:
     command = [sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
-               f"trainer.max_epochs={EPOCHS}", "logger=none", f"hydra.run.dir={run_dir}", *extra]
+               f"trainer.max_epochs={EPOCHS}", logger, f"hydra.run.dir={run_dir}", *extra]
     # A shell's background jobs (CI) ignore SIGINT, and Python keeps that: give the run the default handling back.
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -35,11 +35,14 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
-def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int, name: str, shapes_root: Path,
-                                                                    tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum, name, tracked", [(signal.SIGTERM, "SIGTERM", True), (signal.SIGINT, "Ctrl-C", False)])
+def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int, name: str, tracked: bool,
+                                                                    shapes_root: Path, tmp_path: Path) -> None:
+    """With logger=mlflow (the SIGTERM case) the MLflow run ends KILLED, and the resume finishes that same run."""
     last = tmp_path / "checkpoints" / "last.ckpt"
-    process = start_training(tmp_path, shapes_root)
+    logger = ["logger=mlflow", f"logger.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"] if tracked else \
+        ["logger=none"]
+    process = start_training(tmp_path, shapes_root, *logger[1:], logger=logger[0])
     wait_for(last, process)  # written at the end of epoch 0: the signal lands in a later epoch
     process.send_signal(signum)
     output, _ = process.communicate(timeout=120)
@@ -49,15 +52,26 @@ def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int,
     assert record["status"] == "failed" and record["error"].startswith(f"interrupted by {name}")
     saved = load_checkpoint(last)  # complete and loadable, with the state at the signal
     assert saved["global_step"] >= record.get("epochs", 0) * STEPS_PER_EPOCH
+    if tracked:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(record["mlflow"]["tracking_uri"])
+        killed = client.get_run(record["mlflow"]["run_id"])
+        assert killed.info.status == "KILLED" and killed.data.tags["segx.interrupted_by"] == name
 
     run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
-                    f"trainer.max_epochs={EPOCHS}", "logger=none", f"hydra.run.dir={tmp_path}", "ckpt_path=last")
+                    f"trainer.max_epochs={EPOCHS}", *logger, f"hydra.run.dir={tmp_path}", "ckpt_path=last")
     resumed = read_json(tmp_path / "metrics.json")
-    assert resumed["status"] == "completed" and "error" not in resumed
+    assert resumed["status"] == "completed" and "error" not in resumed and "interrupted_by" not in resumed
     assert [int(h["epoch"]) for h in resumed["history"]] == list(range(EPOCHS))  # every epoch once
     assert resumed["best"]["val/miou"] == max(h["val/miou"] for h in resumed["history"])
     best = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     assert best["epoch"] == int(resumed["best"]["epoch"])  # best.ckpt is the best epoch of the whole run
+    if tracked:
+        finished = client.get_run(record["mlflow"]["run_id"])
+        assert resumed["mlflow"]["run_id"] == killed.info.run_id and finished.info.status == "FINISHED"
+        assert finished.data.tags["segx.status"] == "completed" and "segx.interrupted_by" not in finished.data.tags
+        assert len(client.get_metric_history(killed.info.run_id, "val/miou")) >= EPOCHS
 
 
 @pytest.mark.slow

@@ -151,7 +151,9 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
     ones train all 3 epochs. The report then shows the search."""
     from segx.report import collect_runs, write_report
 
-    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none",
+    tracking = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=mlflow",
+                       f"logger.tracking_uri={tracking}", "logger.experiment_name=asha",
                        "trainer.max_epochs=3", "optimizer.lr=3e-3,1e-12", "seed=1,2", "hydra/sweeper=tune",
                        "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=1",
                        "hydra.sweeper.ray.remote.num_gpus=0.5", "hydra.sweeper.ray.remote.num_cpus=0.5",
@@ -180,6 +182,16 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
     assert all(c["status"] == COMPLETED and c["epochs"] == 3 for c in confirmed)
     assert "seed=1" not in confirmed[0]["overrides"]
     assert "6 jobs, 4 completed, 0 failed, 2 stopped early by the scheduler" in output
+    # In MLflow the stopped trials end KILLED (closed by the search, as Ray Tune ends their processes), the rest
+    # FINISHED, each in the run its record names.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("asha").experiment_id])}
+    assert sorted(runs) == sorted(j["mlflow"]["run_id"] for j in every_job)
+    assert [runs[j["mlflow"]["run_id"]].info.status for j in every_job] == ["FINISHED"] * 2 + ["KILLED"] * 2 + \
+        ["FINISHED"] * 2
+    assert [runs[j["mlflow"]["run_id"]].data.tags["segx.status"] for j in every_job[2:4]] == [STOPPED, STOPPED]
 
     report = write_report(collect_runs(tmp_path), tmp_path / "report", roots=[tmp_path])
     text = (tmp_path / "report" / "report.md").read_text()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from segx.runs.discovery import find_runs
 from segx.runs.record import read_record
 from tests.conftest import QUIET, TINY_MODEL, TINY_SHAPES, run_in_process
 
@@ -69,6 +70,9 @@ def test_a_run_files_its_params_tags_epoch_metrics_and_artifacts(tracked: Path, 
     assert confusion["matrix"] == record["best_confusion_matrix"] and confusion["class_names"] == record["class_names"]
     assert (artifacts / "confusion_matrix.png").stat().st_size > 1000
     assert (artifacts / "checkpoints" / "best.ckpt").read_bytes() == (tracked / "checkpoints/best.ckpt").read_bytes()
+    # the copy of metrics.json among the artifacts is not a run of its own
+    assert [r.run_dir for r in find_runs([store]) if r.run_dir.name == "tracked"] == [tracked]
+    assert not [r for r in find_runs([store]) if "mlartifacts" in r.run_dir.parts]
     # logger=many: TensorBoard and CSV wrote beside it
     assert list((tracked / "tensorboard").glob("events.out.tfevents.*")) and (tracked / "csv/metrics.csv").is_file()
 

@@ -110,13 +110,17 @@ def read_run_dir(run_dir: str | Path) -> RunDirectory | None:
     return RunDirectory(run_dir=run_dir, status=_status(record), record=record)
 
 
+# MLflow's artifact stores (logger=mlflow keeps a copy of each run's metrics.json there): not run directories
+TRACKING_FOLDERS = {"mlartifacts", "mlruns"}
+
+
 def find_run_dirs(root: str | Path) -> list[Path]:
     """Directories under `root` (itself included) holding a metrics.json or a `.hydra/overrides.yaml`, in job
     order (`2` before `10`)."""
     root = Path(root)
     found = {p.parent for p in root.rglob(RECORD_FILE)}
     found |= {p.parent.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"}
-    return sorted(found, key=_job_order)
+    return sorted((d for d in found if not TRACKING_FOLDERS & set(d.relative_to(root).parts)), key=_job_order)
 
 
 def _job_order(path: Path) -> tuple[Any, ...]:

@@ -32,6 +32,7 @@ RECORD_KEY = "mlflow"        # metrics.json: {"tracking_uri", "experiment", "run
 MAX_PARAM = 500              # characters of a param's value kept (MLflow takes 6000; long lists are rarely queried)
 MAX_TAG = 5000
 BEST_CHECKPOINT = Path("checkpoints") / "best.ckpt"
+ENDING_TAGS = ("error", "interrupted_by", "stopped_by", "stopped_at_epoch")  # tagged segx.<key> when a run ends
 
 
 def mlflow_status(record: dict[str, Any]) -> str:
@@ -155,7 +156,7 @@ def _log_tags(mlflow: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
 
 def _ending_tags(fields: dict[str, Any]) -> dict[str, Any]:
     tags: dict[str, Any] = {"segx.status": fields.get("status")}
-    for key in ("error", "interrupted_by", "stopped_by", "stopped_at_epoch"):
+    for key in ENDING_TAGS:
         if fields.get(key) is not None:
             tags[f"segx.{key}"] = fields[key]
     return tags
@@ -185,8 +186,12 @@ def start_tracking(cfg: DictConfig, job: JobInfo, record: JobRecord) -> TrackedR
     run_id = _continued_run(mlflow, (read_record(job.run_dir) or {}).get(RECORD_KEY) or {}, settings)
     if run_id is not None:
         mlflow.update_run(run_id, status="RUNNING")
-        logged = mlflow.get_run(run_id).data.params  # a param keeps its first value: a changed one is in metrics.json
-        params = {key: value for key, value in params.items() if key not in logged}
+        earlier = mlflow.get_run(run_id).data
+        for key in ENDING_TAGS:  # of the attempt that ended
+            if f"segx.{key}" in earlier.tags:
+                mlflow.delete_tag(run_id, f"segx.{key}")
+        # a param keeps its first value: what a resume changed is in metrics.json (resume_changes)
+        params = {key: value for key, value in params.items() if key not in earlier.params}
         log.info("MLflow: continuing run %s in experiment %r of %s", run_id, settings.experiment_name,
                  settings.tracking_uri)
     else:
