@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+QUIET_LIBRARIES = {"sqlalchemy", "alembic"}  # MLflow's store: INFO would log every SQL statement
 SCRIPTS = {"train.py": "segx.cli.train", "evaluate.py": "segx.cli.evaluate"}  # the checkout's scripts call these
 
 
@@ -54,11 +55,19 @@ def _logging_restored() -> Iterator[None]:
                     handler.close()  # the run's train.log
             if before:
                 _, lg.level, lg.handlers[:], lg.propagate, lg.disabled, lg.filters[:] = before
+            elif lg.name.split(".")[0] in QUIET_LIBRARIES:  # set to WARNING at their import, which is not repeated
+                lg.handlers.clear()
             else:
                 lg.handlers.clear()
                 lg.setLevel(logging.NOTSET)
                 lg.propagate, lg.disabled = True, False
                 lg.filters.clear()
+
+
+def _mlflow_tracking_uri() -> str | None:
+    """MLflow's process-wide tracking URI (None: the environment's or the default)."""
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    return getattr(tracking, "_tracking_uri", None)
 
 
 @contextlib.contextmanager
@@ -71,10 +80,14 @@ def _process_state_restored() -> Iterator[None]:
     dtype = torch.get_default_dtype()
     rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     argv, cwd = list(sys.argv), os.getcwd()
+    mlflow_uri = _mlflow_tracking_uri()
     try:
         with warnings.catch_warnings(), _logging_restored():
             yield
     finally:
+        tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+        if tracking is not None and hasattr(tracking, "_tracking_uri"):  # Lightning's MLflow logger sets it
+            tracking._tracking_uri = mlflow_uri
         os.environ.clear()
         os.environ.update(environ)
         for signum, handler in handlers.items():

@@ -40,7 +40,7 @@ def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int,
                                                                     shapes_root: Path, tmp_path: Path) -> None:
     """With logger=mlflow (the SIGTERM case) the MLflow run ends KILLED, and the resume finishes that same run."""
     last = tmp_path / "checkpoints" / "last.ckpt"
-    logger = ["logger=mlflow", f"logger.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"] if tracked else \
+    logger = ["logger=mlflow", f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"] if tracked else \
         ["logger=none"]
     process = start_training(tmp_path, shapes_root, *logger[1:], logger=logger[0])
     wait_for(last, process)  # written at the end of epoch 0: the signal lands in a later epoch

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 SEGX = Path(__file__).resolve().parents[1] / "segx"
-LAYERS = ["core", "runs", "data", "models", "metrics", "inference", "training", "search", "report", "bench", "cli"]
+LAYERS = ["core", "runs", "tracking", "data", "models", "metrics", "inference", "training", "search", "report", "bench",
+          "cli"]
 
 
 def _layer(module: str) -> int:

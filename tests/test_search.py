@@ -85,8 +85,27 @@ def test_the_same_seed_samples_the_same_configurations_and_numbers_them_in_order
     assert all(1e-5 <= float(t["optimizer.lr"]) <= 1e-2 and 4 <= int(t["data.batch_size"]) <= 16 for t in trials)
     assert (tmp_path / "0" / "optuna.journal").is_file()  # the study optuna-dashboard opens
 
-    grid = [_suggestions(TuneSweeper(seed=3)._searcher(space, 2, tmp_path), 3) for _ in range(2)]
+    grid = [_suggestions(TuneSweeper(seed=3, scheduler="none")._searcher(space, 2, tmp_path), 3) for _ in range(2)]
     assert grid[0] == grid[1] and [t["optimizer"] for t in grid[0][:2]] == ["sgd", "adam"]
+    assert [t["_job"] for t in grid[0][:2]] == [0, 1]
+
+
+def test_under_a_scheduler_a_grid_starts_in_a_seeded_shuffled_order_keeping_its_job_numbers() -> None:
+    from hydra_plugins.segx_tune_sweeper.tune_sweeper import TuneSweeper
+
+    space = parse_space(["optimizer.lr=1e-4,3e-4,1e-3,3e-3,1e-2,3e-2", "optimizer=sgd,adam"])
+    in_order = _suggestions(TuneSweeper(scheduler="none")._searcher(space, 12, Path(".")), 12)
+    by_job = {t["_job"]: t for t in in_order}
+    for seed in (0, 1):
+        shuffled = _suggestions(TuneSweeper(seed=seed)._searcher(space, 12, Path(".")), 13)  # asha by default
+        assert shuffled == _suggestions(TuneSweeper(seed=seed)._searcher(space, 12, Path(".")), 13)
+        assert shuffled[-1] == "FINISHED" and sorted(t["_job"] for t in shuffled[:12]) == list(range(12))
+        assert [t["_job"] for t in shuffled[:12]] != list(range(12))
+        assert all(t == by_job[t["_job"]] for t in shuffled[:12])  # job N is still the grid's N-th point
+    kept = _suggestions(TuneSweeper(grid_order="grid")._searcher(space, 12, Path(".")), 12)
+    assert kept == in_order
+    with pytest.raises(ConfigError, match="hydra.sweeper.grid_order=random is not an order segx knows"):
+        TuneSweeper(grid_order="random").check()
 
 
 def test_a_stop_verdict_makes_a_running_record_stopped_but_leaves_a_completed_one(tmp_path: Path) -> None:
@@ -151,14 +170,15 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
     ones train all 3 epochs. The report then shows the search."""
     from segx.report import collect_runs, write_report
 
-    tracking = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=mlflow",
                        f"logger.tracking_uri={tracking}", "logger.experiment_name=asha",
                        "trainer.max_epochs=3", "optimizer.lr=3e-3,1e-12", "seed=1,2", "hydra/sweeper=tune",
                        "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=1",
                        "hydra.sweeper.ray.remote.num_gpus=0.5", "hydra.sweeper.ray.remote.num_cpus=0.5",
                        "hydra.sweeper.ray.init.num_cpus=2", "hydra.sweeper.confirm_top_k=1",
-                       "hydra.sweeper.confirm_seeds=[3,4]", f"hydra.sweep.dir={tmp_path}")
+                       "hydra.sweeper.confirm_seeds=[3,4]", "hydra.sweeper.grid_order=grid",  # the order above
+                       f"hydra.sweep.dir={tmp_path}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     jobs = [read_record(tmp_path / str(n)) for n in range(4)]

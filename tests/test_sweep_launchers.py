@@ -109,7 +109,7 @@ def test_gpus_launcher_isolates_a_failed_job_and_files_all_four_in_one_fresh_mlf
     pytest.importorskip("mlflow", reason="the mlflow extra (pip install 'segx[mlflow]') is not installed")
     import mlflow
 
-    database, sweep_dir = tmp_path / "tracking" / "mlruns.db", tmp_path / "sweep"
+    database, sweep_dir = tmp_path / "tracking" / "mlflow.db", tmp_path / "sweep"
     result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}", "data.batch_size=0,2,4,8",
                        "logger=mlflow", f"logger.tracking_uri=sqlite:///{database}", "logger.experiment_name=sweep",
                        *SIMULATED_GPUS, f"hydra.sweep.dir={sweep_dir}")

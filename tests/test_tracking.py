@@ -18,17 +18,17 @@ SHORT = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
 
 
 def runs_of(store: Path, experiment: str = "train") -> list:
-    """Every run of `experiment` in `<store>/mlruns.db`, as MLflow's client reads them back."""
+    """Every run of `experiment` in `<store>/mlflow.db`, as MLflow's client reads them back."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{store / 'mlruns.db'}")
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     found = client.get_experiment_by_name(experiment)
     return [] if found is None else client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The launch directory of this file's runs: the default store is its mlruns.db."""
+    """The launch directory of this file's runs: the default store is its mlflow.db."""
     return tmp_path_factory.mktemp("launch")
 
 
@@ -37,7 +37,7 @@ def tracked(store: Path, shapes_root: Path) -> Path:
     """A 2-epoch run with logger=many (TensorBoard, MLflow, CSV), its best checkpoint registered."""
     run_dir = store / "outputs" / "tracked"
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(store)  # the launch directory, which holds the default mlruns.db
+        patch.chdir(store)  # the launch directory, which holds the default mlflow.db
         run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}",
                        "optimizer.lr=3e-3", "trainer.max_epochs=2", "logger=many", "logger.mlflow.register=true",
                        "logger.mlflow.tags={project: segx-tests}", f"hydra.run.dir={run_dir}")
@@ -68,7 +68,6 @@ def test_a_run_files_its_params_tags_epoch_metrics_and_artifacts(tracked: Path, 
     assert json.loads((artifacts / "metrics.json").read_text())["best"] == record["best"]
     confusion = json.loads((artifacts / "confusion_matrix.json").read_text())
     assert confusion["matrix"] == record["best_confusion_matrix"] and confusion["class_names"] == record["class_names"]
-    assert (artifacts / "confusion_matrix.png").stat().st_size > 1000
     assert (artifacts / "checkpoints" / "best.ckpt").read_bytes() == (tracked / "checkpoints/best.ckpt").read_bytes()
     # the copy of metrics.json among the artifacts is not a run of its own
     assert [r.run_dir for r in find_runs([store]) if r.run_dir.name == "tracked"] == [tracked]
@@ -85,7 +84,7 @@ def test_the_registered_version_loads_with_segx_predict(tracked: Path, store: Pa
     client = MlflowClient(record["mlflow"]["tracking_uri"])
     [version] = client.search_model_versions("name='segx-unet_small'")
     assert str(version.version) == "1" and version.run_id == record["mlflow"]["run_id"]
-    monkeypatch.chdir(store)  # where training was launched: predict finds mlruns.db there
+    monkeypatch.chdir(store)  # where training was launched: predict finds mlflow.db there
     images = sorted((shapes_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[:1]
     result = run_in_process("segx.cli.predict", "ckpt=models:/segx-unet_small/1", f"input={images[0]}",
                             f"output={store / 'masks'}", "progress=false")
@@ -101,7 +100,7 @@ def test_the_registered_version_loads_with_segx_predict(tracked: Path, store: Pa
 def test_a_run_resumed_in_its_directory_continues_its_mlflow_run(store: Path, shapes_root: Path) -> None:
     run_dir = store / "outputs" / "resumed"
     common = [*TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}", "logger=mlflow",
-              "logger.experiment_name=resumed", f"logger.tracking_uri=sqlite:///{store / 'mlruns.db'}",
+              "logger.experiment_name=resumed", f"logger.tracking_uri=sqlite:///{store / 'mlflow.db'}",
               f"hydra.run.dir={run_dir}"]
     run_in_process("train.py", *common, "trainer.max_epochs=1")
     first = read_record(run_dir)["mlflow"]["run_id"]
@@ -110,14 +109,14 @@ def test_a_run_resumed_in_its_directory_continues_its_mlflow_run(store: Path, sh
     assert run.info.run_id == first == read_record(run_dir)["mlflow"]["run_id"] and run.info.status == "FINISHED"
     from mlflow.tracking import MlflowClient
 
-    history = MlflowClient(f"sqlite:///{store / 'mlruns.db'}").get_metric_history(first, "val/miou")
+    history = MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_metric_history(first, "val/miou")
     assert len(history) == 2 and run.data.params["trainer.max_epochs"] == "1"  # a param keeps its first value
 
 
 def test_a_run_failing_on_its_config_is_filed_as_failed_with_its_error(store: Path, shapes_root: Path) -> None:
     result = run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
                             "logger=mlflow", "logger.experiment_name=failing", "data.batch_size=0",
-                            f"logger.tracking_uri=sqlite:///{store / 'mlruns.db'}",
+                            f"logger.tracking_uri=sqlite:///{store / 'mlflow.db'}",
                             f"hydra.run.dir={store / 'outputs' / 'failing'}", check=False)
     assert result.returncode == 2
     [run] = runs_of(store, "failing")
@@ -136,4 +135,4 @@ def test_without_mlflow_the_logger_says_what_to_install(tmp_path: Path, shapes_r
     assert result.returncode == 2
     output = result.stdout + result.stderr
     assert "logger=mlflow needs MLflow, which is not installed here" in output
-    assert "pip install 'segx[mlflow]'" in output and not (tmp_path / "mlruns.db").exists()
+    assert "pip install 'segx[mlflow]'" in output and not (tmp_path / "mlflow.db").exists()

@@ -223,3 +223,15 @@ def test_train_and_evaluate_on_voc_aug(tmp_path: Path) -> None:
     scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert scores["n_images"] == len(VOC_VAL) and scores["split"] == "val"
     assert os.path.isfile(root / AUG_DIR / "h.png")
+
+    from segx.inference.export import export_onnx
+    from segx.inference.predict import predict_images
+    from segx.report import collect_runs, write_report
+
+    ckpt = run / "checkpoints" / "best.ckpt"
+    images = root / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    assert len(predict_images(ckpt, images, tmp_path / "pred").masks) == len(list(images.glob("*.jpg")))
+    assert export_onnx(ckpt, tmp_path / "model.onnx").path.is_file()
+    write_report(collect_runs(run), tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "data=voc_aug" in report and "| aeroplane |" in report

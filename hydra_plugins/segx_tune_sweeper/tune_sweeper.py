@@ -22,6 +22,7 @@ from segx.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+GRID_ORDERS = ("auto", "shuffled", "grid")
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = {"asha": "ASHA", "hyperband": "Hyperband", "none": None}
 EXPERIMENT_DIR = ".tune"  # Tune's experiment state, inside the sweep directory
@@ -35,13 +36,14 @@ class TuneSweeper(Sweeper):
     def __init__(self, search: str = "grid", num_samples: int = 1, seed: int = 0, scheduler: str = "asha",
                  grace_period: int = 1, reduction_factor: float = 3, max_t: int | None = None,
                  max_concurrent_trials: int | None = None, check_resources: bool = True,
-                 confirm_top_k: int = 0, confirm_seeds: Any = (1, 2, 3),
+                 confirm_top_k: int = 0, confirm_seeds: Any = (1, 2, 3), grid_order: str = "auto",
                  params: dict | None = None, ray: Any = None) -> None:
         super().__init__()
         self.search, self.num_samples, self.seed = search, int(num_samples), int(seed)
         self.scheduler_name, self.grace_period, self.reduction_factor = scheduler, int(grace_period), reduction_factor
         self.max_t, self.max_concurrent_trials, self.check_resources = max_t, max_concurrent_trials, check_resources
         self.confirm_top_k, self.confirm_seeds = int(confirm_top_k), [int(seed) for seed in confirm_seeds]
+        self.grid_order = str(grid_order)
         self.params = dict(params or {})
         self.ray_cfg = ray
         self.hydra_context: HydraContext | None = None
@@ -61,6 +63,9 @@ class TuneSweeper(Sweeper):
                               f"one of {', '.join(SCHEDULERS)}.")
         if self.num_samples < 1:
             raise ConfigError(f"hydra.sweeper.num_samples={self.num_samples}: give 1 or more trials.")
+        if self.grid_order not in GRID_ORDERS:
+            raise ConfigError(f"hydra.sweeper.grid_order={self.grid_order} is not an order segx knows; use one of "
+                              f"{', '.join(GRID_ORDERS)}.")
         if self.confirm_top_k < 0 or (self.confirm_top_k and not self.confirm_seeds):
             raise ConfigError(f"hydra.sweeper.confirm_top_k={self.confirm_top_k} needs 0 (no confirmation) or more, "
                               "and then at least one seed in hydra.sweeper.confirm_seeds.")
@@ -217,7 +222,8 @@ class TuneSweeper(Sweeper):
         from segx.search.space import Distribution
 
         if self.search == "grid":
-            return GridSearcher(space, self.num_samples, self.seed, metric="score", mode="max")
+            shuffle = self.grid_order == "shuffled" or (self.grid_order == "auto" and self.scheduler_name != "none")
+            return GridSearcher(space, self.num_samples, self.seed, metric="score", mode="max", shuffle=shuffle)
         everything = {**{k: Distribution("choice", values=tuple(v)) for k, v in space.grid.items()},
                       **space.distributions}  # random and optuna sample the grid's axes too
         if self.search == "random":

@@ -56,7 +56,7 @@ def _weights_only_refusal(path: Path, message: str) -> SegxError:
 
 def checkpoint_path(ckpt: str | Path) -> Path:
     """The local file of `ckpt`: a path, or an MLflow URI (`models:/<name>/<version>`, `runs:/<run id>/checkpoints`)
-    of a checkpoint `logger=mlflow` logged, fetched from $MLFLOW_TRACKING_URI or ./mlruns.db."""
+    of a checkpoint `logger=mlflow` logged, fetched from $MLFLOW_TRACKING_URI or ./mlflow.db."""
     if isinstance(ckpt, str) and ckpt.startswith(("models:/", "runs:/")):
         from segx.tracking.registry import checkpoint_from_tracking
 

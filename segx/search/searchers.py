@@ -17,24 +17,30 @@ JOB_KEY = "_job"  # the trial's job number, in each trial's config
 class GridSearcher(Searcher):
     """Every grid point `samples` times (the first axis varying slowest), each with its distributions drawn from
     a seeded random generator: the same seed gives the same trials. `points` replaces the grid's with a list of
-    its own (the confirmation stage's), numbered from `first_job`."""
+    its own (the confirmation stage's), numbered from `first_job`. With `shuffle` the trials start in a seeded
+    random order (each keeps its job number, its place in the grid): ASHA judges a trial only against those that
+    reached its rung before it, so a grid ordered from weak to strong (lr ascending) would pass nearly every trial."""
 
     def __init__(self, space: SearchSpace, samples: int, seed: int, metric: str, mode: str,
-                 points: list[dict[str, str]] | None = None, first_job: int = 0) -> None:
+                 points: list[dict[str, str]] | None = None, first_job: int = 0, shuffle: bool = False) -> None:
         super().__init__(metric=metric, mode=mode)
         grid = space.grid_points() if points is None else points
         self.points = [point for point in grid for _ in range(samples)]
         self.distributions = space.distributions
         self.rng = random.Random(seed)
+        self.order = list(range(len(self.points)))
+        if shuffle:
+            random.Random(f"order-{seed}").shuffle(self.order)  # its own generator: the samples stay as they were
         self.first_job = first_job
         self.next_job = 0
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if self.next_job >= len(self.points):
             return Searcher.FINISHED
-        values = dict(self.points[self.next_job])
+        index = self.order[self.next_job]
+        values = dict(self.points[index])
         values.update({key: dist.sample(self.rng) for key, dist in self.distributions.items()})
-        config = {JOB_KEY: self.first_job + self.next_job, **values}
+        config = {JOB_KEY: self.first_job + index, **values}
         self.next_job += 1
         return config
 

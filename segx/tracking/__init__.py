@@ -2,7 +2,7 @@
 
 segx opens the MLflow run when a job starts (so a job that fails before training is filed too), Lightning's
 logger writes the epochs' metrics into it, and the job's ending (completed, failed, stopped, interrupted) closes it
-with the matching MLflow status, its `metrics.json`, confusion matrix and, when asked, its best checkpoint as a
+with the matching MLflow status, its `metrics.json` and confusion matrix and, when asked, its best checkpoint as a
 registered model version. MLflow is an optional extra: `pip install 'segx[mlflow]'`.
 """
 

@@ -41,26 +41,44 @@ def is_tracking_reference(ckpt: str | Path) -> bool:
     return str(ckpt).startswith(TRACKING_SCHEMES)
 
 
+def _version_source(mlflow: MlflowClient, reference: str) -> str:
+    """Where the files of `models:/<name>/<version>` (or `/latest`, or `models:/<name>@<alias>`) are, asked of this
+    store's registry (MLflow's own resolution would ask the process's default one)."""
+    name, _, version = reference[len("models:/"):].strip("/").partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        version = str(mlflow.get_model_version_by_alias(name, alias).version)
+    elif version in ("", "latest"):
+        versions = [int(v.version) for v in mlflow.search_model_versions(f"name='{name}'")]
+        if not versions:
+            raise SegxError(f"ckpt={reference}: the registry holds no version of {name!r}.")
+        version = str(max(versions))
+    return mlflow.get_model_version_download_uri(name, version)
+
+
 def checkpoint_from_tracking(reference: str, tracking_uri: str | None = None) -> Path:
     """The local `.ckpt` file behind an MLflow URI, downloaded when the artifacts are not local. The store is
-    `tracking_uri`, else $MLFLOW_TRACKING_URI, else `./mlruns.db`."""
+    `tracking_uri`, else $MLFLOW_TRACKING_URI, else `./mlflow.db`."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
         raise SegxError(
             f"ckpt={reference} is an MLflow URI, but the tracking store {uri} does not exist. Run from the folder that "
             f"holds {DATABASE} (where training was launched), or name the store with MLFLOW_TRACKING_URI=sqlite:///"
-            "<path>/mlruns.db (or a server's URI)."
+            "<path>/mlflow.db (or a server's URI)."
         )
-    client(uri)  # a missing MLflow is named as such
-    import mlflow.artifacts
+    store = client(uri)  # a missing MLflow is named as such
+    from mlflow.artifacts import download_artifacts
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, tracking_uri=uri))
+        source = _version_source(store, reference) if reference.startswith("models:/") else reference
+        local = Path(download_artifacts(artifact_uri=source, tracking_uri=uri))
+    except SegxError:
+        raise
     except Exception as error:
         raise SegxError(
             f"ckpt={reference} cannot be fetched from {uri}: {first_line(error)}. List the registered models and "
-            "their versions with `mlflow models` or mlflow.search_model_versions(), or give a checkpoint file."
+            "their versions with mlflow.search_model_versions() (or `mlflow ui`), or give a checkpoint file."
         ) from error
     if local.is_file():
         return local

@@ -3,11 +3,9 @@ closed with segx's ending (completed → FINISHED, failed → FAILED, stopped by
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import socket
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,22 +114,14 @@ class TrackedRun:
                         self.run_id, self.settings.tracking_uri, first_line(error), self.run_dir)
 
     def _log_record(self, record: dict[str, Any]) -> None:
-        """metrics.json, and the best epoch's confusion matrix as the report draws it (JSON and PNG)."""
+        """metrics.json, and the best epoch's confusion matrix with its class names (what segx-report draws)."""
         if (self.run_dir / RECORD_FILE).is_file():
             self.client.log_artifact(self.run_id, str(self.run_dir / RECORD_FILE))
         matrix, names = record.get("best_confusion_matrix"), record.get("class_names")
-        if not matrix or not names:
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            payload = {"class_names": names, "rows": "ground truth", "columns": "prediction",
-                       "epoch": (record.get("best") or {}).get("epoch"), "matrix": matrix}
-            (Path(folder) / "confusion_matrix.json").write_text(json.dumps(payload))
-            from segx.report import confusion_matrix_figure
-
-            title = " ".join(record.get("overrides") or []) or self.run_dir.name
-            confusion_matrix_figure(matrix, list(names), Path(folder) / "confusion_matrix.png",
-                                    title=f"{title} (best epoch)")
-            self.client.log_artifacts(self.run_id, folder)
+        if matrix and names:
+            self.client.log_dict(self.run_id, {"class_names": names, "rows": "ground truth", "columns": "prediction",
+                                               "epoch": (record.get("best") or {}).get("epoch"), "matrix": matrix},
+                                 "confusion_matrix.json")
 
     def _log_best_checkpoint(self, register: bool) -> None:
         best = self.run_dir / BEST_CHECKPOINT

@@ -57,7 +57,7 @@ class TrackingSettings:
 
 def tracking_settings(node: DictConfig, launch_dir: str | Path, choices: dict[str, Any],
                       job_name: str) -> TrackingSettings:
-    """Resolve an MLflow logger node: the store defaults to `<launch dir>/mlruns.db`, the experiment to the experiment
+    """Resolve an MLflow logger node: the store defaults to `<launch dir>/mlflow.db`, the experiment to the experiment
     preset's name (e.g. `optimizer_grid`), else Hydra's job name (`train`, or `hydra.job.name=...`)."""
     uri = node.get("tracking_uri") or default_tracking_uri(launch_dir)
     preset = choices.get("experiment")

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DATABASE = "mlruns.db"        # the default store: <launch dir>/mlruns.db
+DATABASE = "mlflow.db"        # the default store: <launch dir>/mlflow.db
 ARTIFACTS = "mlartifacts"     # beside it: <launch dir>/mlartifacts/<experiment>/<run id>/artifacts
 MLFLOW_MISSING = (
     "logger=mlflow needs MLflow, which is not installed here ({missing}). Install the extra: "
@@ -37,7 +37,7 @@ def client(tracking_uri: str) -> MlflowClient:
 
 
 def default_tracking_uri(launch_dir: str | Path) -> str:
-    """`sqlite:///<launch dir>/mlruns.db`: one database for every run and sweep started from that folder."""
+    """`sqlite:///<launch dir>/mlflow.db`: one database for every run and sweep started from that folder."""
     return f"sqlite:///{Path(launch_dir).resolve() / DATABASE}"
 
 
@@ -80,6 +80,7 @@ def _store_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
 def prepare_experiment(tracking_uri: str, experiment_name: str) -> str:
     """The id of `experiment_name` in the store, which is created (database and experiment) when new; under a file
     lock beside a SQLite database, so parallel jobs never migrate or create twice."""
+    client(tracking_uri)  # MLflow is there, before any file is made
     with _store_lock(tracking_uri):
         try:
             mlflow = client(tracking_uri)  # opening a fresh SQLite store creates and migrates it
@@ -96,7 +97,7 @@ def prepare_experiment(tracking_uri: str, experiment_name: str) -> str:
             raise SegxError(
                 f"logger.tracking_uri={tracking_uri} cannot be used as an MLflow store: {first_line(error)}. For a "
                 "server, check that it runs and is reachable; for a SQLite file, that it is an MLflow database (or "
-                "choose a new file); logger.tracking_uri=null uses <launch dir>/mlruns.db."
+                "choose a new file); logger.tracking_uri=null uses <launch dir>/mlflow.db."
             ) from error
     if experiment.lifecycle_stage == "deleted":
         raise ConfigError(
