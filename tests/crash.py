@@ -1,4 +1,5 @@
-"""A callback that kills its own process, as the kernel's OOM killer or a segfault would: for launcher tests."""
+"""Callbacks that end their own process as the world does: SIGKILL (the OOM killer, a segfault) for launcher tests, and
+Ctrl-C at a chosen moment."""
 
 from __future__ import annotations
 
@@ -21,3 +22,16 @@ class KillOwnProcess(pl.Callback):
         if self.every_time or not marker.exists():
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CtrlCAtEpochStart(pl.Callback):
+    """Ctrl-C (a KeyboardInterrupt) as epoch `epoch` (0-based) starts, before its first batch, the first time only."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        marker = Path(trainer.default_root_dir) / "interrupted-once"
+        if trainer.current_epoch == self.epoch and not marker.exists():
+            marker.touch()
+            raise KeyboardInterrupt

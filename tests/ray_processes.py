@@ -123,8 +123,10 @@ def interrupt_sweep(*overrides: str, ready: Callable[[], bool], timeout: float =
     stderr together) once it ended, and none of its processes left."""
     own = OwnProcesses(uuid.uuid4().hex)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", TAG: own.tag}
+    # A shell's background jobs (CI) ignore SIGINT, and Python keeps that: give the sweep the default handling back.
     with subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as process:
         deadline = time.monotonic() + timeout
         while not ready() and process.poll() is None and time.monotonic() < deadline:
             own.record()

@@ -47,7 +47,8 @@ def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int,
     process.send_signal(signum)
     output, _ = process.communicate(timeout=120)
     assert process.returncode != 0
-    assert f"{name}: saved epoch" in output
+    # mid-epoch the state is saved; right as an epoch starts (as it often is here) the epoch before's is kept
+    assert f"{name}: saved epoch" in output or f"{name} before the first batch of epoch" in output
     record = read_json(tmp_path / "metrics.json")
     assert record["status"] == "failed" and record["error"].startswith(f"interrupted by {name}")
     saved = load_checkpoint(last)  # complete and loadable, with the state at the signal
@@ -72,6 +73,22 @@ def test_an_interrupted_run_saves_a_checkpoint_and_resumes_in_place(signum: int,
         assert resumed["mlflow"]["run_id"] == killed.info.run_id and finished.info.status == "FINISHED"
         assert finished.data.tags["segx.status"] == "completed" and "segx.interrupted_by" not in finished.data.tags
         assert len(client.get_metric_history(killed.info.run_id, "val/miou")) >= EPOCHS
+
+
+def test_ctrl_c_before_an_epochs_first_batch_resumes_that_epoch_in_full(shapes_root: Path, tmp_path: Path) -> None:
+    """Saved there, the state would resume as an epoch already run: trained on nothing, never validated."""
+    common = [*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "trainer.max_epochs=3", "logger=none",
+              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", f"hydra.run.dir={tmp_path}"]
+    interrupted = run_in_process("train.py", *common, "+callbacks.interrupt._target_=tests.crash.CtrlCAtEpochStart",
+                                 check=False)
+    assert interrupted.returncode == 130
+    assert "Ctrl-C before the first batch of epoch 2: keeps the last.ckpt of the epoch before" in \
+        interrupted.stdout + interrupted.stderr
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2  # epoch 1's end
+    run_in_process("train.py", *common, "+callbacks.interrupt._target_=tests.crash.CtrlCAtEpochStart",
+                   "ckpt_path=last")
+    history = read_json(tmp_path / "metrics.json")["history"]
+    assert [int(h["epoch"]) for h in history] == [0, 1, 2] and all("val/miou" in h for h in history)
 
 
 @pytest.mark.slow

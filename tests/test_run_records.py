@@ -90,8 +90,10 @@ def tiny_train(action: Action | None = None, hook: str = "batch") -> Callable[[D
 
 @pytest.fixture(autouse=True)
 def keep_signal_handlers() -> Iterator[None]:
-    """Lightning ignores SIGINT after a Ctrl-C; the rest of the session keeps the handlers it had."""
+    """Lightning ignores SIGINT after a Ctrl-C; the rest of the session keeps the handlers it had. Python's own
+    Ctrl-C handling meanwhile, even where the session inherited SIGINT ignored (a shell's background job)."""
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     for signum, handler in handlers.items():
         signal.signal(signum, handler)

@@ -19,12 +19,26 @@ class CheckpointOnInterrupt(pl.Callback):
     `ckpt_path=last` loses at most the batch in flight instead of the whole epoch. A scheduler's stop and the
     code's own `sys.exit()` are not interruptions: they save nothing beyond the per-epoch `last.ckpt`."""
 
+    def __init__(self) -> None:
+        self._epoch_of_last_batch: int | None = None  # the epoch of the last training batch this process finished
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        self._epoch_of_last_batch = trainer.current_epoch
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         signal_name = interruption(exception)
         checkpoint = trainer.checkpoint_callback
         if signal_name is None or not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.dirpath:
             return
         path = Path(checkpoint.dirpath) / "last.ckpt"
+        if self._epoch_of_last_batch != trainer.current_epoch:
+            # Before the epoch's first batch: Lightning would resume such a state as an epoch already run (no
+            # training, no validation). The last.ckpt of the epoch before holds the same weights and step.
+            kept = "keeps the last.ckpt of the epoch before" if path.is_file() else "saved nothing (nothing trained)"
+            if trainer.is_global_zero:
+                log.warning("%s before the first batch of epoch %d: %s; resume with ckpt_path=last (hydra.run.dir="
+                            "%s)", signal_name, trainer.current_epoch + 1, kept, path.parent.parent)
+            return
         tmp = path.with_name(f".last.ckpt.{os.getpid()}.tmp")
         trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
         if trainer.is_global_zero:
