@@ -318,12 +318,23 @@ def test_a_killed_sweep_resumes_its_interrupted_job_from_last_ckpt(shapes_root: 
 
 @pytest.mark.slow
 def test_submitit_local_runs_a_two_job_sweep(shapes_root: Path, tmp_path: Path) -> None:
+    """Its jobs run side by side in processes of their own, logging to one fresh MLflow database."""
+    pytest.importorskip("mlflow", reason="the mlflow extra (pip install 'segx[mlflow]') is not installed")
+    from mlflow.tracking import MlflowClient
+
+    database = tmp_path / "tracking" / "mlflow.db"
     result = run_entry_point("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, *SHORT, f"data.root={shapes_root}",
-                             "seed=1,2", "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}")
-    jobs = records(tmp_path)
+                             "seed=1,2", "hydra/launcher=submitit_local", "logger=mlflow",
+                             f"logger.tracking_uri=sqlite:///{database}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    jobs = records(tmp_path / "sweep")
     assert [j["status"] for j in jobs] == [COMPLETED, COMPLETED]
     assert {j["launcher"] for j in jobs} == {"submitit_local"}
     assert "2 jobs, 2 completed, 0 failed" in result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{database}")
+    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(j["mlflow"]["run_id"] for j in jobs)
+    assert {r.info.status for r in runs} == {"FINISHED"} and {r.data.tags["segx.launcher"] for r in runs} == \
+        {"submitit_local"}
 
 
 def test_launcher_configs_compose_with_their_documented_keys() -> None:
