@@ -15,6 +15,7 @@ from torch import nn
 
 from segx.core.errors import SegxError, first_line
 from segx.models import build_network
+from segx.tracking.registry import checkpoint_from_tracking, is_tracking_reference
 
 CHECKPOINT_KEY = "segx"  # the entry of a Lightning checkpoint holding the run config and class names
 
@@ -57,9 +58,7 @@ def _weights_only_refusal(path: Path, message: str) -> SegxError:
 def checkpoint_path(ckpt: str | Path) -> Path:
     """The local file of `ckpt`: a path, or an MLflow URI (`models:/<name>/<version>`, `runs:/<run id>/checkpoints`)
     of a checkpoint `logger=mlflow` logged, fetched from $MLFLOW_TRACKING_URI or ./mlflow.db."""
-    if isinstance(ckpt, str) and ckpt.startswith(("models:/", "runs:/")):
-        from segx.tracking.registry import checkpoint_from_tracking
-
+    if isinstance(ckpt, str) and is_tracking_reference(ckpt):
         return checkpoint_from_tracking(ckpt)
     return Path(ckpt).expanduser()
 

@@ -25,6 +25,7 @@ RECORD_FILE = "metrics.json"
 # writing metrics.json, so the verdict lives in a file of its own and read_record merges the two.
 STOP_FILE = "stopped.json"
 DEFAULT_MONITOR = "val/miou"  # the score a run's best epoch is picked by when its record names none
+ENDING_FIELDS = ("error", "ended_at", "stopped_at_epoch", "stopped_by", "interrupted_by")  # how a run ended
 
 
 def utc_now() -> str:
@@ -84,10 +85,9 @@ class JobRecord:
     def start(self, **fields: Any) -> None:
         """Mark the run as running (again, when resumed), with `fields` such as devices and precision."""
         self.fields.update(fields, status=RUNNING)
-        ended = ("error", "ended_at", "stopped_at_epoch", "stopped_by", "interrupted_by")  # of an earlier attempt
-        for key in ended:
+        for key in ENDING_FIELDS:  # of an earlier attempt
             self.fields.pop(key, None)
-        self._update(drop=ended)
+        self._update(drop=ENDING_FIELDS)
 
     def note(self, **fields: Any) -> None:
         """Add results measured outside training (e.g. prediction timing) to metrics.json."""

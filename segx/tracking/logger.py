@@ -6,7 +6,7 @@ from typing import Any
 
 from pytorch_lightning.loggers import MLFlowLogger as LightningMLFlowLogger
 
-from segx.tracking.store import MLFLOW_MISSING
+from segx.tracking.store import require_mlflow
 
 
 class MLflowLogger(LightningMLFlowLogger):
@@ -16,12 +16,7 @@ class MLflowLogger(LightningMLFlowLogger):
     def __init__(self, experiment_name: str | None = None, tracking_uri: str | None = None, run_id: str | None = None,
                  log_model: bool = False, register: bool = False, model_name: str | None = None,
                  tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        try:
-            import mlflow  # noqa: F401
-        except ImportError as error:
-            from segx.core.errors import ConfigError
-
-            raise ConfigError(MLFLOW_MISSING.format(missing=error)) from error
+        require_mlflow()
         self._segx_run = run_id is not None
         super().__init__(experiment_name=experiment_name or "segx", tracking_uri=tracking_uri, run_id=run_id,
                          tags=None if self._segx_run else tags, log_model=False if self._segx_run else log_model,

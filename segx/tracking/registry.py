@@ -3,15 +3,12 @@ named by an MLflow URI (`models:/<name>/<version>`, `runs:/<run id>/checkpoints`
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from filelock import FileLock
-
 from segx.core.errors import SegxError, first_line
-from segx.tracking.store import DATABASE, client, default_tracking_uri, sqlite_path
+from segx.tracking.store import DATABASE, client, default_tracking_uri, sqlite_path, store_lock
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -23,9 +20,7 @@ def register_checkpoint(mlflow: MlflowClient, name: str, run_id: str, source: st
     """A new version of registered model `name` (created when new) whose files are `source`; returns its number."""
     from mlflow.exceptions import MlflowException
 
-    path = sqlite_path(tracking_uri)
-    lock = FileLock(str(path) + ".lock") if path is not None else contextlib.nullcontext()
-    with lock:  # two jobs may create the same registered model at once
+    with store_lock(tracking_uri):  # two jobs may create the same registered model at once
         try:
             mlflow.create_registered_model(name, description="segx checkpoints (load one with ckpt=models:/...)")
         except MlflowException as error:

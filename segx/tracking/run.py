@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segx.core.errors import first_line
 from segx.runs.discovery import find_runs
-from segx.runs.record import RECORD_FILE, JobRecord, read_record
+from segx.runs.record import ENDING_FIELDS, RECORD_FILE, JobRecord, read_record
 from segx.runs.status import COMPLETED, RUNNING, STOPPED
 from segx.tracking.registry import register_checkpoint
 from segx.tracking.settings import TrackingSettings, mlflow_nodes, tracking_settings
@@ -30,7 +30,7 @@ RECORD_KEY = "mlflow"        # metrics.json: {"tracking_uri", "experiment", "run
 MAX_PARAM = 500              # characters of a param's value kept (MLflow takes 6000; long lists are rarely queried)
 MAX_TAG = 5000
 BEST_CHECKPOINT = Path("checkpoints") / "best.ckpt"
-ENDING_TAGS = ("error", "interrupted_by", "stopped_by", "stopped_at_epoch")  # tagged segx.<key> when a run ends
+ENDING_TAGS = tuple(key for key in ENDING_FIELDS if key != "ended_at")  # tagged segx.<key> when a run ends
 
 
 def mlflow_status(record: dict[str, Any]) -> str:

@@ -27,12 +27,19 @@ MLFLOW_MISSING = (
 )
 
 
-def client(tracking_uri: str) -> MlflowClient:
-    """An MLflow client of `tracking_uri`; a missing MLflow (or SQLAlchemy, for a SQLite store) is a user error."""
+def require_mlflow() -> None:
+    """A missing MLflow is a user error, named with the extra to install."""
     try:
-        from mlflow.tracking import MlflowClient
+        import mlflow.tracking  # noqa: F401
     except ImportError as error:
         raise ConfigError(MLFLOW_MISSING.format(missing=first_line(error))) from error
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    """An MLflow client of `tracking_uri` (`require_mlflow` first)."""
+    require_mlflow()
+    from mlflow.tracking import MlflowClient
+
     return MlflowClient(tracking_uri)
 
 
@@ -65,7 +72,9 @@ def _artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
     return str(path.parent / ARTIFACTS / folder)
 
 
-def _store_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
+def store_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
+    """The file lock beside a SQLite database (its folder created), under which it is created or changed by one job
+    at a time; nothing for a server."""
     path = sqlite_path(tracking_uri)
     if path is None:
         return contextlib.nullcontext()
@@ -80,8 +89,8 @@ def _store_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
 def prepare_experiment(tracking_uri: str, experiment_name: str) -> str:
     """The id of `experiment_name` in the store, which is created (database and experiment) when new; under a file
     lock beside a SQLite database, so parallel jobs never migrate or create twice."""
-    client(tracking_uri)  # MLflow is there, before any file is made
-    with _store_lock(tracking_uri):
+    require_mlflow()  # before any file is made
+    with store_lock(tracking_uri):
         try:
             mlflow = client(tracking_uri)  # opening a fresh SQLite store creates and migrates it
             experiment = mlflow.get_experiment_by_name(experiment_name)
