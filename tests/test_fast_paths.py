@@ -10,14 +10,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from segx.core.errors import SegxError
+from segx.core.errors import ConfigError, SegxError
 from segx.data import ShapesDataModule
 from segx.data.augment import BatchAugment
 from segx.data.datamodule import keep_on_device
 from segx.data.device_batches import DeviceBatches, EpochOrderSampler
 from segx.data.normalize import Normalize
 from segx.inference.checkpoint import load_checkpoint, network_from_checkpoint
-from segx.inference.predictor import Predictor, inference_precision
+from segx.inference.predictor import Predictor, cpu_has_bf16_units, inference_precision
 from segx.inference.timing import time_prediction
 from segx.models import UNet, build_network, forward_flops, run_options
 from segx.training.losses import CrossEntropyLoss
@@ -187,9 +187,20 @@ def test_cudnn_autotuning_defaults_on_only_for_cuda() -> None:
     assert resolve_benchmark(True, cuda=False, deterministic=False) and not resolve_benchmark(False, True, False)
 
 
-def test_inference_precision_follows_the_run() -> None:
+def test_inference_precision_is_bf16_on_cpus_with_bf16_units_and_follows_the_run_on_cuda() -> None:
     cpu = torch.device("cpu")
-    assert inference_precision("bf16-mixed", cpu) == "32-true"  # CPU autocast is slower than fp32 here
+    units = cpu_has_bf16_units()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if flags:  # what torch reports is what the processor lists
+        assert units == any(f" {flag}" in flags for flag in ("amx_tile", "avx512_bf16"))
+    for run_precision in ("32-true", "bf16-mixed", "16-mixed"):  # a run's training precision does not decide it
+        assert inference_precision(run_precision, cpu) == ("bf16-mixed" if units else "32-true")
+    assert inference_precision("bf16-mixed", cpu, "32-true") == "32-true"
+    assert inference_precision("32-true", cpu, "bf16-mixed") == "bf16-mixed"
+    with pytest.raises(ConfigError, match="inference.precision=16-mixed is for CUDA GPUs"):
+        inference_precision("32-true", cpu, "16-mixed")
+    with pytest.raises(ConfigError, match="inference.precision='fp8' is not a choice"):
+        inference_precision("32-true", cpu, "fp8")
     if torch.cuda.is_available():
         assert inference_precision("16-true", torch.device("cuda")) == "16-mixed"
 

@@ -67,13 +67,13 @@ def test_report_on_a_folder_without_runs_exits_with_a_message(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_bench_writes_every_section(tmp_path: Path) -> None:
+def test_bench_writes_every_section(tmp_path: Path, trained_run: Path) -> None:
     """The benchmark at toy sizes: every section is measured and written; the figures are not judged here."""
     out = tmp_path / "bench.json"
     results = bench.main(["--json", str(out), "--device", "cpu", "--workdir", str(tmp_path / "work"), "--size", "32",
                           "--batch", "2", "--data-batch", "4", "--images", "12", "--predict-images", "3",
                           "--steps", "2", "--warmup", "1", "--model-batch", "2", "--repeats", "1",
-                          "--models", "unet_small"])
+                          "--models", "unet_small", "--precision-ckpt", str(trained_run / "checkpoints" / "best.ckpt")])
     written = json.loads(out.read_text())
     assert written["data_speedup"] == pytest.approx(results["data_speedup"]) and written["data_speedup"] > 0
     data = written["details"]["data_speedup"]
@@ -95,7 +95,14 @@ def test_bench_writes_every_section(tmp_path: Path) -> None:
     assert row["forward_gflops_per_image"] == pytest.approx(17.213423616 / 16)  # 128 px figure, 1/16 of the pixels
     assert row["train_images_per_second"] > 0 and row["predict_images_per_second"] > 0
     assert written["details"]["channels_last"]["train_step_speedup"] > 0
-    measured = {"data_speedup", "lightning_overhead", "train_peak_fraction", "infer_peak_fraction"}
+    precision = written["details"]["precision"]  # the trained run's 16 val images in fp32 and in bf16
+    assert precision["images"] == 16 and 0.9 <= written["bf16_label_agreement"] <= 1
+    assert written["bf16_miou_difference"] == pytest.approx(abs(precision["miou_bf16-mixed"] -
+                                                                precision["miou_32-true"]))
+    assert written["bf16_predict_speedup"] == pytest.approx(precision["seconds_32-true"] /
+                                                            precision["seconds_bf16-mixed"])
+    measured = {"data_speedup", "lightning_overhead", "train_peak_fraction", "infer_peak_fraction",
+                "bf16_label_agreement", "bf16_miou_difference"}
     search = {"search_epoch_fraction", "search_regret"}  # --sections search (minutes of training) was not asked for
     assert set(written["targets"]) == measured | search
     assert all(isinstance(written["targets"][key]["met"], bool) for key in measured)

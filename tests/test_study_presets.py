@@ -73,7 +73,10 @@ def test_presets_use_the_studys_settings() -> None:
     assert size.monitor == "val/miou_no_bg" and size.timing.predict is True and size.timing.passes == 5
     assert str(size.hydra.sweeper.params.model).split(",") == ["unet", "unet_medium", "unet_small"]
     models = preset("compare_models")
-    assert str(models.hydra.sweeper.params.model).split(",") == ["fcn", "unet", "resunet", "pspnet", "deeplabv3plus"]
+    assert str(models.hydra.sweeper.params.model).split(",") == ["fcn_keras", "unet", "resunet", "pspnet",
+                                                                 "deeplabv3plus"]
+    assert preset("compare_models", "model=fcn_keras").model.upsample_mode == "nearest"  # as Keras' UpSampling2D
+    assert preset("compare_models", "model=fcn").model.upsample_mode == "bilinear"
     assert str(models.hydra.sweeper.params["optimizer.lr"]).split(",") == ["1e-3", "1e-4", "1e-5"]
     assert models.data.augment.hflip is False and models.data.image_size == 128 and models.data.batch_size == 16
     losses = preset("loss_grid")
@@ -111,4 +114,4 @@ def test_preset_smoke_sweep_on_shapes(name: str, shapes_root: Path, tmp_path: Pa
         assert len(rows) == 15 and all(r["runs"] == 1 and 0 <= r["max"] <= 1 for r in rows)
         settings = [dict(o.split("=") for o in r["setting"].split()) for r in rows]
         assert {(s["model"], float(s["optimizer.lr"])) for s in settings} == {
-            (m, lr) for m in ("fcn", "unet", "resunet", "pspnet", "deeplabv3plus") for lr in (1e-3, 1e-4, 1e-5)}
+            (m, lr) for m in ("fcn_keras", "unet", "resunet", "pspnet", "deeplabv3plus") for lr in (1e-3, 1e-4, 1e-5)}

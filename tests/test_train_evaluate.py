@@ -54,7 +54,8 @@ def test_learning_rate_decays_per_batch(trained_run: Path) -> None:
 @pytest.mark.slow
 def test_evaluate_reproduces_the_logged_val_miou(trained_run: Path, tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    result = run_in_process("evaluate.py", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path}")
+    # training validates in fp32: so does this evaluation (auto would take bf16 on a CPU with bf16 units)
+    result = run_in_process("evaluate.py", f"ckpt={ckpt}", "inference.precision=32-true", f"hydra.run.dir={tmp_path}")
     scores = read_json(tmp_path / "metrics.json")
     logged = read_json(trained_run / "metrics.json")["best"]
     assert scores["miou"] == pytest.approx(logged["val/miou"], abs=1e-4)
@@ -153,7 +154,8 @@ def test_metrics_json_keeps_the_best_epochs_confusion_matrix(trained_run: Path, 
     assert counts.shape == (21, 21) and len(metrics["class_names"]) == 21
     assert counts.sum() == metrics["best"]["val/pixels"]
     assert float(counts.diag().sum() / counts.sum()) == pytest.approx(metrics["best"]["val/acc"], abs=1e-6)
-    run_in_process("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path}")
+    run_in_process("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", "inference.precision=32-true",
+                   f"hydra.run.dir={tmp_path}")
     assert read_json(tmp_path / "metrics.json")["confusion_matrix"] == metrics["best_confusion_matrix"]
     assert (tmp_path / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
 

@@ -1,5 +1,5 @@
-"""The study as Keras ran it: segx's Keras-mode optimizers and initialiser against Keras 3 itself (torch backend),
-and the study's relabelling of VOC's void pixels.
+"""The study as Keras ran it: the seed's U-Net built in Keras 3 (torch backend) with its weights copied into segx's,
+segx's Keras-mode optimizers and initialiser against Keras itself, and the study's relabelling of VOC's void pixels.
 
 Named to run last: once imported, Keras takes over the process' stderr, and the in-process runs of tests after it
 lose theirs ("lost sys.stderr"); Keras is therefore only imported by this file's fixture."""
@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from segx.core.errors import ConfigError
+from segx.models.unet import UNet
 from segx.training.optim import build_optimizer
 
 
@@ -73,6 +75,135 @@ def test_keras_epsilon_updates_as_keras_does_three_steps_with_the_study_decay(ke
     if name == "adam":  # PyTorch's own update is far from Keras' for such gradients: the option matters
         plain = _segx_updates({"_target_": target, "lr": 1e-4, **extra}, start, 1e-3)
         assert _relative(plain, expected) > 0.5
+
+
+WIDTHS, BOTTLENECK, CLASSES, SIZE = (4, 8, 8, 16), 16, 5, 32  # the seed's four levels, narrow
+
+
+def _seed_unet(keras: Any) -> Any:
+    """The seed's `unet()` (report section 1.3) at narrow widths, its final softmax left to the loss."""
+    layers = keras.layers
+    inputs = layers.Input((SIZE, SIZE, 3))
+    x, skips = inputs, []
+    for width in WIDTHS:  # c1..c4: Conv(relu, he_normal) → BatchNorm, twice, then a 2×2 max-pool
+        for _ in range(2):
+            x = layers.Conv2D(width, (3, 3), activation="relu", kernel_initializer="he_normal", padding="same")(x)
+            x = layers.BatchNormalization()(x)
+        skips.append(x)
+        x = layers.MaxPooling2D((2, 2))(x)
+    for _ in range(2):  # c5: no he_normal in the seed
+        x = layers.BatchNormalization()(layers.Conv2D(BOTTLENECK, (3, 3), activation="relu", padding="same")(x))
+    for width, skip in zip(reversed(WIDTHS), reversed(skips), strict=True):  # u6..u9, c6..c9: no BatchNorm
+        x = layers.concatenate([layers.Conv2DTranspose(width, (2, 2), strides=(2, 2), padding="same")(x), skip])
+        x = layers.Conv2D(width, (3, 3), activation="relu", padding="same")(x)
+        x = layers.Conv2D(width, (3, 3), activation="relu", padding="same")(x)
+    return keras.Model(inputs, layers.Conv2D(CLASSES, (1, 1))(x))
+
+
+class KerasUNetPair:
+    """The seed's U-Net in Keras and segx's UNet of the same widths, the Keras weights (random BatchNorm statistics
+    and biases included, so every term shows) copied into segx's."""
+
+    def __init__(self, keras: Any) -> None:
+        self.keras = keras
+        keras.utils.set_random_seed(0)
+        self.model = _seed_unet(keras)
+        self.net = UNet(CLASSES, 3, WIDTHS, BOTTLENECK)
+        self.layers = [layer for layer in self.model.layers if layer.weights]  # in creation order, as segx's
+        self.modules = [m for m in self.net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d,
+                                                                         torch.nn.BatchNorm2d))]
+        keras_names = {"Conv2d": "Conv2D", "ConvTranspose2d": "Conv2DTranspose", "BatchNorm2d": "BatchNormalization"}
+        assert [keras_names[type(m).__name__] for m in self.modules] == [type(x).__name__ for x in self.layers]
+        rng = np.random.default_rng(0)
+        for layer in self.layers:
+            shapes = [tuple(w.shape) for w in layer.weights]
+            if isinstance(layer, keras.layers.BatchNormalization):  # gamma, beta, moving mean, moving variance
+                layer.set_weights([rng.uniform(0.5, 1.5, shapes[0]), rng.normal(0, 0.1, shapes[1]),
+                                   rng.normal(0, 0.1, shapes[2]), rng.uniform(0.5, 1.5, shapes[3])])
+            else:  # kernel as initialised, a random bias
+                layer.set_weights([self.numpy(layer.weights[0]), rng.normal(0, 0.05, shapes[1])])
+        self.initial = [layer.get_weights() for layer in self.layers]
+        self.reset()
+        self.images = rng.uniform(-2, 2, (2, SIZE, SIZE, 3)).astype(np.float32)  # NHWC, as Keras takes them
+        self.labels = rng.integers(0, CLASSES, (2, SIZE, SIZE))
+
+    def numpy(self, tensor: Any) -> np.ndarray:
+        return np.array(self.keras.ops.convert_to_numpy(tensor))
+
+    def reset(self) -> None:
+        """Both networks back to the initial Keras weights."""
+        for layer, weights in zip(self.layers, self.initial, strict=True):
+            layer.set_weights(weights)
+        with torch.no_grad():
+            for layer, module in zip(self.layers, self.modules, strict=True):
+                weights = [torch.from_numpy(self.numpy(w).astype(np.float32)) for w in layer.weights]
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    for target, value in zip((module.weight, module.bias, module.running_mean, module.running_var),
+                                             weights, strict=True):
+                        target.copy_(value)
+                else:  # Keras (kh, kw, in, out) → torch (out, in, kh, kw); transposed convs alike, not flipped
+                    module.weight.copy_(weights[0].permute(3, 2, 0, 1))
+                    module.bias.copy_(weights[1])
+
+    def keras_logits(self, training: bool) -> np.ndarray:
+        return self.numpy(self.model(self.images, training=training))
+
+    def segx_logits(self, training: bool) -> np.ndarray:
+        self.net.train(training)
+        with torch.no_grad():
+            return self.net(torch.from_numpy(self.images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+
+    def keras_weights(self) -> np.ndarray:
+        return np.concatenate([self.numpy(w).ravel() for layer in self.layers for w in layer.trainable_weights])
+
+    def segx_weights(self) -> np.ndarray:  # in Keras' layout and order: kernel (or gamma), then bias (or beta)
+        return np.concatenate([(p.detach().permute(2, 3, 1, 0) if p.dim() == 4 else p.detach()).numpy().ravel()
+                               for m in self.modules for p in (m.weight, m.bias)])
+
+
+@pytest.fixture(scope="module")
+def unet_pair(keras: Any) -> KerasUNetPair:
+    return KerasUNetPair(keras)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training mode"])
+def test_the_seeds_unet_in_keras_and_segx_give_the_same_logits(unet_pair: KerasUNetPair, training: bool) -> None:
+    unet_pair.reset()
+    expected = unet_pair.keras_logits(training)
+    assert np.abs(unet_pair.segx_logits(training) - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name, keras_optimizer, target", [
+    ("adam", lambda k, lr: k.optimizers.Adam(learning_rate=lr, epsilon=1e-7), "torch.optim.Adam"),
+    ("adamax", lambda k, lr: k.optimizers.Adamax(learning_rate=lr, epsilon=1e-7), "torch.optim.Adamax"),
+    ("sgd", lambda k, lr: k.optimizers.SGD(learning_rate=lr), "torch.optim.SGD"),
+])
+def test_three_training_steps_of_the_seeds_unet_update_its_weights_as_keras_does(
+        unet_pair: KerasUNetPair, name: str, keras_optimizer: Any, target: str) -> None:
+    """From identical weights, one batch, three steps at lr 1e-4 with the study's decay 1e-3 per batch: each side
+    takes its own gradients of cross entropy through its own network."""
+    keras = unet_pair.keras
+    unet_pair.reset()
+    start = unet_pair.keras_weights()
+    assert np.array_equal(unet_pair.segx_weights(), start)
+    schedule = keras.optimizers.schedules.InverseTimeDecay(1e-4, decay_steps=1, decay_rate=1e-3)
+    unet_pair.model.compile(optimizer=keras_optimizer(keras, schedule),
+                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for _ in range(STEPS):
+        unet_pair.model.train_on_batch(unet_pair.images, unet_pair.labels)
+    expected = unet_pair.keras_weights() - start
+
+    extra = {} if name == "sgd" else {"betas": [0.9, 0.999], "eps": 1e-7}
+    net = unet_pair.net.train()
+    optimizer, decay = build_optimizer(list(net.parameters()), {"_target_": target, "lr": 1e-4, "decay": 1e-3,
+                                                                "keras_epsilon": True, **extra})
+    images, labels = torch.from_numpy(unet_pair.images).permute(0, 3, 1, 2), torch.from_numpy(unet_pair.labels)
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        F.cross_entropy(net(images), labels).backward()
+        optimizer.step()
+        decay.step()
+    assert _relative(unet_pair.segx_weights() - start, expected) <= 0.1, name
 
 
 def test_keras_epsilon_is_refused_for_an_optimizer_whose_keras_update_segx_does_not_have() -> None:

@@ -22,14 +22,15 @@ from segx.bench.peak import device_peak
 from segx.core.files import write_json_atomic
 from segx.training.runtime import precision_for
 
-SECTIONS = ("data", "loop", "predict", "models", "memory_format")
+SECTIONS = ("data", "loop", "predict", "models", "memory_format", "precision")
 # Minutes of training (two 12-configuration searches): measured only when asked for with --sections search.
 EXTRA_SECTIONS = ("search",)
 STUDY_UNETS = ("unet", "unet_medium", "unet_small")
 # (figure, comparison, target) per device type, as issue 10 set them; a dotted figure reads into a dict.
 TARGETS = {
     "cpu": [("data_speedup", ">=", 20.0), ("lightning_overhead", "<=", 1.05), ("train_peak_fraction", ">=", 0.65),
-            ("infer_peak_fraction", ">=", 0.80), ("search_epoch_fraction", "<=", 0.4), ("search_regret", "<=", 0.01)],
+            ("infer_peak_fraction", ">=", 0.80), ("search_epoch_fraction", "<=", 0.4), ("search_regret", "<=", 0.01),
+            ("bf16_label_agreement", ">=", 0.995), ("bf16_miou_difference", "<=", 0.002)],
     "cuda": [("data_speedup", ">=", 20.0), ("lightning_overhead", "<=", 1.05),
              ("unet_train_images_per_second", ">=", 3000.0), ("predict_val_seconds.unet", "<", 0.25),
              ("search_epoch_fraction", "<=", 0.4), ("search_regret", "<=", 0.01)],
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps before them")
     parser.add_argument("--model-batch", type=int, default=None, help="batch of the models table")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the fastest counts) per model figure")
+    parser.add_argument("--precision-ckpt", type=Path, default=None,
+                        help="precision section: a trained checkpoint to compare bf16 with fp32 on (default: the "
+                             "demo's network, trained on shapes for --precision-epochs)")
+    parser.add_argument("--precision-epochs", type=int, default=8, help="epochs of the precision section's network")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -196,6 +201,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _say(f"  {name:<16}{row['parameters']:>13,}{row['forward_gflops_per_image']:>12.2f}"
                  f"{row['train_images_per_second']:>13.1f}{row['predict_images_per_second']:>15.1f}")
         results["models"] = rows
+
+    if "precision" in args.sections:
+        from segx.bench.precision import bf16_agreement, train_reference
+
+        _say("precision: a trained network's val labels on the CPU in bf16 against fp32 ...")
+        ckpt = args.precision_ckpt or train_reference(args.workdir, args.precision_epochs, 64)
+        agreement = bf16_agreement(ckpt)
+        for key in ("bf16_label_agreement", "bf16_miou_difference", "bf16_predict_speedup"):
+            results[key] = agreement[key]
+        details["precision"] = agreement
+        _say(f"  {agreement['bf16_label_agreement']:.2%} of {agreement['images']} images' pixels labelled alike, "
+             f"mIoU {agreement['miou_32-true']:.4f} fp32 vs {agreement['miou_bf16-mixed']:.4f} bf16; bf16 "
+             f"{agreement['bf16_predict_speedup']:.2f}x as fast (bf16 units: {agreement['cpu_bf16_units']})")
 
     if "search" in args.sections:
         from segx.bench.search import search_comparison

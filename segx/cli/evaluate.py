@@ -13,6 +13,7 @@ from segx.core.errors import exit_on_user_error
 from segx.core.files import write_json_atomic
 from segx.inference.evaluate import evaluate_checkpoint
 from segx.inference.predictor import tta_from_config
+from segx.inference.sliding import inference_mode_from_config
 from segx.report import confusion_matrix_figure, print_scores
 
 
@@ -24,6 +25,7 @@ def main(cfg: DictConfig) -> float:
             cfg.ckpt, split=cfg.split, data_overrides=OmegaConf.to_container(cfg.data),
             full_res=cfg.full_res, save_predictions=cfg.save_predictions, out_dir=out_dir,
             batch_size=cfg.batch_size, device=cfg.device, tta=tta_from_config(cfg),
+            inference=inference_mode_from_config(cfg), precision=cfg.inference.precision,
         )
     write_json_atomic(out_dir / "metrics.json", result)
     confusion_matrix_figure(result["confusion_matrix"], result["class_names"], out_dir / "confusion_matrix.png",

@@ -226,6 +226,13 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         return self.source.ignore_index
 
     # -- data on disk -------------------------------------------------------------------------------
+    def read_image(self, path: str | Path) -> torch.Tensor:
+        """One image file at its own size as uint8 RGB [3,H,W], decoded as the cache decodes it (sliding windows)."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
     def read_mask(self, path: str | Path) -> np.ndarray:
         """One mask file at its own size as class indices, decoded as the cache decodes it (full-res scoring)."""
         from PIL import Image

@@ -1,4 +1,5 @@
-"""`evaluate_checkpoint`: score a trained network on a VOC split, at training size or full resolution."""
+"""`evaluate_checkpoint`: score a trained network on a split, at training size or full resolution (whole images
+resized to the training size, or sliding windows at each image's own size)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from segx.data.cache import resized_shape
 from segx.data.voc_classes import VOC_PALETTE
 from segx.inference.checkpoint import checkpoint_path, load_checkpoint, network_from_checkpoint, run_config
 from segx.inference.predictor import Predictor, TestTimeAugmentation
+from segx.inference.sliding import InferenceMode, SlidingWindow
 from segx.metrics import confusion_matrix_metric, segmentation_scores
 from segx.models.contract import check_input_size
 
@@ -72,13 +74,16 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     device: str = "auto",
     tta: TestTimeAugmentation | None = None,
+    inference: InferenceMode | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Returns segx.metrics.segmentation_scores' scores (`miou`, `mdice`, `macc`, ..., per class), `n_images`,
     `seconds`.
 
     At training size the score matches what training logged as `val/*`. With `full_res` the logits
     are upsampled (bilinear) to each image's original size and scored against the original mask —
-    the standard VOC protocol, and the number to compare with published results.
+    the standard VOC protocol, and the number to compare with published results. `inference.mode=slide`
+    predicts each image at its own size in windows, and so always scores at full resolution.
     """
     start = time.perf_counter()
     ckpt = checkpoint_path(ckpt)  # a file, or an MLflow models:/ or runs:/ URI
@@ -88,39 +93,51 @@ def evaluate_checkpoint(
     data_cfg = OmegaConf.merge(config.data, overrides)
     net = network_from_checkpoint(checkpoint)
     _say_what_differs_from_training(net, config, data_cfg)
-    datamodule = instantiate(data_cfg)
-    cached = datamodule.load_split(split)
     target = resolve_device(device)
     tta = tta or TestTimeAugmentation()
-    predictor = Predictor.from_run(net, config, target, int(batch_size), tta=tta)
+    predictor = Predictor.from_run(net, config, target, int(batch_size), tta=tta, precision=precision)
+    inference = inference or InferenceMode()
+    slider = SlidingWindow(predictor, *inference.window(int(config.data.image_size))) if inference.sliding else None
+    datamodule = instantiate(data_cfg)
+    cached = datamodule.load_split(split)
     confmat = confusion_matrix_metric(datamodule.num_classes).to(target)
-    mask_files = datamodule.split_files(split)[2] if full_res else []
     pred_dir = Path(out_dir or ".") / "predictions"
     if save_predictions:
         pred_dir.mkdir(parents=True, exist_ok=True)
 
-    for begin, logits in predictor.batches(cached.images):
-        end = begin + len(logits)
+    def score(index: int, pred: torch.Tensor, mask: torch.Tensor) -> None:
+        confmat.update(pred, mask.to(target).long())
+        if save_predictions:
+            save_palette_png(pred[0].cpu().numpy(), pred_dir / f"{cached.ids[index]}.png", datamodule.palette)
+
+    if slider is not None:
         if not full_res:
-            preds = logits.argmax(1)
-            confmat.update(preds, cached.masks[begin:end].to(target).long())
-            if save_predictions:
-                for i, pred in enumerate(preds.cpu().numpy()):
-                    save_palette_png(pred, pred_dir / f"{cached.ids[begin + i]}.png", datamodule.palette)
-            continue
-        for i in range(end - begin):
-            height, width = (int(v) for v in cached.original_sizes[begin + i])
-            # keep_ratio: only the top-left part of the logits saw the image, the rest its padding
-            covered_h, covered_w = resized_shape(height, width, datamodule.image_size, datamodule.resize)
-            full = F.interpolate(logits[i:i + 1, :, :covered_h, :covered_w].float(), size=(height, width),
-                                 mode="bilinear", align_corners=False)
-            pred = full.argmax(1)
-            mask = torch.from_numpy(datamodule.read_mask(mask_files[begin + i])).to(target).long()[None]
-            confmat.update(pred, mask)
-            if save_predictions:
-                save_palette_png(pred[0].cpu().numpy(), pred_dir / f"{cached.ids[begin + i]}.png",
-                                 datamodule.palette)
-        log.debug("Evaluated %d/%d images", end, len(cached))
+            log.info("inference.mode=slide predicts each image at its own size, so it is scored at full resolution.")
+        full_res = True
+        _, image_files, mask_files = datamodule.split_files(split)
+        for index, (image_file, mask_file) in enumerate(zip(image_files, mask_files, strict=True)):
+            pred = slider.labels(datamodule.read_image(image_file)).long()[None]
+            score(index, pred, torch.from_numpy(datamodule.read_mask(mask_file))[None])
+            log.debug("Evaluated %d/%d images", index + 1, len(image_files))
+    else:
+        mask_files = datamodule.split_files(split)[2] if full_res else []
+        for begin, logits in predictor.batches(cached.images):
+            end = begin + len(logits)
+            if not full_res:
+                preds = logits.argmax(1)
+                confmat.update(preds, cached.masks[begin:end].to(target).long())
+                if save_predictions:
+                    for i, pred in enumerate(preds.cpu().numpy()):
+                        save_palette_png(pred, pred_dir / f"{cached.ids[begin + i]}.png", datamodule.palette)
+                continue
+            for i in range(end - begin):
+                height, width = (int(v) for v in cached.original_sizes[begin + i])
+                # keep_ratio: only the top-left part of the logits saw the image, the rest its padding
+                covered_h, covered_w = resized_shape(height, width, datamodule.image_size, datamodule.resize)
+                full = F.interpolate(logits[i:i + 1, :, :covered_h, :covered_w].float(), size=(height, width),
+                                     mode="bilinear", align_corners=False)
+                score(begin + i, full.argmax(1), torch.from_numpy(datamodule.read_mask(mask_files[begin + i]))[None])
+            log.debug("Evaluated %d/%d images", end, len(cached))
 
     counts = confmat.compute().cpu()
     scores = segmentation_scores(counts, datamodule.class_names, datamodule.background_index,
@@ -137,4 +154,8 @@ def evaluate_checkpoint(
         "image_size": datamodule.image_size,
         "tta": tta.label or "none",  # scores made with test-time augmentation are labelled so
         **({"tta_scales": list(tta.scales)} if tta.mode == "ms_flip" else {}),
+        "inference": ({"mode": "slide", "crop": slider.crop, "stride": slider.stride} if slider is not None
+                      else {"mode": "whole"}),
+        "precision": predictor.precision,  # the precision the network predicted in
+        "device": str(target),
     }

@@ -35,6 +35,7 @@ from segx.inference.checkpoint import (
 )
 from segx.inference.evaluate import resolve_device, save_palette_png
 from segx.inference.predictor import Predictor, TestTimeAugmentation
+from segx.inference.sliding import InferenceMode, SlidingWindow
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,20 @@ def _progress_bar() -> Progress:
     return Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
+def _labels(predictor: Predictor, slider: SlidingWindow | None, images: list[Image.Image], size: int,
+            resize: str) -> Iterator[np.ndarray]:
+    """Each image's label mask at its own size: by sliding windows over it, or from one batch of them resized."""
+    if slider is not None:
+        for image in images:
+            yield slider.labels(TF.pil_to_tensor(image)).cpu().numpy().astype(np.uint8)
+        return
+    logits = predictor.logits(torch.stack([network_input(image, size, resize) for image in images]))
+    for image, image_logits in zip(images, logits, strict=True):
+        covered_h, covered_w = resized_shape(image.height, image.width, size, resize)  # the padding aside
+        yield labels_at_size(image_logits[:, :covered_h, :covered_w], image.height,
+                             image.width).cpu().numpy().astype(np.uint8)
+
+
 @torch.inference_mode()
 def predict_images(
     ckpt: str | Path,
@@ -222,11 +237,14 @@ def predict_images(
     device: str = "auto",
     progress: bool = False,
     tta: TestTimeAugmentation | None = None,
+    inference: InferenceMode | None = None,
+    precision: str = "auto",
 ) -> Predictions:
     """Masks for every image `inputs` names (file, folder or glob); nothing is written unless all are readable.
 
     Each image is seen as in training (resized to the run's `data.image_size`, its mean/std) and its
-    logits are upsampled to the image's own size, so masks line up with the originals.
+    logits are upsampled to the image's own size, so masks line up with the originals; with
+    `inference.mode=slide` it is predicted at its own size in overlapping windows instead.
     """
     start = time.perf_counter()
     if int(batch_size) < 1:
@@ -244,7 +262,10 @@ def predict_images(
     size = int(config.data.image_size)
     resize = str(config.data.get("resize", "square"))
     target = resolve_device(device)
-    predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, target, int(batch_size), tta=tta)
+    predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, target, int(batch_size), tta=tta,
+                                   precision=precision)
+    inference = inference or InferenceMode()
+    slider = SlidingWindow(predictor, *inference.window(size)) if inference.sliding else None
 
     overlay_dir = out_dir / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -260,11 +281,8 @@ def predict_images(
                     images.append(load_rgb(path))
                 except _DECODE_ERRORS as error:  # changed on disk since it was checked
                     raise SegxError(f"Input image {path} can no longer be read ({error}).") from error
-            logits = predictor.logits(torch.stack([network_input(image, size, resize) for image in images]))
-            for path, image, image_logits in zip(group, images, logits, strict=True):
-                covered_h, covered_w = resized_shape(image.height, image.width, size, resize)  # the padding aside
-                labels = labels_at_size(image_logits[:, :covered_h, :covered_w], image.height,
-                                        image.width).cpu().numpy().astype(np.uint8)
+            for path, image, labels in zip(group, images, _labels(predictor, slider, images, size, resize),
+                                           strict=True):
                 mask_path, overlay_path = out_dir / f"{path.stem}.png", overlay_dir / f"{path.stem}.jpg"
                 save_palette_png(labels, mask_path, palette)
                 overlay(image, labels, palette, background).save(overlay_path, quality=90)

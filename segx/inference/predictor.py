@@ -1,7 +1,7 @@
 """The one inference path: evaluation, prediction, the report's examples and the timing protocol all run here.
 
-`torch.inference_mode`, large batches, the run's mixed precision (autocast) and its memory format, so a
-score, a saved mask and a timing all come from the same computation.
+`torch.inference_mode`, large batches, the precision `inference_precision` picks (autocast) and the run's memory
+format, so a score, a saved mask and a timing all come from the same computation.
 """
 
 from __future__ import annotations
@@ -66,12 +66,37 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
-def inference_precision(precision: str | int, device: torch.device) -> str:
-    """A run's `trainer.precision` for inference: fp32 on the CPU (autocast is slower there); on CUDA `auto`
-    is bf16-mixed where the GPU has bf16, else fp32; `*-true` half precisions run as autocast (fp32 weights)."""
+INFERENCE_PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX tiles or AVX512-BF16), which oneDNN's bf16 convolutions
+    use; without them bf16 is emulated and slower than fp32."""
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def inference_precision(precision: str | int, device: torch.device, setting: str = "auto") -> str:
+    """The precision to predict in: `setting` (`inference.precision`) when not `auto`; `auto` is bf16-mixed on a
+    CPU with bf16 units (`cpu_has_bf16_units`), else fp32, and on CUDA follows the run's `trainer.precision`
+    (`precision`): its `auto` is bf16-mixed where the GPU has bf16, `*-true` half precisions run as autocast."""
+    setting = str(setting)
+    if setting not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"inference.precision={setting!r} is not a choice; use one of "
+                          f"{', '.join(INFERENCE_PRECISIONS)} (auto: bf16 where the CPU or GPU has bf16 units).")
     if device.type != "cuda":
-        return "32-true"
+        if setting == "16-mixed":
+            raise ConfigError("inference.precision=16-mixed is for CUDA GPUs; on a CPU use bf16-mixed, 32-true or "
+                              "auto.")
+        if setting == "auto":
+            return "bf16-mixed" if cpu_has_bf16_units() else "32-true"
+        return setting
     bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if setting == "bf16-mixed" and not bf16:
+        raise ConfigError(f"inference.precision=bf16-mixed was asked for but {torch.cuda.get_device_name(device)} "
+                          "has no bf16 support; use 16-mixed, 32-true or auto.")
+    if setting != "auto":
+        return setting
     precision = str(precision)
     if precision == "auto":
         return "bf16-mixed" if bf16 else "32-true"
@@ -120,13 +145,13 @@ class Predictor:
 
     @classmethod
     def from_run(cls, net: nn.Module, config: Any, device: torch.device, batch_size: int = 64,
-                 tta: TestTimeAugmentation | None = None) -> Predictor:
+                 tta: TestTimeAugmentation | None = None, precision: str = "auto") -> Predictor:
         """For a network trained with `config` (a run's resolved config, e.g. from its checkpoint), in the memory
-        format of its `run.channels_last` (`inference_memory_format`)."""
+        format of its `run.channels_last` (`inference_memory_format`) and `inference_precision(..., precision)`."""
         data = config.get("data") or {}
         trainer = config.get("trainer") or {}
         memory_format = inference_memory_format(config, net, device, batch_size)
-        return cls(net, device, inference_precision(trainer.get("precision", "auto"), device),
+        return cls(net, device, inference_precision(trainer.get("precision", "auto"), device, precision),
                    channels_last=memory_format.channels_last,
                    normalize=Normalize(list(data.get("mean", IMAGENET_MEAN)), list(data.get("std", IMAGENET_STD))),
                    batch_size=batch_size, tta=tta)
@@ -142,7 +167,11 @@ class Predictor:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N,3,H,W] (any device) → logits [N,C,H,W] on this device, in the autocast dtype when mixed; with
         test-time augmentation the float32 mean of the passes' probabilities (or logits)."""
-        batch = self.normalize(images.to(self.device, non_blocking=True))
+        return self.normalized_logits(self.normalize(images.to(self.device, non_blocking=True)))
+
+    @torch.inference_mode()
+    def normalized_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """`logits` of a batch already normalised and on this device (the sliding windows' path)."""
         if self.tta.mode == "none":
             return self._forward(batch)
         height, width = batch.shape[-2:]

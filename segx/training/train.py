@@ -160,12 +160,13 @@ def _time_prediction(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, run
     if timing.get("max_images"):
         images = images[: int(timing.max_images)]
     device = torch.device("cuda", 0) if runtime.accelerator == "cuda" else torch.device("cpu")
-    log.info("Timing prediction of %d val images: %d warm-up + %d timed passes on %s", len(images), timing.warmup,
-             timing.passes, device)
-    predictor = Predictor(net, device, inference_precision(runtime.precision, device),
-                          channels_last=memory_format.channels_last, normalize=datamodule.normalizer,
-                          batch_size=int(timing.batch_size))
-    result = time_prediction(predictor, images, passes=int(timing.passes), warmup=int(timing.warmup))
+    precision = inference_precision(runtime.precision, device, timing.get("precision", "auto"))
+    log.info("Timing prediction of %d val images: %d warm-up + %d timed passes on %s in %s", len(images),
+             timing.warmup, timing.passes, device, precision)
+    predictor = Predictor(net, device, precision, channels_last=memory_format.channels_last,
+                          normalize=datamodule.normalizer, batch_size=int(timing.batch_size))
+    result = {**time_prediction(predictor, images, passes=int(timing.passes), warmup=int(timing.warmup)),
+              "predict_precision": precision}
     log.info("Predicting %d val images took %.3f s (mean of %d passes), %.0f images/s", result["predict_images"],
              result["predict_val_seconds"], timing.passes, result["predict_images_per_second"])
     return result
