@@ -203,7 +203,7 @@ def test_a_checkpoint_with_the_old_model_keys_loads_and_predicts(channels_last: 
     net = network_from_checkpoint(checkpoint)
     stored = OmegaConf.create(checkpoint["segx"]["config"])
     assert inference_memory_format(stored, net, "cpu", 4).channels_last is channels_last
-    predictor = Predictor.from_run(net, stored, torch.device("cpu"), batch_size=4)
+    predictor = Predictor.from_run(net, stored, torch.device("cpu"), batch_size=4, precision="32-true")
     assert predictor.memory_format == (torch.channels_last if channels_last else torch.contiguous_format)
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
