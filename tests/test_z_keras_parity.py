@@ -6,7 +6,9 @@ lose theirs ("lost sys.stderr"); Keras is therefore only imported by this file's
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,12 @@ from segx.training.optim import build_optimizer
 
 @pytest.fixture(scope="module")
 def keras() -> Any:
-    """Keras 3 on the torch backend, imported only by these tests: imported while the suite is collected, it takes
-    over the process' stderr and logging, which the in-process runs of other tests then lose."""
+    """Keras 3 on the torch backend. Its import creates absl's log handler, which keeps the stderr of that moment
+    and closes it when the handler is closed: imported under pytest's capture, a later in-process run that closes
+    its handlers would close pytest's stream. So it is imported with the process' own streams in place."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
-    return pytest.importorskip("keras", reason="Keras 3 is in the dev extra (pip install 'segx[dev]')")
+    with contextlib.redirect_stdout(sys.__stdout__), contextlib.redirect_stderr(sys.__stderr__):
+        return pytest.importorskip("keras", reason="Keras 3 is in the dev extra (pip install 'segx[dev]')")
 
 
 STEPS = 3
