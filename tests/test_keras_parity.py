@@ -1,8 +1,6 @@
 """The study as Keras ran it: the seed's U-Net built in Keras 3 (torch backend) with its weights copied into segx's,
 segx's Keras-mode optimizers and initialiser against Keras itself, and the study's relabelling of VOC's void pixels.
-
-Named to run last: once imported, Keras takes over the process' stderr, and the in-process runs of tests after it
-lose theirs ("lost sys.stderr"); Keras is therefore only imported by this file's fixture."""
+Keras is imported only by this file's fixture (see there why with the process' own streams)."""
 
 from __future__ import annotations
 
