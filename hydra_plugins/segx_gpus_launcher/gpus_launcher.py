@@ -19,7 +19,6 @@ from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
-from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray, start_ray
 from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -136,7 +135,8 @@ class GpuLauncher(RayLauncher):
         self.check_resources = check_resources
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import ray
+        import ray  # here, not at the top: Hydra imports every plugin module of every command, sweep or not
+        from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray, start_ray
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         show_every_log_line()
