@@ -125,8 +125,10 @@ def test_evaluate_and_predict_slide_over_each_image_at_its_own_size(trained_run:
     from tests.conftest import run_in_process
 
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    run_in_process("evaluate.py", f"ckpt={ckpt}", "inference.mode=slide", "inference.crop=32", "inference.stride=16",
-                   "inference.precision=32-true", "save_predictions=true", f"hydra.run.dir={tmp_path / 'eval'}")
+    printed = run_in_process("evaluate.py", f"ckpt={ckpt}", "inference.mode=slide", "inference.crop=32",
+                             "inference.stride=16", "inference.precision=32-true", "save_predictions=true",
+                             f"hydra.run.dir={tmp_path / 'eval'}").stdout
+    assert "val split, 16 images, full resolution, sliding windows" in printed  # the scores' title says how
     scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert scores["inference"] == {"mode": "slide", "crop": 32, "stride": 16} and scores["full_res"] is True
     assert scores["precision"] == "32-true" and scores["n_images"] == 16 and 0 < scores["miou"] <= 1

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from segx.core.errors import ConfigError
-from segx.inference.predictor import Predictor, TestTimeAugmentation
+from segx.inference.predictor import Predictor, TestTimeAugmentation, cpu_has_bf16_units
 from tests.conftest import run_in_process
 
 
@@ -61,7 +61,11 @@ def test_flip_averages_the_mirrored_pass_and_scales_come_back_to_the_input_size(
 def test_evaluate_labels_its_scores_with_the_augmentation(trained_run: Path, tmp_path: Path) -> None:
     import json
 
-    run_in_process("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", "tta=ms_flip",
-                   "tta_scales=[0.75,1.0]", f"hydra.run.dir={tmp_path}")
+    printed = run_in_process("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'best.ckpt'}", "tta=ms_flip",
+                             "tta_scales=[0.75,1.0]", f"hydra.run.dir={tmp_path}").stdout
     result = json.loads((tmp_path / "metrics.json").read_text())
     assert result["tta"] == "ms+flip" and result["tta_scales"] == [0.75, 1.0] and 0 <= result["miou"] <= 1
+    # inference.precision=auto: bf16 on a CPU with bf16 units, and the printed title says so
+    bf16 = cpu_has_bf16_units()
+    assert result["precision"] == ("bf16-mixed" if bf16 else "32-true")
+    assert ("test-time augmentation ms+flip, bf16-mixed" in printed) is bf16

@@ -140,7 +140,9 @@ def print_scores(result: dict[str, Any], console: Console | None = None) -> None
     console = console or Console()
     title = (f"{result.get('split', '')} split, {result.get('n_images', '?')} images, "
              f"{'full resolution' if result.get('full_res') else str(result.get('image_size', '')) + ' px'}"
-             + (f", test-time augmentation {result['tta']}" if result.get("tta") not in (None, "none") else ""))
+             + (f", test-time augmentation {result['tta']}" if result.get("tta") not in (None, "none") else "")
+             + (", sliding windows" if (result.get("inference") or {}).get("mode") == "slide" else "")
+             + (f", {result['precision']}" if result.get("precision") not in (None, "32-true") else ""))
     overall = Table(title=title)
     beta = result.get("fscore_beta", 1.0)
     means = (("mIoU %", "miou"), ("mIoU no bg %", "miou_no_bg"), ("mDice %", "mdice"), ("mAcc %", "macc"),
