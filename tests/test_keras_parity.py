@@ -195,17 +195,23 @@ def test_three_training_steps_of_the_seeds_unet_update_its_weights_as_keras_does
         unet_pair.model.train_on_batch(unet_pair.images, unet_pair.labels)
     expected = unet_pair.keras_weights() - start
 
-    extra = {} if name == "sgd" else {"betas": [0.9, 0.999], "eps": 1e-7}
-    net = unet_pair.net.train()
-    optimizer, decay = build_optimizer(list(net.parameters()), {"_target_": target, "lr": 1e-4, "decay": 1e-3,
-                                                                "keras_epsilon": True, **extra})
-    images, labels = torch.from_numpy(unet_pair.images).permute(0, 3, 1, 2), torch.from_numpy(unet_pair.labels)
-    for _ in range(STEPS):
-        optimizer.zero_grad()
-        F.cross_entropy(net(images), labels).backward()
-        optimizer.step()
-        decay.step()
-    assert _relative(unet_pair.segx_weights() - start, expected) <= 0.1, name
+    def segx_updates(keras_epsilon: bool) -> np.ndarray:
+        unet_pair.reset()
+        net = unet_pair.net.train()
+        extra = {} if name == "sgd" else {"betas": [0.9, 0.999], "eps": 1e-7}
+        optimizer, decay = build_optimizer(list(net.parameters()), {"_target_": target, "lr": 1e-4, "decay": 1e-3,
+                                                                    "keras_epsilon": keras_epsilon, **extra})
+        images, labels = torch.from_numpy(unet_pair.images).permute(0, 3, 1, 2), torch.from_numpy(unet_pair.labels)
+        for _ in range(STEPS):
+            optimizer.zero_grad()
+            F.cross_entropy(net(images), labels).backward()
+            optimizer.step()
+            decay.step()
+        return unet_pair.segx_weights() - start
+
+    assert _relative(segx_updates(keras_epsilon=True), expected) <= 0.1, name
+    if name == "adam":  # PyTorch's own Adam moves these weights differently (measured 0.36): the option matters
+        assert _relative(segx_updates(keras_epsilon=False), expected) > 0.2
 
 
 def test_keras_epsilon_is_refused_for_an_optimizer_whose_keras_update_segx_does_not_have() -> None:
