@@ -279,6 +279,7 @@ def test_a_seeded_tpe_search_over_a_mixed_space_runs_the_configurations_its_seed
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "6 jobs, 6 completed, 0 failed" in output and (tmp_path / "search" / "optuna.journal").is_file()
+    assert all(f"(job {n} pid=" in output for n in range(6)), output[-3000:]  # each trial's lines say whose
     # With fewer trials than TPE's 10 random start-up ones, the proposals do not depend on the scores.
     expected = _suggestions(TuneSweeper(search="optuna", num_samples=6, seed=7)._searcher(
         parse_space(space), 6, tmp_path / "fresh"), 6)

@@ -130,6 +130,7 @@ class TuneSweeper(Sweeper):
 
     def _run(self, space: Any, trials: int, max_t: int, remote: dict, sweep_dir: Path) -> Any:
         from ray import tune
+        from ray.tune.trainable.function_trainable import wrap_function
 
         from hydra_plugins.segx_gpus_launcher.gpus_launcher import alive_nodes, fit_to_cluster
         from segx.search.outcomes import TrialOutcomes
@@ -147,12 +148,16 @@ class TuneSweeper(Sweeper):
                 log.warning("%s", note.replace("job(s)", "trial(s)"))
         monitor = str(self.config.get("monitor") or "val/miou")
         stopped_by = SCHEDULERS[self.scheduler_name] or "the search scheduler"
+        function = wrap_function(tune.with_parameters(
+            run_trial, hydra_context=self.hydra_context, master_config=self.config, task_function=self.task_function,
+            singleton_state=Singleton.get_state(), space=space, monitor=monitor))
+
+        class Trial(function):  # type: ignore[misc, valid-type]
+            def __repr__(self) -> str:  # Ray prefixes an actor's output with it: "(job 3 pid=...)", as the gpus
+                return f"job {self.config.get('_job', '?')}"  # launcher's jobs, instead of "(run_trial pid=...)"
+
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, hydra_context=self.hydra_context, master_config=self.config,
-                                 task_function=self.task_function, singleton_state=Singleton.get_state(),
-                                 space=space, monitor=monitor),
-            {"cpu": float(remote.get("num_cpus") or 0), "gpu": float(remote.get("num_gpus") or 0)},
-        )
+            Trial, {"cpu": float(remote.get("num_cpus") or 0), "gpu": float(remote.get("num_gpus") or 0)})
         log.info("Searching %d trial(s) (%s search, scheduler %s, max_t %d epochs, %s GPU(s) each) into %s",
                  trials, self.search, self.scheduler_name, max_t, remote.get("num_gpus", 0), sweep_dir)
         plan = SearchPlan(search=self.search, scheduler=self.scheduler_name, trials=trials, max_t=max_t,
