@@ -205,6 +205,19 @@ def test_a_gpus_sweep_without_its_dataset_stops_after_the_first_job(tmp_path: Pa
     assert not list((tmp_path / "s").glob("[12]/metrics.json"))
 
 
+def test_a_ray_started_without_its_dashboard_collects_no_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra_plugins.segx_gpus_launcher.gpus_launcher import skip_ray_metrics
+
+    monkeypatch.delenv("RAY_enable_metrics_collection", raising=False)
+    skip_ray_metrics({"include_dashboard": True})
+    assert "RAY_enable_metrics_collection" not in os.environ  # the dashboard shows them: kept
+    skip_ray_metrics({"include_dashboard": False})
+    assert os.environ["RAY_enable_metrics_collection"] == "0"
+    monkeypatch.setenv("RAY_enable_metrics_collection", "1")
+    skip_ray_metrics({})
+    assert os.environ["RAY_enable_metrics_collection"] == "1"  # a user's own setting wins
+
+
 def test_job_requests_are_fitted_to_the_nodes_or_refused() -> None:
     one_gpu = [{"CPU": 2.0, "GPU": 1.0, "memory": 1e9}]
     assert fit_to_cluster({"num_gpus": 0.5, "num_cpus": 1}, one_gpu, jobs=4) == ({"num_gpus": 0.5, "num_cpus": 1}, None)

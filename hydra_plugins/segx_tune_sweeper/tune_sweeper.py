@@ -91,7 +91,7 @@ class TuneSweeper(Sweeper):
         import ray
         from hydra_plugins.hydra_ray_launcher._launcher_util import start_ray
 
-        from hydra_plugins.segx_gpus_launcher.gpus_launcher import show_every_log_line
+        from hydra_plugins.segx_gpus_launcher.gpus_launcher import show_every_log_line, skip_ray_metrics
         from segx.search.space import parse_space
 
         assert self.config is not None and self.hydra_context is not None
@@ -116,6 +116,7 @@ class TuneSweeper(Sweeper):
         init = OmegaConf.to_container(self.ray_cfg.init, resolve=True)
         remote = OmegaConf.to_container(self.ray_cfg.remote, resolve=True)
         own_ray = not ray.is_initialized()
+        skip_ray_metrics(init)
         start_ray(OmegaConf.create({k: v for k, v in init.items() if v is not None or k == "address"}))
         try:
             return self._run(space, trials, max_t, remote, sweep_dir)
