@@ -2,7 +2,8 @@
 
 mmsegmentation's `slide` mode: windows of `crop` × `crop` every `stride` pixels, the last row and column moved
 back to end at the image's border. Rows of windows are predicted top to bottom and each band of rows is handed
-on once no later window reaches it, so the logits held at once are `crop` rows of the image, not all of it.
+on once no later window reaches it, so what is held grows with the image's width, not its height: one band of
+`crop` rows and one batch of windows.
 """
 
 from __future__ import annotations
