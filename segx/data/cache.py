@@ -165,6 +165,13 @@ def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: int, resize: str 
             _resize(mask, size, resize, TF.InterpolationMode.NEAREST_EXACT, ignore_index))
 
 
+def read_image(image_file: str | Path) -> torch.Tensor:
+    """One image file, decoded whole (PIL decodes lazily: a truncated file fails here), as uint8 RGB [3,H,W]."""
+    with Image.open(image_file) as img:
+        img.load()
+        return TF.pil_to_tensor(img.convert("RGB"))
+
+
 def check_pair(
     image_file: str, mask_file: str, size: int, num_classes: int, ignore_index: int = IGNORE_INDEX,
     decoder: MaskDecoder | None = None, resize: str = "square",
@@ -172,15 +179,13 @@ def check_pair(
     """Decode and check one pair fully: (image, mask, original size) or None, and every problem found.
 
     Images are resized bilinear with antialiasing, masks with nearest neighbour so labels stay labels.
-    PIL decodes lazily, so `load()` forces the whole file through the decoder here: a truncated JPEG is
-    caught now and named, not met half-way through a resize.
+    `read_image` forces the whole image through the decoder: a truncated JPEG is caught now and named, not met
+    half-way through a resize.
     """
     bad: list[BadFile] = []
     image = mask = None
     try:
-        with Image.open(image_file) as img:
-            img.load()
-            image = TF.pil_to_tensor(img.convert("RGB"))
+        image = read_image(image_file)
     except Exception as error:  # whatever the decoder raises, this file cannot be used
         bad.append(BadFile("image", image_file, _pil_error(error, image_file)))
     decoder = decoder or MaskDecoder(ignore_index=ignore_index)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segx.core.errors import ConfigError, DatasetUnavailableError, SegxError
 from segx.data.augment import augment_from_config
-from segx.data.cache import CachedSplit, check_resize, load_or_build
+from segx.data.cache import CachedSplit, check_resize, load_or_build, read_image
 from segx.data.device_batches import DeviceBatches, EpochOrderSampler
 from segx.data.masks import MaskDecoder
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
@@ -228,10 +228,7 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
     # -- data on disk -------------------------------------------------------------------------------
     def read_image(self, path: str | Path) -> torch.Tensor:
         """One image file at its own size as uint8 RGB [3,H,W], decoded as the cache decodes it (sliding windows)."""
-        from PIL import Image
-
-        with Image.open(path) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        return read_image(path)
 
     def read_mask(self, path: str | Path) -> np.ndarray:
         """One mask file at its own size as class indices, decoded as the cache decodes it (full-res scoring)."""
