@@ -8,8 +8,9 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,16 @@ def own_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
     else:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def keras() -> Any:
+    """Keras 3 on the torch backend. Its import creates absl's log handler, which keeps the stderr of that moment
+    and closes it when the handler is closed: imported under pytest's capture, a later in-process run that closes
+    its handlers would close pytest's stream. So it is imported with the process' own streams in place."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    with redirect_stdout(sys.__stdout__), redirect_stderr(sys.__stderr__):
+        return pytest.importorskip("keras", reason="Keras 3 is in the dev extra (pip install 'segx[dev]')")
 
 
 def read_json(path: Path) -> dict:

@@ -1,12 +1,9 @@
 """The study as Keras ran it: the seed's U-Net built in Keras 3 (torch backend) with its weights copied into segx's,
 segx's Keras-mode optimizers and initialiser against Keras itself, and the study's relabelling of VOC's void pixels.
-Keras is imported only by this file's fixture (see there why with the process' own streams)."""
+Keras comes from the `keras` fixture of tests/conftest.py (see there why with the process' own streams)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +15,6 @@ import torch.nn.functional as F
 from segx.core.errors import ConfigError
 from segx.models.unet import UNet
 from segx.training.optim import build_optimizer
-
-
-@pytest.fixture(scope="module")
-def keras() -> Any:
-    """Keras 3 on the torch backend. Its import creates absl's log handler, which keeps the stderr of that moment
-    and closes it when the handler is closed: imported under pytest's capture, a later in-process run that closes
-    its handlers would close pytest's stream. So it is imported with the process' own streams in place."""
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    with contextlib.redirect_stdout(sys.__stdout__), contextlib.redirect_stderr(sys.__stderr__):
-        return pytest.importorskip("keras", reason="Keras 3 is in the dev extra (pip install 'segx[dev]')")
-
 
 STEPS = 3
 
@@ -241,7 +227,8 @@ def test_the_study_presets_train_with_keras_updates() -> None:
     from tests.conftest import ROOT
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        for preset in ("optimizer_grid", "loss_grid", "size_study", "best_setting", "compare_models"):
+        for preset in ("optimizer_grid", "loss_grid", "size_study", "best_setting", "compare_models",
+                       "compare_models_chained", "loss_comparison_chained"):
             assert compose("train", [f"experiment={preset}"]).optimizer.keras_epsilon is True, preset
         assert compose("train", ["optimizer=adam"]).optimizer.keras_epsilon is False  # PyTorch's by default
 

@@ -109,6 +109,18 @@ def test_fcn_rejects_unknown_upsample_mode_and_bad_sizes() -> None:
         FCN(widths=[8, 16], convs_per_block=[2, 2, 3])
     with pytest.raises(ValueError, match="divisible by 16"):
         FCN(widths=NARROW, fc_width=16)(torch.randn(1, 3, 72, 72))
+    with pytest.raises(ValueError, match="classifier_activation must be null or 'relu', got 'softmax'"):
+        FCN(classifier_activation="softmax")
+    with pytest.raises(ValueError, match="classifier_init must be one of \\['glorot', 'he_normal'\\]"):
+        FCN(classifier_init="he_uniform")
+
+
+def test_fcn_study_classifier_is_relu_and_he_normal() -> None:
+    model = FCN(widths=NARROW, fc_width=32, classifier_activation="relu", classifier_init="he_normal").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).min() >= 0  # the study's scores before its softmax
+    std = model.classifier.weight.std().item()  # he_normal: sqrt(2 / 32); glorot: sqrt(2 / (32 + 21))
+    assert std == pytest.approx((2 / 32) ** 0.5, rel=0.15) and (model.classifier.bias == 0).all()
 
 
 def test_fcn_trains_with_narrow_widths() -> None:
@@ -511,14 +523,17 @@ def _config_count(name: str) -> int:
     return int(re.search(r"([\d,]{7,}) parameters", header).group(1).replace(",", ""))
 
 
-@pytest.mark.parametrize("name", ["fcn", "resunet", "pspnet", "smp", "deeplabv3plus", "pspnet_resnet"])
+@pytest.mark.parametrize("name", ["fcn", "resunet", "pspnet", "smp", "deeplabv3plus", "pspnet_resnet", "fcn_study",
+                                  "resunet_study", "pspnet_study"])
 def test_model_configs_instantiate_with_the_documented_size(name: str) -> None:
     with initialize_config_dir(config_dir=str(MODEL_CONF), version_base="1.3"):
         cfg = compose(config_name=name)
-    model = instantiate(cfg)  # Hydra hands lists over as ListConfig, as in training
+    device = "meta" if name == "resunet_study" else "cpu"  # 401.6M parameters (1.6 GB): shapes only
+    with torch.device(device):
+        model = instantiate(cfg)  # Hydra hands lists over as ListConfig, as in training
     assert _keras_count(model) == _config_count(name)
     if name in ("deeplabv3plus", "pspnet_resnet"):
         assert model.arch == name.split("_")[0] and model.encoder_name == "resnet34"
     model.eval()
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 21, 64, 64)
+        assert model(torch.randn(1, 3, 64, 64, device=device)).shape == (1, 21, 64, 64)

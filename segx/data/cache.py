@@ -126,6 +126,9 @@ def _pil_error(error: BaseException, path: str) -> str:
 
 
 RESIZES = ("square", "keep_ratio")
+#: How images and masks are resampled to the cache's size: `antialias` (bilinear with antialiasing; masks nearest,
+#: pixel centres) or `cv2` (the study's `cv2.resize`: bilinear without antialiasing, INTER_NEAREST for masks).
+INTERPOLATIONS = ("antialias", "cv2")
 
 
 def check_resize(resize: str) -> str:
@@ -133,6 +136,14 @@ def check_resize(resize: str) -> str:
         raise ConfigError(f"data.resize={resize!r} is not a choice; use square (stretch every image to image_size × "
                           "image_size, the study's) or keep_ratio (the longer side to image_size, the rest padded).")
     return resize
+
+
+def check_interpolation(interpolation: str) -> str:
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"data.interpolation={interpolation!r} is not a choice; use antialias (bilinear with "
+                          "antialiasing, segx's default) or cv2 (bilinear without antialiasing and nearest masks, as "
+                          "the study's cv2.resize did).")
+    return interpolation
 
 
 def resized_shape(height: int, width: int, size: int, resize: str = "square") -> tuple[int, int]:
@@ -144,25 +155,32 @@ def resized_shape(height: int, width: int, size: int, resize: str = "square") ->
     return max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
 
 
-def _resize(tensor: torch.Tensor, size: int, resize: str, mode: TF.InterpolationMode, fill: int) -> torch.Tensor:
+def _resize(tensor: torch.Tensor, size: int, resize: str, mode: TF.InterpolationMode, fill: int,
+            antialias: bool) -> torch.Tensor:
     height, width = resized_shape(int(tensor.shape[-2]), int(tensor.shape[-1]), size, resize)
-    tensor = TF.resize(tensor, [height, width], interpolation=mode, antialias=mode == TF.InterpolationMode.BILINEAR)
+    tensor = TF.resize(tensor, [height, width], interpolation=mode, antialias=antialias)
     if (height, width) != (size, size):
         tensor = TF.pad(tensor, [0, 0, size - width, size - height], fill=fill)  # left, top, right, bottom
     return tensor
 
 
-def resize_image(image: torch.Tensor, size: int, resize: str = "square") -> torch.Tensor:
-    """uint8 [3,H,W] to size × size, bilinear with antialiasing; `keep_ratio` pads the bottom and right black."""
-    return _resize(image, size, resize, TF.InterpolationMode.BILINEAR, 0)
+def resize_image(image: torch.Tensor, size: int, resize: str = "square",
+                 interpolation: str = "antialias") -> torch.Tensor:
+    """uint8 [3,H,W] to size × size, bilinear (with antialiasing unless `interpolation=cv2`); `keep_ratio` pads the
+    bottom and right black."""
+    return _resize(image, size, resize, TF.InterpolationMode.BILINEAR, 0, antialias=interpolation == "antialias")
 
 
-def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: int, resize: str = "square",
-                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [3,H,W] and [1,H,W] to size × size: the image as `resize_image`, the mask nearest, `keep_ratio`'s
-    padding `ignore_index` (never scored)."""
-    return (resize_image(image, size, resize),
-            _resize(mask, size, resize, TF.InterpolationMode.NEAREST_EXACT, ignore_index))
+def resize_pair(
+    image: torch.Tensor, mask: torch.Tensor, size: int, resize: str = "square", ignore_index: int = IGNORE_INDEX,
+    interpolation: str = "antialias",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [3,H,W] and [1,H,W] to size × size: the image as `resize_image`, the mask nearest (pixel centres, or
+    cv2's INTER_NEAREST, which takes the source pixel at floor(x · scale)), `keep_ratio`'s padding `ignore_index`
+    (never scored)."""
+    nearest = TF.InterpolationMode.NEAREST if interpolation == "cv2" else TF.InterpolationMode.NEAREST_EXACT
+    return (resize_image(image, size, resize, interpolation),
+            _resize(mask, size, resize, nearest, ignore_index, antialias=False))
 
 
 def read_image(image_file: str | Path) -> torch.Tensor:
@@ -174,11 +192,12 @@ def read_image(image_file: str | Path) -> torch.Tensor:
 
 def check_pair(
     image_file: str, mask_file: str, size: int, num_classes: int, ignore_index: int = IGNORE_INDEX,
-    decoder: MaskDecoder | None = None, resize: str = "square",
+    decoder: MaskDecoder | None = None, resize: str = "square", interpolation: str = "antialias",
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None, list[BadFile]]:
     """Decode and check one pair fully: (image, mask, original size) or None, and every problem found.
 
-    Images are resized bilinear with antialiasing, masks with nearest neighbour so labels stay labels.
+    Images are resized bilinear (see `resize_pair` for `interpolation`), masks with nearest neighbour so labels
+    stay labels.
     `read_image` forces the whole image through the decoder: a truncated JPEG is caught now and named, not met
     half-way through a resize.
     """
@@ -211,7 +230,7 @@ def check_pair(
     if bad or image is None or mask is None:
         return None, bad
     original = (int(image.shape[-2]), int(image.shape[-1]))
-    image, mask = resize_pair(image, mask, size, resize, ignore_index)
+    image, mask = resize_pair(image, mask, size, resize, ignore_index, interpolation)
     return (image, mask[0], original), bad
 
 
@@ -223,6 +242,7 @@ def _atomic_save(obj: object, path: Path) -> None:
 def _build(
     split: str, files: SplitFiles, size: int, num_classes: int, ignore_index: int, bad_files_fix: str,
     progress: Callable[[int, int], None] | None, decoder: MaskDecoder | None = None, resize: str = "square",
+    interpolation: str = "antialias",
 ) -> CachedSplit:
     """Decode every pair, checking each; one SegxError at the end lists every bad file, grouped by problem."""
     n = len(files.ids)
@@ -233,7 +253,7 @@ def _build(
     # PIL decodes and resizes with the GIL released, so threads use every core without pickling tensors.
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         results = pool.map(lambda pair: check_pair(pair[0], pair[1], size, num_classes, ignore_index, decoder,
-                                                      resize),
+                                                      resize, interpolation),
                            zip(files.images, files.masks, strict=True))
         for i, (decoded, problems) in enumerate(results):
             bad.extend(problems)
@@ -288,7 +308,7 @@ def _make_writable(cache_dir: Path) -> None:
 def load_or_build(
     cache_dir: Path, split: str, files: SplitFiles, size: int, num_classes: int,
     ignore_index: int = IGNORE_INDEX, bad_files_fix: str = DEFAULT_FIX, decoder: MaskDecoder | None = None,
-    resize: str = "square",
+    resize: str = "square", interpolation: str = "antialias",
 ) -> CachedSplit:
     """Return the cached split, building it first if no cache matches this file list and size.
 
@@ -300,7 +320,8 @@ def load_or_build(
     _make_writable(cache_dir)
     decoding = f"-{decoder.key}" if decoder is not None and decoder.key else ""  # masks read another way: apart
     kept = "-keep_ratio" if check_resize(resize) == "keep_ratio" else ""
-    path = cache_dir / f"{split}-{size}px{kept}-{fingerprint(files.images, files.masks)}{decoding}.pt"
+    resampled = "-cv2" if check_interpolation(interpolation) == "cv2" else ""  # other pixels: a cache of their own
+    path = cache_dir / f"{split}-{size}px{kept}{resampled}-{fingerprint(files.images, files.masks)}{decoding}.pt"
     with FileLock(str(path) + ".lock"):
         if path.exists():
             try:
@@ -322,7 +343,8 @@ def load_or_build(
                 log.info("Caching %s split at %dpx: %d/%d images (%.0fs)", split, size, done, total, now - start)
 
         log.info("Building the %s cache at %dpx from %d images into %s", split, size, len(ids), path)
-        cached = _build(split, files, size, num_classes, ignore_index, bad_files_fix, progress, decoder, resize)
+        cached = _build(split, files, size, num_classes, ignore_index, bad_files_fix, progress, decoder, resize,
+                        interpolation)
         blob = {
             "format": CACHE_FORMAT, "ids": cached.ids, "images": cached.images, "masks": cached.masks,
             "original_sizes": cached.original_sizes,

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segx.core.errors import ConfigError, DatasetUnavailableError, SegxError
 from segx.data.augment import augment_from_config
-from segx.data.cache import CachedSplit, check_resize, load_or_build, read_image
+from segx.data.cache import CachedSplit, check_interpolation, check_resize, load_or_build, read_image
 from segx.data.device_batches import DeviceBatches, EpochOrderSampler
 from segx.data.masks import MaskDecoder
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
@@ -105,14 +105,14 @@ def _whole(name: str, value: object) -> int:
 
 
 def _channel_values(name: str, values: object, positive: bool = False) -> list[float]:
-    """`data.mean` / `data.std`: one number per RGB channel (the cache stores every image as RGB)."""
+    """`data.mean` / `data.std`: one number per channel, in `data.channel_order`."""
     try:
         numbers = [float(v) for v in values]  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         numbers = []
     if len(numbers) != 3 or (positive and min(numbers) <= 0):
         kind = "positive numbers" if positive else "numbers"
-        raise ConfigError(f"{name}={values!r} must be 3 {kind}, one per RGB channel (ImageNet's are the default).")
+        raise ConfigError(f"{name}={values!r} must be 3 {kind}, one per channel (ImageNet's are the default).")
     return numbers
 
 
@@ -146,11 +146,14 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         on_device_memory_fraction: float = 0.5,
         resize: str = "square",
         void_label: str = "ignore",
+        interpolation: str = "antialias",
+        channel_order: str = "rgb",
     ) -> None:
         super().__init__()
         self.source = source
         self.image_size = _whole("data.image_size", image_size)
         self.resize = check_resize(resize)
+        self.interpolation = check_interpolation(interpolation)
         self._relabel_void(void_label)
         if self.image_size < 16:
             raise ConfigError(f"data.image_size={image_size} is too small; use 16 or more (the study used 128).")
@@ -185,7 +188,8 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         self.augment = augment_from_config(augment, seed=self.seed + 1, ignore_index=source.ignore_index)
         self.on_device = check_on_device(on_device)  # refused before any data is read
         self.on_device_memory_fraction = check_memory_fraction(on_device_memory_fraction)
-        self.normalizer = Normalize(_channel_values("data.mean", mean), _channel_values("data.std", std, positive=True))
+        self.normalizer = Normalize(_channel_values("data.mean", mean), _channel_values("data.std", std, positive=True),
+                                    channel_order)
         self._splits: dict[str, CachedSplit] = {}
         self._resident: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.target_device: torch.device | None = None  # where batches go without a Trainer (the benchmark)
@@ -259,7 +263,7 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
             self._splits[split] = load_or_build(
                 self.cache_dir, split, files, self.image_size, num_classes=self.num_classes,
                 ignore_index=self.source.ignore_index, bad_files_fix=self.source.bad_files_fix(split),
-                decoder=self.mask_decoder, resize=self.resize,
+                decoder=self.mask_decoder, resize=self.resize, interpolation=self.interpolation,
             )
         return self._splits[split]
 

@@ -339,6 +339,8 @@ def export_onnx(
         "segx.output": "float32 logits [N,num_classes,H,W]; argmax over dim 1 gives the class index",
         "mean": list(data.mean),
         "std": list(data.std),
+        "channel_order": str(data.get("channel_order", "rgb")),  # bgr: reverse the RGB channels before mean/std
+        "interpolation": str(data.get("interpolation", "antialias")),  # cv2: bilinear resize without antialiasing
         "image_size": int(data.image_size),
         "resize": str(data.get("resize", "square")),  # keep_ratio: longer side to image_size, padded bottom-right
         "num_classes": len(class_names),

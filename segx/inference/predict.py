@@ -131,10 +131,11 @@ def _check_readable(path: Path) -> str | None:
     return None
 
 
-def network_input(image: Image.Image, size: int, resize: str = "square") -> torch.Tensor:
-    """uint8 [3,size,size], exactly as the training cache resized (segx.data.cache): bilinear with antialiasing,
-    stretched (`square`) or with its ratio kept and the rest padded (`keep_ratio`)."""
-    return resize_image(TF.pil_to_tensor(image), size, resize)
+def network_input(image: Image.Image, size: int, resize: str = "square",
+                  interpolation: str = "antialias") -> torch.Tensor:
+    """uint8 [3,size,size], exactly as the training cache resized (segx.data.cache): bilinear (with antialiasing
+    unless `interpolation=cv2`), stretched (`square`) or with its ratio kept and the rest padded (`keep_ratio`)."""
+    return resize_image(TF.pil_to_tensor(image), size, resize, interpolation)
 
 
 def labels_at_size(
@@ -215,13 +216,13 @@ def _progress_bar() -> Progress:
 
 
 def _labels(predictor: Predictor, slider: SlidingWindow | None, images: list[Image.Image], size: int,
-            resize: str) -> Iterator[np.ndarray]:
+            resize: str, interpolation: str = "antialias") -> Iterator[np.ndarray]:
     """Each image's label mask at its own size: by sliding windows over it, or from one batch of them resized."""
     if slider is not None:
         for image in images:
             yield slider.labels(TF.pil_to_tensor(image)).cpu().numpy().astype(np.uint8)
         return
-    logits = predictor.logits(torch.stack([network_input(image, size, resize) for image in images]))
+    logits = predictor.logits(torch.stack([network_input(image, size, resize, interpolation) for image in images]))
     for image, image_logits in zip(images, logits, strict=True):
         covered_h, covered_w = resized_shape(image.height, image.width, size, resize)  # the padding aside
         yield labels_at_size(image_logits[:, :covered_h, :covered_w], image.height,
@@ -261,6 +262,7 @@ def predict_images(
     background = checkpoint[CHECKPOINT_KEY].get("background_index", 0)
     size = int(config.data.image_size)
     resize = str(config.data.get("resize", "square"))
+    interpolation = str(config.data.get("interpolation", "antialias"))
     target = resolve_device(device)
     predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, target, int(batch_size), tta=tta,
                                    precision=precision)
@@ -281,8 +283,8 @@ def predict_images(
                     images.append(load_rgb(path))
                 except _DECODE_ERRORS as error:  # changed on disk since it was checked
                     raise SegxError(f"Input image {path} can no longer be read ({error}).") from error
-            for path, image, labels in zip(group, images, _labels(predictor, slider, images, size, resize),
-                                           strict=True):
+            labelled = _labels(predictor, slider, images, size, resize, interpolation)
+            for path, image, labels in zip(group, images, labelled, strict=True):
                 mask_path, overlay_path = out_dir / f"{path.stem}.png", overlay_dir / f"{path.stem}.jpg"
                 save_palette_png(labels, mask_path, palette)
                 overlay(image, labels, palette, background).save(overlay_path, quality=90)

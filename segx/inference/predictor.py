@@ -153,7 +153,8 @@ class Predictor:
         memory_format = inference_memory_format(config, net, device, batch_size)
         return cls(net, device, inference_precision(trainer.get("precision", "auto"), device, precision),
                    channels_last=memory_format.channels_last,
-                   normalize=Normalize(list(data.get("mean", IMAGENET_MEAN)), list(data.get("std", IMAGENET_STD))),
+                   normalize=Normalize(list(data.get("mean", IMAGENET_MEAN)), list(data.get("std", IMAGENET_STD)),
+                                       str(data.get("channel_order", "rgb"))),
                    batch_size=batch_size, tta=tta)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,11 @@ from torch import nn
 
 from segx.core.errors import ConfigError
 from segx.models.contract import check_divisible
-from segx.models.keras_init import glorot
+from segx.models.keras_init import glorot, he_normal
 
 UPSAMPLE_MODES = ("bilinear", "nearest")
+CLASSIFIER_ACTIVATIONS = (None, "relu")
+CLASSIFIER_INITS = {"glorot": glorot, "he_normal": he_normal}
 
 
 class FCN(nn.Module):
@@ -37,6 +39,10 @@ class FCN(nn.Module):
     `upsample_mode="nearest"` reproduces Keras' `UpSampling2D` default; bilinear is the default here
     because blocky ×16 logits cost boundary accuracy for no benefit, and the choice does not change the
     parameter count (the upsampling has no weights in either mode, unlike FCN's learned deconvolution).
+
+    `classifier_activation="relu"` and `classifier_init="he_normal"` are the study's classifier as its code ran it
+    (`Conv2D(classes, 1×1, kernel_initializer='he_normal', activation='relu')` before the upsampling and the
+    softmax): conf/model/fcn_study.yaml. The defaults (no activation, Glorot) give plain logits.
     """
 
     pads_input = False  # segx.models.contract: sides must be multiples of size_divisor
@@ -51,6 +57,8 @@ class FCN(nn.Module):
         fc_kernel: int = 7,
         dropout: float = 0.5,
         upsample_mode: str = "bilinear",
+        classifier_activation: str | None = None,
+        classifier_init: str = "glorot",
     ) -> None:
         super().__init__()
         widths = [int(w) for w in widths]
@@ -59,6 +67,16 @@ class FCN(nn.Module):
             raise ConfigError(
                 f"FCN upsample_mode must be one of {list(UPSAMPLE_MODES)}, got {upsample_mode!r} "
                 "('nearest' is Keras' UpSampling2D default, 'bilinear' gives smoother boundaries)."
+            )
+        if classifier_activation not in CLASSIFIER_ACTIVATIONS:
+            raise ConfigError(
+                f"FCN classifier_activation must be null or 'relu', got {classifier_activation!r} ('relu' is the "
+                "study's classifier as its code ran it, null gives plain logits)."
+            )
+        if classifier_init not in CLASSIFIER_INITS:
+            raise ConfigError(
+                f"FCN classifier_init must be one of {list(CLASSIFIER_INITS)}, got {classifier_init!r} "
+                "('he_normal' is the study's classifier, 'glorot' Keras' default)."
             )
         if not widths or len(widths) != len(convs_per_block):
             raise ConfigError(
@@ -77,6 +95,7 @@ class FCN(nn.Module):
             raise ConfigError(f"FCN dropout must be in [0, 1), got {dropout}")
 
         self.upsample_mode = upsample_mode
+        self.classifier_activation = classifier_activation
         self.size_divisor = 2 ** len(widths)
 
         blocks: list[nn.Module] = []
@@ -99,13 +118,15 @@ class FCN(nn.Module):
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
         )
-        self.classifier = glorot(nn.Conv2d(int(fc_width), int(num_classes), 1))
+        self.classifier = CLASSIFIER_INITS[classifier_init](nn.Conv2d(int(fc_width), int(num_classes), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input's exact size (the interpolation targets H, W, not a fixed ×16)."""
         height, width = x.shape[-2:]
         check_divisible(self, x.shape, f"FCN with {len(self.features)} pooling blocks")
         logits = self.classifier(self.fc2(self.fc1(self.features(x))))
+        if self.classifier_activation == "relu":  # the study's: its softmax then sees non-negative scores
+            logits = F.relu(logits)
         if self.upsample_mode == "bilinear":
             return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         return F.interpolate(logits, size=(height, width), mode="nearest")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from segx.core.files import write_text_atomic
+from segx.report import study_points
 from segx.report.figures import Figure, draw_figures
 from segx.report.markdown import run_markdown, sweep_markdown
 from segx.report.runs import Run, group_runs, rank, varying_keys
@@ -27,7 +28,8 @@ class Report:
 def write_report(runs: list[Run], out_dir: str | Path, roots: Sequence[str | Path] = (), over: str = "seed",
                  images: int = 4) -> Report:
     """Write report.csv, plots/*.png and report.md (last, so it never links a figure not yet written) into
-    `out_dir`, each atomically. One run gets a run report; several runs are grouped over `over`."""
+    `out_dir`, each atomically; where some runs were trained as the study's chained trials, also study_points.csv
+    and plots/study_points.png. One run gets a run report; several runs are grouped over `over`."""
     if not runs:
         raise ValueError("write_report needs at least one run")
     out_dir = Path(out_dir)
@@ -37,11 +39,13 @@ def write_report(runs: list[Run], out_dir: str | Path, roots: Sequence[str | Pat
     single = len(runs) == 1
     root_dirs = [Path(r) for r in roots] or [out_dir]
     search = find_search(runs, root_dirs)
-    report.figures = draw_figures(configs, out_dir, single=single, images=images, search=search,
-                                  keys=varying_keys(runs, over))
+    figures = draw_figures(configs, out_dir, single=single, images=images, search=search,
+                           keys=varying_keys(runs, over))
+    study, study_figure = study_points.write(runs, out_dir, root_dirs, over)  # the figure goes in its section
+    report.figures = [*figures, *([study_figure] if study_figure else [])]
     if single:
-        text = run_markdown(runs[0], report.figures, out_dir)
+        text = run_markdown(runs[0], figures, out_dir, study)
     else:
-        text = sweep_markdown(report.rows, configs, runs, report.figures, out_dir, root_dirs, over, search)
+        text = sweep_markdown(report.rows, configs, runs, figures, out_dir, root_dirs, over, search, study)
     write_text_atomic(out_dir / "report.md", text)
     return report

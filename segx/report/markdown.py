@@ -10,7 +10,7 @@ from typing import Any
 from segx.report.figures import Figure
 from segx.report.runs import Configuration, Run, common_overrides, varying_keys
 from segx.report.search import Search, search_markdown
-from segx.report.tables import lr_keys, markdown_table, tuned_per_model
+from segx.report.tables import STUDY_FOOTNOTE, STUDY_HEADERS, STUDY_METRICS, lr_keys, markdown_table, tuned_per_model
 from segx.runs.status import STOPPED
 
 
@@ -61,9 +61,10 @@ def _stamp() -> str:
 
 def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], runs: list[Run],
                    figures: list[Figure], out_dir: Path, roots: Sequence[Path], over: str = "seed",
-                   search: Search | None = None) -> str:
+                   search: Search | None = None, study: Sequence[str] = ()) -> str:
     """The report of several runs: configurations ranked by the mean over seeds of their monitored score; a
-    search's stages, cost and stopped trials before the ranking."""
+    search's stages, cost and stopped trials before the ranking; the study's points (`study`: lines of markdown)
+    after it, where some runs were chained trials."""
     keys = varying_keys(runs, over)
     completed = sum(r.completed for r in runs)
     failed = sum(r.ended_badly for r in runs)
@@ -93,12 +94,33 @@ def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], run
                   f"Each model at its best {' / '.join(f'`{k}`' for k in lrs)} by mean {' / '.join(monitors)} (the "
                   "study's method: the learning rate tuned for each model, then the models compared).", "",
                   markdown_table(tuned, ["model", *others, *lrs]), ""]
-    lines += _unfinished(runs, roots, search.stopped if search else ()) + _figures(figures, out_dir)
+    lines += [*study, *_unfinished(runs, roots, search.stopped if search else ()), *_figures(figures, out_dir)]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def run_markdown(run: Run, figures: list[Figure], out_dir: Path) -> str:
-    """The report of one run: its settings, scores at the best and the final epoch, IoU per class, figures."""
+def _scores_table(run: Run) -> list[str]:
+    """The best and the final epoch's scores; the study's Keras metrics in columns of their own, where recorded."""
+    entries = [(label, entry) for label, entry in (("best", run.best), ("final", run.record.get("final") or {}))
+               if isinstance(entry, dict) and entry]
+    study = [name for name, metric in STUDY_METRICS.items() if any(metric in entry for _, entry in entries)]
+    header = ["epoch", "val/miou %", "val/miou_no_bg %", "val/acc %", *(f"{STUDY_HEADERS[n]} %" for n in study),
+              "val/loss", "train/loss", "train/acc %"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for label, entry in entries:
+        epoch = entry.get("epoch")
+        number = f" ({int(epoch) + 1})" if isinstance(epoch, int | float) else ""
+        loss, train_loss = entry.get("val/loss"), entry.get("train/loss")
+        cells = [f"{label}{number}", _pct(entry.get("val/miou")), _pct(entry.get("val/miou_no_bg")),
+                 _pct(entry.get("val/acc")), *(_pct(entry.get(STUDY_METRICS[n])) for n in study),
+                 f"{loss:.4f}" if isinstance(loss, int | float) else "—",
+                 f"{train_loss:.4f}" if isinstance(train_loss, int | float) else "—", _pct(entry.get("train/acc"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, *(["", STUDY_FOOTNOTE] if study else [])]
+
+
+def run_markdown(run: Run, figures: list[Figure], out_dir: Path, study: Sequence[str] = ()) -> str:
+    """The report of one run: its settings, scores at the best and the final epoch, IoU per class, the study's
+    points (`study`: lines of markdown, for a chained-trials run), figures."""
     record = run.record
     epochs = record.get("epochs") or len(run.history) or "?"
     lines = [f"# Run report: `{run.run_dir}`", "",
@@ -109,19 +131,7 @@ def run_markdown(run: Run, figures: list[Figure], out_dir: Path) -> str:
                f"{record.get('ended_at', '—')}.", ""]
     if run.settings:
         lines += ["## Settings", "", " ".join(f"`{_escape(k)}={_escape(v)}`" for k, v in run.settings.items()), ""]
-    lines += [f"## Scores (best epoch picked by `{run.monitor}`)", "",
-              "| epoch | val/miou % | val/miou_no_bg % | val/acc % | val/loss | train/loss | train/acc % |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for label, entry in (("best", run.best), ("final", record.get("final") or {})):
-        if not isinstance(entry, dict) or not entry:
-            continue
-        epoch = entry.get("epoch")
-        number = f" ({int(epoch) + 1})" if isinstance(epoch, int | float) else ""
-        loss, train_loss = entry.get("val/loss"), entry.get("train/loss")
-        cells = [f"{label}{number}", _pct(entry.get("val/miou")), _pct(entry.get("val/miou_no_bg")),
-                 _pct(entry.get("val/acc")), f"{loss:.4f}" if isinstance(loss, int | float) else "—",
-                 f"{train_loss:.4f}" if isinstance(train_loss, int | float) else "—", _pct(entry.get("train/acc"))]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"## Scores (best epoch picked by `{run.monitor}`)", "", *_scores_table(run), ""]
     facts = []
     if run.parameters is not None:
         facts.append(f"{run.parameters:,} parameters")
@@ -129,11 +139,11 @@ def run_markdown(run: Run, figures: list[Figure], out_dir: Path) -> str:
                       ("predict_val_seconds", "{:.2f} s to predict the val split")):
         if run.value(key) is not None:
             facts.append(text.format(run.value(key)))
-    lines += ["", "; ".join(facts) + "." if facts else "", ""]
+    lines += ["; ".join(facts) + "." if facts else "", ""]
     ious = [(name, run.best_value(f"val/iou/{name}")) for name in run.class_names]
     if any(v is not None for _, v in ious):
         lines += ["## IoU per class at the best epoch", "", "| class | IoU % |", "|---|---:|"]
         lines += [f"| {_escape(name)} | {_pct(value)} |" for name, value in ious]
         lines += ["", "— : class absent from ground truth and prediction.", ""]
-    lines += _figures(figures, out_dir)
+    lines += [*study, *_figures(figures, out_dir)]
     return "\n".join(line for line in lines).rstrip() + "\n"

@@ -20,6 +20,8 @@ from segx.runs.discovery import RunDirectory, find_runs, read_run_dir
 from segx.runs.overrides import override_settings, split_override
 from segx.runs.record import DEFAULT_MONITOR
 
+CHAINED_KEY = "chained_trials"  # metrics.json's field, and the setting that marks such a run when no override does
+
 
 @dataclass
 class Run(RunDirectory):
@@ -50,6 +52,12 @@ class Run(RunDirectory):
         return _number(self.best.get(metric))
 
     @property
+    def chained_trials(self) -> tuple[int, int] | None:
+        """(trials, epochs per trial) of a run trained as the study's chained trials (metrics.json's
+        `chained_trials`), None for an ordinary run."""
+        return parse_chained_trials(self.record.get("chained_trials"))
+
+    @property
     def parameters(self) -> int | None:
         counts = self.record.get("parameters")
         if not isinstance(counts, dict):
@@ -64,6 +72,29 @@ class Run(RunDirectory):
             return OmegaConf.load(self.run_dir / ".hydra" / "config.yaml")
         except Exception:  # missing or malformed: callers fall back to defaults
             return None
+
+    @cached_property
+    def choices(self) -> dict[str, str]:
+        """The config groups Hydra chose (`model` → `unet`, from `.hydra/hydra.yaml`), {} when unknown."""
+        try:
+            chosen = OmegaConf.select(OmegaConf.load(self.run_dir / ".hydra" / "hydra.yaml"), "hydra.runtime.choices")
+            values = OmegaConf.to_container(chosen, resolve=False) if chosen is not None else {}
+        except Exception:  # missing or malformed: no choices known
+            return {}
+        return {str(k): str(v) for k, v in values.items() if v is not None} if isinstance(values, dict) else {}
+
+    def setting(self, key: str) -> str | None:
+        """`key`'s value for this run: its override, else Hydra's group choice, else the composed config's value
+        (a scalar only); None when none says."""
+        if key in self.settings:
+            return self.settings[key]
+        if key in self.choices:
+            return self.choices[key]
+        try:
+            value = OmegaConf.select(self.config, key) if self.config is not None else None
+        except Exception:  # an interpolation that cannot be resolved here
+            return None
+        return None if value is None or OmegaConf.is_config(value) else str(value)
 
     @property
     def class_names(self) -> list[str]:
@@ -97,9 +128,29 @@ def _number(value: Any) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
+def parse_chained_trials(value: Any) -> tuple[int, int] | None:
+    """`{"trials": 3, "epochs_per_trial": 25}` → (3, 25); None when absent, null or malformed."""
+    if not isinstance(value, dict):
+        return None
+    trials, length = _number(value.get("trials")), _number(value.get("epochs_per_trial"))
+    if trials is None or length is None or trials < 1 or length < 1 or trials % 1 or length % 1:
+        return None
+    return int(trials), int(length)
+
+
+def _settings(found: RunDirectory) -> dict[str, str]:
+    """The run's overrides as settings; a chained-trials run whose overrides do not say so (e.g. set by a preset)
+    gets `chained_trials=<trials>x<epochs>`, so it never groups with ordinary runs and its label shows it."""
+    settings = override_settings(found.overrides)
+    chained = parse_chained_trials(found.record.get("chained_trials"))
+    if chained is not None and not any("chained" in key for key in settings):
+        settings[CHAINED_KEY] = f"{chained[0]}x{chained[1]}"
+    return settings
+
+
 def _with_settings(found: RunDirectory) -> Run:
     values = {f.name: getattr(found, f.name) for f in fields(RunDirectory)}
-    return Run(**values, settings=override_settings(found.overrides))
+    return Run(**values, settings=_settings(found))
 
 
 def read_run(run_dir: str | Path) -> Run | None:

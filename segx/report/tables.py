@@ -15,6 +15,12 @@ from segx.report.runs import Configuration
 # report.csv's metric columns: val_<name>_{max,mean,std}, each from the jobs' best epochs
 METRICS = {"miou": "val/miou", "miou_no_bg": "val/miou_no_bg", "acc": "val/acc", "mdice": "val/mdice",
            "macc": "val/macc", "mfscore": "val/mfscore", "loss": "val/loss"}
+# the study's Keras metrics (logged beside the real scores): report.csv's val_study_<name>_{max,mean,std} and their
+# own columns in report.md, only where some run recorded them
+STUDY_METRICS = {"study_meaniou": "val/study_meaniou", "study_iou_no_bg": "val/study_iou_no_bg"}
+STUDY_HEADERS = {"study_meaniou": "study MeanIoU*", "study_iou_no_bg": "study IoU no bg*"}
+STUDY_FOOTNOTE = ("\\* The study's Keras metrics, not segmentation scores; see the README's \"The study's "
+                  "metrics are not mIoU\".")
 LR_KEYS = ("lr", "lr_decay")  # override keys (or key suffixes) that choose a learning rate
 
 
@@ -42,7 +48,7 @@ def configuration_row(config: Configuration) -> dict[str, Any]:
     row["parameters"] = next((r.parameters for r in config.runs if r.parameters is not None), None)
     epochs = [r.record.get("epochs") for r in config.completed]
     row["epochs"] = max((int(e) for e in epochs if isinstance(e, int | float)), default=None)
-    for name, metric in METRICS.items():
+    for name, metric in {**METRICS, **STUDY_METRICS}.items():
         row[f"val_{name}_max"], row[f"val_{name}_mean"], row[f"val_{name}_std"] = _stats(config.best_values(metric))
     row["seconds_per_epoch"] = _mean([r.value("seconds_per_epoch") for r in config.completed])
     row["predict_val_seconds"] = _mean([r.value("predict_val_seconds") for r in config.completed])
@@ -52,12 +58,18 @@ def configuration_row(config: Configuration) -> dict[str, Any]:
     return row
 
 
+def study_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The study's metrics (STUDY_METRICS' names) when some row has a value of either, else []."""
+    present = any(row.get(f"val_{name}_max") is not None for row in rows for name in STUDY_METRICS)
+    return list(STUDY_METRICS) if present else []
+
+
 def csv_columns(rows: list[dict[str, Any]]) -> list[str]:
     keys: list[str] = []
     for row in rows:
         keys.extend(k for k in row["settings"] if k not in keys)
     columns = [*keys, "runs", "failed", "parameters", "epochs"]
-    columns += [f"val_{name}_{stat}" for name in METRICS for stat in ("max", "mean", "std")]
+    columns += [f"val_{name}_{stat}" for name in [*METRICS, *study_metrics(rows)] for stat in ("max", "mean", "std")]
     columns.append("seconds_per_epoch")
     if any(row["predict_val_seconds"] is not None for row in rows):
         columns.append("predict_val_seconds")
@@ -91,8 +103,10 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     monitors = {row["monitor"] for row in rows}
     rank_name = next(iter(monitors)) if len(monitors) == 1 else "monitor"
     others = [(name, metric) for name, metric in METRICS.items() if name != "loss" and metric not in monitors]
+    study = study_metrics(rows)
     header = ["#", *keys, f"{rank_name} mean %", "max %", "std %",
               *([] if len(monitors) == 1 else ["monitor"]), *(f"{metric} mean %" for _, metric in others),
+              *(f"{STUDY_HEADERS[name]} mean %" for name in study),
               "val/loss mean", "runs", "failed", "parameters", "epochs", "s/epoch"]
     timed = any(row["predict_val_seconds"] is not None for row in rows)
     if timed:
@@ -104,12 +118,15 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
                  _pct(row["mean"]), _pct(row["max"]), _pct(row["std"]),
                  *([] if len(monitors) == 1 else [row["monitor"]]),
                  *(_pct(row[f"val_{name}_mean"]) for name, _ in others),
+                 *(_pct(row.get(f"val_{name}_mean")) for name in study),
                  _number(row["val_loss_mean"], 4), str(row["runs"]), str(row["failed"]),
                  "—" if row["parameters"] is None else f"{row['parameters']:,}",
                  "—" if row["epochs"] is None else str(row["epochs"]), _number(row["seconds_per_epoch"], 1)]
         if timed:
             cells.append(_number(row["predict_val_seconds"], 2))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    if study:
+        lines += ["", STUDY_FOOTNOTE]
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """Losses of the study, on logits [N,C,H,W] and integer masks [N,H,W] whose void pixels (255) are ignored.
 
 The study found plain cross entropy collapsed to 'all background' on VOC and fixed it by weighting classes
-by their rarity; it also compared Keras' categorical hinge and the overlap losses (Dice, Jaccard, Tversky),
-focal and Lovász-Softmax. Every loss that can weigh classes takes the same switch, `weighting`
+by their rarity; it also compared Keras' categorical hinge and KL divergence and the overlap losses (Dice,
+Jaccard, Tversky), focal and Lovász-Softmax. `probability_clip` reproduces Keras' clipped cross entropy on
+probabilities. Every loss that can weigh classes takes the same switch, `weighting`
 (null | neg_log | inverse | median), with weights from the training split's class frequencies.
 
 The overlap, focal and Lovász losses are segmentation-models-pytorch's (multiclass mode); their wrappers
@@ -94,6 +95,24 @@ def _pixel_mean(
     return weighted_sum.float() / count.clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def _check_probability_clip(probability_clip: float | None) -> float | None:
+    if probability_clip is None:
+        return None
+    if isinstance(probability_clip, bool) or not isinstance(probability_clip, (int, float)) \
+            or not 0.0 < float(probability_clip) < 0.5:
+        raise ConfigError(f"loss.probability_clip={probability_clip!r} must be null (PyTorch's log-softmax cross "
+                          "entropy) or a probability in (0, 0.5), e.g. 1e-7 (Keras' epsilon, the study's).")
+    return float(probability_clip)
+
+
+def _clipped_probabilities(logits: torch.Tensor, clip: float) -> torch.Tensor:
+    """Softmax in float32 divided by its sum and clipped to [clip, 1 − clip], as Keras' `categorical_crossentropy`
+    on probabilities computes them (a clipped probability passes no gradient)."""
+    probs = logits.float().softmax(dim=1)
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    return probs.clamp(clip, 1.0 - clip)
+
+
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """Pixel-wise cross entropy on logits, optionally class-weighted; void pixels are ignored.
 
@@ -102,6 +121,10 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     (`normalize=pixels`, Keras' sample weights as the study used them) or by the sum of their weights
     (`normalize=weights`, `nn.CrossEntropyLoss(weight=...)`). The weights are the `weight` buffer, as in
     `nn.CrossEntropyLoss`, so checkpoints of earlier weighted runs still load.
+
+    `probability_clip=ε` computes the per-pixel term as Keras did on the study's softmax outputs (its
+    `categorical_crossentropy` and `weighted_categorical_crossentropy`): softmax in float32, divided by its sum,
+    clipped to [ε, 1 − ε], −log p_y; a pixel whose probability is clipped gets no gradient. None: log-softmax.
     """
 
     def __init__(
@@ -111,6 +134,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         weighting: str | None = None,
         normalize: str = "pixels",
         class_frequencies: torch.Tensor | None = None,
+        probability_clip: float | None = None,
     ) -> None:
         super().__init__(
             weight=_weights_or_none(class_frequencies, weighting, type(self).__name__),
@@ -118,14 +142,34 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         )
         self.weighting = weighting
         self.normalize = _check_normalize(normalize)
+        self.probability_clip = _check_probability_clip(probability_clip)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         valid = target != self.ignore_index
+        labels = target.masked_fill(~valid, 0)
+        if self.probability_clip is not None:
+            per_pixel = self._clipped_cross_entropy(_mask_void(logits, valid), labels) * valid
+            return _pixel_mean(per_pixel.sum(), valid, labels, self.weight, self.normalize)
         per_pixel = F.cross_entropy(
             _mask_void(logits, valid), target, weight=self.weight, ignore_index=self.ignore_index,
             reduction="none", label_smoothing=self.label_smoothing,
         )
-        return _pixel_mean(per_pixel.sum(), valid, target.masked_fill(~valid, 0), self.weight, self.normalize)
+        return _pixel_mean(per_pixel.sum(), valid, labels, self.weight, self.normalize)
+
+    def _clipped_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Keras' cross entropy on probabilities per pixel: p = softmax / its sum, clipped; −Σ_c t_c·w_c·log p_c."""
+        probs = _clipped_probabilities(logits, self.probability_clip)
+        index = labels.unsqueeze(1)
+        if self.label_smoothing == 0:  # one-hot target: only the labelled class' term
+            per_pixel = -probs.gather(1, index).squeeze(1).log()
+            return per_pixel * self.weight[labels] if self.weight is not None else per_pixel
+        classes = probs.shape[1]  # Keras' label smoothing: t = (1 − ε)·onehot + ε / C
+        one_hot = torch.zeros_like(probs).scatter_(1, index, 1.0)
+        smoothed = one_hot * (1.0 - self.label_smoothing) + self.label_smoothing / classes
+        terms = -smoothed * probs.log()
+        if self.weight is not None:
+            terms = terms * self.weight.view(1, -1, *([1] * (probs.dim() - 2)))
+        return terms.sum(dim=1)
 
 
 class WeightedCrossEntropyLoss(CrossEntropyLoss):
@@ -141,9 +185,41 @@ class WeightedCrossEntropyLoss(CrossEntropyLoss):
         ignore_index: int = IGNORE_INDEX,
         label_smoothing: float = 0.0,
         normalize: str = "pixels",
+        probability_clip: float | None = None,
     ) -> None:
         super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing, weighting=weighting,
-                         normalize=normalize, class_frequencies=class_frequencies)
+                         normalize=normalize, class_frequencies=class_frequencies,
+                         probability_clip=probability_clip)
+
+
+class KLDivergenceLoss(nn.Module):
+    """Keras' `KLDivergence` on softmax probabilities against the one-hot labels, as the study's loss comparison
+    used it: per labelled pixel Σ_c t_c·log(t_c / p_c) with t and p clipped to [ε, 1], averaged over labelled pixels.
+
+    For one-hot labels it is −log p_y + ε·Σ_{c≠y} log(ε / p_c) (that sum within [−3e-5, 0] for 21 classes): cross
+    entropy up to the clipping. Void pixels are ignored (Keras gave their all-zero rows ε·Σ_c log(ε / p_c)).
+    """
+
+    unweighted_because = "Keras' KLDivergence, as the study used it, takes no class weights"
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, probability_clip: float = 1e-7,
+                 weighting: str | None = None) -> None:
+        _refuse_weighting(type(self), weighting)
+        super().__init__()
+        self.ignore_index = ignore_index
+        clip = _check_probability_clip(probability_clip)
+        if clip is None:
+            raise ConfigError("loss.probability_clip=None is not possible with KLDivergenceLoss: Keras clips "
+                              "both distributions to [ε, 1]; use a probability in (0, 0.5), e.g. 1e-7.")
+        self.probability_clip = clip
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != self.ignore_index
+        labels = target.masked_fill(~valid, 0)
+        probs = _mask_void(logits, valid).float().softmax(dim=1).clamp(self.probability_clip, 1.0)
+        truth = torch.zeros_like(probs).scatter_(1, labels.unsqueeze(1), 1.0).clamp(self.probability_clip, 1.0)
+        per_pixel = (truth * torch.log(truth / probs)).sum(dim=1) * valid
+        return _pixel_mean(per_pixel.sum(), valid, labels, None, "pixels")
 
 
 class CategoricalHingeLoss(nn.Module):
@@ -216,6 +292,8 @@ def build_loss(cfg: DictConfig, class_frequencies: Any = None) -> nn.Module:
     parameters = inspect.signature(target).parameters
     if cfg.get("normalize") is not None:
         _check_normalize(cfg.normalize)
+    if cfg.get("probability_clip") is not None:  # refused as itself, not wrapped in Hydra's InstantiationException
+        _check_probability_clip(cfg.probability_clip)
     if "weighting" in cfg:
         weighting = cfg.weighting
     elif "weighting" in parameters:

@@ -13,7 +13,14 @@ from torch import nn
 
 from segx.data.voc import IGNORE_INDEX, VOC_CLASSES
 from segx.inference.checkpoint import CHECKPOINT_KEY
-from segx.metrics import MEANS, PER_CLASS_SCORES, confusion_matrix_metric, segmentation_scores
+from segx.metrics import (
+    MEANS,
+    PER_CLASS_SCORES,
+    StudyIoUNoBackground,
+    StudyMeanIoU,
+    confusion_matrix_metric,
+    segmentation_scores,
+)
 from segx.training.optim import build_optimizer
 
 
@@ -22,7 +29,9 @@ class SegmentationModule(pl.LightningModule):
 
     Metrics are confusion matrices accumulated over the whole epoch and reduced once at its end (see
     `segx.metrics.confusion`). `run_config` (the resolved Hydra config) is stored in every checkpoint so that
-    `evaluate.py ckpt=...` can rebuild the network and its data without any other file.
+    `evaluate.py ckpt=...` can rebuild the network and its data without any other file. `study_metrics` also logs
+    the study's own Keras readings (`segx.metrics.study`: not mIoU) as `{train,val}/study_meaniou` and
+    `{train,val}/study_iou_no_bg`, only to reproduce its curves.
     """
 
     def __init__(
@@ -39,6 +48,7 @@ class SegmentationModule(pl.LightningModule):
         example_size: int | None = None,
         background_index: int | None = 0,
         fscore_beta: float = 1.0,
+        study_metrics: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
@@ -55,6 +65,13 @@ class SegmentationModule(pl.LightningModule):
         self.train_confmat = confusion_matrix_metric(num_classes, ignore_index)
         self.val_confmat = confusion_matrix_metric(num_classes, ignore_index)
         self.val_confusion_matrix: torch.Tensor | None = None
+        self.study_metrics = bool(study_metrics)
+        if self.study_metrics:  # the study's Keras readings of IoU, only to reproduce its curves
+            self.train_study_meaniou = StudyMeanIoU(num_classes, ignore_index)
+            self.val_study_meaniou = StudyMeanIoU(num_classes, ignore_index)
+            if background_index is not None:
+                self.train_study_iou_no_bg = StudyIoUNoBackground(background_index, ignore_index)
+                self.val_study_iou_no_bg = StudyIoUNoBackground(background_index, ignore_index)
         self.channels_last = bool(channels_last)
         if example_size:  # one image: Lightning's model summary then shows in/out sizes and FLOPs per image
             self.example_input_array = torch.zeros(1, 3, int(example_size), int(example_size))
@@ -62,7 +79,8 @@ class SegmentationModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Epoch scores come from confusion matrices torchmetrics already summed over the DDP ranks, so every
         # rank logs the same value: Lightning's advice to sync them (one warning per class) does not apply.
-        synced = rf"(train|val)(/acc|/miou|/miou_no_bg|/m\w+|/pixels|/lr|/({'|'.join(PER_CLASS_SCORES)})/.+|_miou)"
+        synced = (rf"(train|val)(/acc|/miou|/miou_no_bg|/m\w+|/pixels|/lr|/study_meaniou|/study_iou_no_bg"
+                  rf"|/({'|'.join(PER_CLASS_SCORES)})/.+|_miou)")
         warnings.filterwarnings("ignore", message=rf".*self\.log\('{synced}',.*sync_dist")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own code
 
@@ -77,6 +95,9 @@ class SegmentationModule(pl.LightningModule):
         loss = self.loss(logits, masks)
         confmat = self.train_confmat if stage == "train" else self.val_confmat
         confmat.update(logits.detach().argmax(1), masks)
+        if self.study_metrics:
+            for metric in self._study_metrics(stage).values():
+                metric.update(logits.detach(), masks)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0], sync_dist=True)
         return loss
 
@@ -87,6 +108,13 @@ class SegmentationModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
+
+    def _study_metrics(self, stage: str) -> dict[str, StudyMeanIoU | StudyIoUNoBackground]:
+        """The study's metrics of `stage` by their logged name (none unless `study_metrics`)."""
+        if not self.study_metrics:
+            return {}
+        names = ("study_meaniou", "study_iou_no_bg") if self.background_index is not None else ("study_meaniou",)
+        return {f"{stage}/{name}": getattr(self, f"{stage}_{name}") for name in names}
 
     def _log_scores(self, stage: str) -> None:
         confmat = self.train_confmat if stage == "train" else self.val_confmat
@@ -106,6 +134,9 @@ class SegmentationModule(pl.LightningModule):
             for score in PER_CLASS_SCORES:
                 metrics.update({f"val/{score}/{k}": v for k, v in scores[f"per_class_{score}"].items()
                                 if v is not None})
+        for name, metric in self._study_metrics(stage).items():  # computed over the epoch (summed over DDP ranks)
+            metrics[name] = metric.compute()
+            metric.reset()
         self.log_dict(metrics, prog_bar=False)
         self.log(f"{stage}_miou", scores["miou"], prog_bar=True, logger=False)
 

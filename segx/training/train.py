@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 def _flat_choices(cfg: DictConfig) -> dict[str, Any]:
     """The knobs a sweep turns, flattened for TensorBoard's hparams tab."""
     flat: dict[str, Any] = {"seed": cfg.seed}
-    for group in ("model", "optimizer", "scheduler", "loss", "data"):
+    for group in ("model", "optimizer", "scheduler", "loss", "data", "protocol"):
         node = OmegaConf.to_container(cfg.get(group) or {}, resolve=True)
         for key, value in node.items():
             if isinstance(value, str | int | float | bool):
@@ -145,6 +145,22 @@ def _seed(cfg: DictConfig) -> int:
     return seed
 
 
+def chained_trials(cfg: DictConfig) -> dict[str, int] | None:
+    """`chained_trials` as metrics.json records it ({"trials", "epochs_per_trial"}), or None for one trial."""
+    trials = cfg.get("chained_trials")
+    if trials is None:
+        return None
+    epochs = cfg.trainer.get("max_epochs")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"chained_trials={trials!r} must be null (one run, one trial) or a whole number of trials "
+                          "from 1 up (the study chained 3).")
+    if not isinstance(epochs, int) or epochs < 1 or epochs % trials:
+        raise ConfigError(f"chained_trials={trials} splits the run into {trials} windows of equal length, but "
+                          f"trainer.max_epochs={epochs} is not a multiple of {trials}; set trainer.max_epochs to "
+                          f"{trials} × the epochs of one trial (the study: 3 × 25 = 75).")
+    return {"trials": trials, "epochs_per_trial": epochs // trials}
+
+
 def _monitor(cfg: DictConfig) -> str:
     monitor = str(cfg.get("monitor", "val/miou"))
     if monitor not in MONITORS:
@@ -208,6 +224,11 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     tracked = start_tracking(cfg, job, record)  # first, so a job failing on its config is filed there too
     monitor = _monitor(cfg)
     _check_epochs(cfg.trainer)
+    chained = chained_trials(cfg)
+    if chained is not None:
+        record.fields["chained_trials"] = chained
+        log.info("Chained trials: %d × %d epochs of one model and optimizer, each window scored by its maximum "
+                 "(the study's protocol)", chained["trials"], chained["epochs_per_trial"])
     runtime = resolve_runtime(cfg.trainer, in_sweep=job.multirun)
     record.start(**runtime.record())
     if tracked is not None:
@@ -251,6 +272,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
         palette=datamodule.palette.tolist(), ignore_index=datamodule.ignore_index,
         background_index=datamodule.background_index, fscore_beta=float(cfg.get("fscore_beta", 1.0)),
         channels_last=memory_format.channels_last, example_size=None if options["compile"] else image_size,
+        study_metrics=bool((cfg.get("protocol") or {}).get("study_metrics", False)),
     )
     counts = parameter_counts(net)
     record.fields["forward_gflops_per_image"] = round(flops / 1e9, 3)
