@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from segx.core.errors import ConfigError
 from segx.models.unet import UNet
 from segx.training.optim import build_optimizer
+from tests.keras_reference import copy_keras_weights, randomize_keras_weights
 
 STEPS = 3
 
@@ -103,13 +104,7 @@ class KerasUNetPair:
         keras_names = {"Conv2d": "Conv2D", "ConvTranspose2d": "Conv2DTranspose", "BatchNorm2d": "BatchNormalization"}
         assert [keras_names[type(m).__name__] for m in self.modules] == [type(x).__name__ for x in self.layers]
         rng = np.random.default_rng(0)
-        for layer in self.layers:
-            shapes = [tuple(w.shape) for w in layer.weights]
-            if isinstance(layer, keras.layers.BatchNormalization):  # gamma, beta, moving mean, moving variance
-                layer.set_weights([rng.uniform(0.5, 1.5, shapes[0]), rng.normal(0, 0.1, shapes[1]),
-                                   rng.normal(0, 0.1, shapes[2]), rng.uniform(0.5, 1.5, shapes[3])])
-            else:  # kernel as initialised, a random bias
-                layer.set_weights([self.numpy(layer.weights[0]), rng.normal(0, 0.05, shapes[1])])
+        randomize_keras_weights(keras, self.layers, rng)
         self.initial = [layer.get_weights() for layer in self.layers]
         self.reset()
         self.images = rng.uniform(-2, 2, (2, SIZE, SIZE, 3)).astype(np.float32)  # NHWC, as Keras takes them
@@ -122,16 +117,7 @@ class KerasUNetPair:
         """Both networks back to the initial Keras weights."""
         for layer, weights in zip(self.layers, self.initial, strict=True):
             layer.set_weights(weights)
-        with torch.no_grad():
-            for layer, module in zip(self.layers, self.modules, strict=True):
-                weights = [torch.from_numpy(self.numpy(w).astype(np.float32)) for w in layer.weights]
-                if isinstance(module, torch.nn.BatchNorm2d):
-                    for target, value in zip((module.weight, module.bias, module.running_mean, module.running_var),
-                                             weights, strict=True):
-                        target.copy_(value)
-                else:  # Keras (kh, kw, in, out) → torch (out, in, kh, kw); transposed convs alike, not flipped
-                    module.weight.copy_(weights[0].permute(3, 2, 0, 1))
-                    module.bias.copy_(weights[1])
+        copy_keras_weights(self.keras, self.layers, self.modules)
 
     def keras_logits(self, training: bool) -> np.ndarray:
         return self.numpy(self.model(self.images, training=training))

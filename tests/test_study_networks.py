@@ -28,6 +28,7 @@ from segx.models import build_network, parameter_counts
 from segx.models.pspnet_study import StudyPSPNet
 from segx.models.resunet_study import SameConv2d, StudyResUNet
 from tests.conftest import ROOT
+from tests.keras_reference import copy_keras_weights, randomize_keras_weights
 
 STUDY_RESUNET_COUNTS = (401_564_629, 401_505_877)  # (total, trainable) as Keras counts them, 21 classes
 STUDY_PSPNET_COUNTS = (3_365_781, 3_358_741)
@@ -259,13 +260,7 @@ class KerasPair:
         names = {"Conv2d": "Conv2D", "BatchNorm2d": "BatchNormalization", "SameConv2d": "Conv2D"}
         assert [names[type(m).__name__] for m in self.modules] == [type(x).__name__ for x in self.layers]
         rng = np.random.default_rng(0)
-        for layer in self.layers:
-            shapes = [tuple(w.shape) for w in layer.weights]
-            if isinstance(layer, keras.layers.BatchNormalization):  # gamma, beta, moving mean, moving variance
-                layer.set_weights([rng.uniform(0.5, 1.5, shapes[0]), rng.normal(0, 0.1, shapes[1]),
-                                   rng.normal(0, 0.1, shapes[2]), rng.uniform(0.5, 1.5, shapes[3])])
-            elif len(shapes) == 2:  # kernel as initialised, a random bias
-                layer.set_weights([self.numpy(layer.weights[0]), rng.normal(0, 0.05, shapes[1])])
+        randomize_keras_weights(keras, self.layers, rng)
         self.images = rng.uniform(-2, 2, (batch, size, size, 3)).astype(np.float32)  # NHWC, as Keras takes them
 
     def numpy(self, tensor: Any) -> np.ndarray:
@@ -273,18 +268,7 @@ class KerasPair:
 
     def copy_weights(self) -> None:
         """segx's weights (BatchNorm running statistics included) from the Keras model's current ones."""
-        with torch.no_grad():
-            for layer, module in zip(self.layers, self.modules, strict=True):
-                weights = [torch.from_numpy(self.numpy(w).astype(np.float32)) for w in layer.weights]
-                if isinstance(module, nn.BatchNorm2d):
-                    for target, value in zip((module.weight, module.bias, module.running_mean, module.running_var),
-                                             weights, strict=True):
-                        target.copy_(value)
-                else:  # Keras (kh, kw, in, out) → torch (out, in, kh, kw)
-                    module.weight.copy_(weights[0].permute(3, 2, 0, 1))
-                    if module.bias is not None:
-                        module.bias.copy_(weights[1])
-                    assert len(weights) == 1 + (module.bias is not None)
+        copy_keras_weights(self.keras, self.layers, self.modules)
 
     def without_dropout(self) -> None:
         """Dropout off on both sides, so BatchNorm's training mode can be compared alone."""
