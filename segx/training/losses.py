@@ -1,10 +1,11 @@
 """Losses of the study, on logits [N,C,H,W] and integer masks [N,H,W] whose void pixels (255) are ignored.
 
-The study found plain cross entropy collapsed to 'all background' on VOC and fixed it by weighting classes
-by their rarity; it also compared Keras' categorical hinge and KL divergence and the overlap losses (Dice,
-Jaccard, Tversky), focal and Lovász-Softmax. `probability_clip` reproduces Keras' clipped cross entropy on
-probabilities. Every loss that can weigh classes takes the same switch, `weighting`
-(null | neg_log | inverse | median), with weights from the training split's class frequencies.
+The study weighted classes by their rarity after a run that predicted only background (its learning rate had
+decayed to 1.4e-5 within an epoch, so the loss was not to blame); it also compared Keras' categorical hinge and
+KL divergence, and segx adds the overlap losses (Dice, Jaccard, Tversky), focal and Lovász-Softmax.
+`probability_clip` reproduces Keras' clipped cross entropy on probabilities. Every loss that can weigh classes
+takes the same switch, `weighting` (null | neg_log | inverse | median), with weights from the training split's
+class frequencies.
 
 The overlap, focal and Lovász losses are segmentation-models-pytorch's (multiclass mode); their wrappers
 (segx/training/smp_losses.py, importable from here) only fix their mode, store the class weights as a buffer
