@@ -73,3 +73,23 @@ def test_a_training_run_logs_its_composed_config(shapes_root: Path, tmp_path: Pa
     assert "image_size: 32" in lines and "encoder_widths: [16, 32]" in lines and "max_epochs: 1" in lines
     assert log.index("Config:") < log.index("Job ")  # logged before the run starts
     assert "\x1b" not in log
+
+
+def test_integer_keys_show_in_the_tree() -> None:
+    """`+data.label_map={11:255}` (Hydra's own suggestion) and data=cityscapes' label ids are int keys, which a
+    struct config does not find under their text."""
+    lines = _stripped(_compose("data=cityscapes", "data.label_map={11: 255, 7: 0}"))
+    assert "label_map" in lines and "11: 255" in lines and "7: 0" in lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "data").glob("*.yaml") if p.stem != "shapes"))
+def test_every_data_preset_starts_up_to_the_missing_dataset_message(name: str, tmp_path: Path) -> None:
+    """Each file of conf/data/ composes, logs its config and gets as far as looking for its files (shapes makes
+    its own and so always starts: the suite trains on it)."""
+    result = run_in_process("train.py", f"data={name}", f"data.root={tmp_path / 'missing'}", *QUIET,
+                            f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output and "Error in call" not in output, output[-3000:]
+    assert str(tmp_path / "missing") in output  # the message names where it looked
+    assert "Config:" in (tmp_path / "run" / "train.log").read_text()

@@ -38,7 +38,7 @@ def train_reference(workdir: Path, epochs: int, size: int) -> Path:
 
 def _labels_and_scores(predictor: Predictor, images: torch.Tensor, masks: torch.Tensor, datamodule: Any
                        ) -> tuple[torch.Tensor, float]:
-    confmat = confusion_matrix_metric(datamodule.num_classes)
+    confmat = confusion_matrix_metric(datamodule.num_classes, datamodule.ignore_index)
     labels = torch.cat([batch.cpu() for _, batch in predictor.labels(images)])
     confmat.update(labels, masks.long())
     scores = segmentation_scores(confmat.compute(), datamodule.class_names, datamodule.background_index)

@@ -34,7 +34,7 @@ def config_tree(cfg: DictConfig) -> str:
     tree = Tree(Text("config"))
     keys = [key for key in GROUPS if key in cfg] + [key for key in cfg if key not in GROUPS]
     for key in keys:
-        _add(tree, cfg, str(key))
+        _add(tree, cfg, key)
     return _render(tree)
 
 
@@ -48,18 +48,19 @@ def log_config_tree(cfg: DictConfig, logger: logging.Logger) -> None:
         logger.info("Config:\n%s", config_tree(cfg))
 
 
-def _add(parent: Tree, node: DictConfig, key: str) -> None:
-    """Append `key` of `node`: a branch for a nested mapping, a `key: value` leaf for anything else."""
+def _add(parent: Tree, node: DictConfig, key: Any) -> None:
+    """Append `key` of `node`: a branch for a nested mapping, a `key: value` leaf for anything else. Keys keep
+    their type: `label_map: {11: 255}` has an int key, which a struct config does not find as "11"."""
     child = node._get_node(key)
     if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
-        branch = parent.add(Text(key))
+        branch = parent.add(Text(str(key)))
         for sub in child:
-            _add(branch, child, str(sub))
+            _add(branch, child, sub)
         return
     parent.add(Text(f"{key}: {_value_text(node, key, child)}"))
 
 
-def _value_text(node: DictConfig, key: str, child: Any) -> str:
+def _value_text(node: DictConfig, key: Any, child: Any) -> str:
     """The resolved value as YAML-like text, or the raw one (`${...}`, `???`) where resolving fails."""
     try:
         value = node[key]

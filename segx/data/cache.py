@@ -95,11 +95,30 @@ class BadFile:
     problem: str
     path: str
     detail: str = ""
+    values: tuple[int, ...] = ()  # a "labels" problem's values outside the classes
+
+
+def _label_convention(bad: list[BadFile], total: int | None, ignore_index: int) -> str | None:
+    """When values outside the classes fill at least half of a split's masks, they are the dataset's way of marking
+    something (CamVid's void is 11), not damage: the sentence naming the keys that map them, else None."""
+    holders: dict[int, int] = {}
+    for b in bad:
+        for value in b.values:
+            holders[value] = holders.get(value, 0) + 1
+    common = sorted(v for v, n in holders.items() if total and n * 2 >= total)
+    if not common:
+        return None
+    counts = ", ".join(f"{v} in {holders[v]} of {total} masks" for v in common)
+    mapping = ", ".join(f"{v}: {ignore_index}" for v in common)
+    return (f"The values {counts} look like a label convention of the dataset rather than bad files: map them with "
+            f"data.label_map={{{mapping}}} (ignored; or onto a class index), or, for one value, make it the ignore "
+            f"index with data.ignore_index={common[0]}.")
 
 
 def describe_bad_files(bad: list[BadFile], split: str, num_classes: int, fix: str,
-                       ignore_index: int = IGNORE_INDEX) -> str:
-    """One paragraph: every problem group with its files (the first LIST_LIMIT by name, then a count)."""
+                       ignore_index: int = IGNORE_INDEX, total: int | None = None) -> str:
+    """One paragraph: every problem group with its files (the first LIST_LIMIT by name, then a count), and the
+    keys that fix a whole split's convention (values outside the classes in most masks, colour masks) first."""
     groups = []
     for key, what in PROBLEMS.items():
         files = sorted((b for b in bad if b.problem == key), key=lambda b: os.path.basename(b.path))
@@ -117,7 +136,12 @@ def describe_bad_files(bad: list[BadFile], split: str, num_classes: int, fix: st
             listed = name_list([f"{n} ({b.detail})" for n, b in zip(names, files, strict=True)])
         groups.append(f"{len(files)} {what}{where}: {listed}")
     count = len({b.path for b in bad})
-    return f"The {split} split has {count} bad file(s), so no cache was written: {'; '.join(groups)}. {fix}"
+    hints = [_label_convention(bad, total, ignore_index)]
+    if any(b.problem == "mode" and b.detail.startswith("mode RGB") for b in bad):
+        hints.append("Colour masks (one colour per class) are read through data.palette with data.mask_format=rgb.")
+    found = " ".join(h for h in hints if h)
+    return (f"The {split} split has {count} bad file(s), so no cache was written: {'; '.join(groups)}. "
+            f"{found + ' Otherwise: ' if found else ''}{fix}")
 
 
 def _pil_error(error: BaseException, path: str) -> str:
@@ -221,7 +245,7 @@ def check_pair(
         wrong = values[(values >= num_classes) & (values != ignore_index)].tolist()
         if wrong:
             shown = ", ".join(map(str, wrong[:5])) + (", ..." if len(wrong) > 5 else "")
-            bad.append(BadFile("labels", mask_file, f"values {shown}"))
+            bad.append(BadFile("labels", mask_file, f"values {shown}", tuple(int(v) for v in wrong)))
     if image is not None and mask is not None and image.shape[-2:] != mask.shape[-2:]:
         bad.append(BadFile(
             "size", mask_file,
@@ -262,7 +286,7 @@ def _build(
             if progress is not None:
                 progress(i + 1, n)
     if bad:
-        raise DatasetUnavailableError(describe_bad_files(bad, split, num_classes, bad_files_fix, ignore_index))
+        raise DatasetUnavailableError(describe_bad_files(bad, split, num_classes, bad_files_fix, ignore_index, n))
     return CachedSplit(split, size, list(files.ids), images, masks, original)
 
 
@@ -325,7 +349,8 @@ def load_or_build(
     with FileLock(str(path) + ".lock"):
         if path.exists():
             try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
+                # Mapped, not read: jobs on one node share the file's pages, and a batch touches only its own.
+                blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as error:  # an unreadable cache is rebuilt, never trusted
                 problem: str | None = f"unreadable: {error}".replace("\n", " ")
             else:

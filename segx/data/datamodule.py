@@ -86,9 +86,15 @@ def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
     return batch  # __getitems__ already returns stacked tensors
 
 
+FREQUENCY_CHUNK = 256  # masks counted at a time: bincount wants int64, 8 bytes a pixel, so never the whole split
+
+
 def class_frequencies(masks: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Fraction of labelled pixels (not `ignore_index`) in each class, float64 [num_classes]."""
-    counts = torch.bincount(masks.flatten().long(), minlength=num_classes)[:num_classes].double()
+    counts = torch.zeros(256, dtype=torch.long)  # uint8 masks: every value below 256
+    for start in range(0, len(masks), FREQUENCY_CHUNK):
+        counts += torch.bincount(masks[start:start + FREQUENCY_CHUNK].flatten().long().cpu(), minlength=256)
+    counts = counts[:num_classes].double()
     total = counts.sum()
     if total == 0:
         raise SegxError(f"The training masks hold no labelled pixel (all {ignore_index}); class weights cannot be "

@@ -1,6 +1,7 @@
 """`data=folder`: a dataset of one's own in the layout mmsegmentation users know,
 `<root>/<img_dir>/<split>/<id><img_suffix>` beside `<root>/<ann_dir>/<split>/<id><seg_map_suffix>` (ids may hold
-sub-folders, e.g. Cityscapes' cities), or the ids of a split listed one per line in a file."""
+sub-folders, e.g. Cityscapes' cities), folders named after the split (`img_dir='{split}'`, `ann_dir='{split}annot'`:
+SegNet's layout), or a split listed in a file: one id a line, or an image path and its mask path a line."""
 
 from __future__ import annotations
 
@@ -76,8 +77,13 @@ class FolderSource(SegmentationSource):
         if not 0 < self.ignore_index <= 255:
             raise ConfigError(f"data.ignore_index={ignore_index} must be in 1..255 (masks are 8-bit).")
         names, file_palette = list(class_names or ()), None
+        if not names and not self.root.is_dir():
+            raise DatasetUnavailableError(
+                f"data.root={self.root} does not exist, so data=folder finds neither its files nor the names of its "
+                "classes there; point data.root= at the dataset's folder (evaluate.py takes data.root= too, for a "
+                "checkpoint whose data lives elsewhere on this machine).")
         if not names:
-            found = read_class_file(self.root) if self.root.is_dir() else None
+            found = read_class_file(self.root)
             if found is None:
                 raise ConfigError(
                     f"data=folder needs the names of its classes: set data.class_names=[background,road,...] (in "
@@ -87,9 +93,10 @@ class FolderSource(SegmentationSource):
         if len(names) > MAX_CLASSES:
             raise ConfigError(f"{len(names)} classes is more than segx's masks can hold: at most {MAX_CLASSES} (8-bit "
                               f"masks, {IGNORE_INDEX} the ignore index).")
-        if len(names) >= self.ignore_index:
-            raise ConfigError(f"{len(names)} classes leave no room for data.ignore_index={self.ignore_index}: class "
-                              "indices must lie below it.")
+        if len(names) > self.ignore_index:
+            raise ConfigError(f"{len(names)} classes take the indices 0..{len(names) - 1}, which include "
+                              f"data.ignore_index={self.ignore_index}; set data.ignore_index to {len(names)} or more "
+                              f"(255, the default, suits up to {MAX_CLASSES} classes).")
         self.classes = tuple(str(n) for n in names)
         if background_index is not None and not 0 <= int(background_index) < len(self.classes):
             raise ConfigError(f"data.background_index={background_index} is not a class index (0..{len(names) - 1}); "
@@ -101,22 +108,57 @@ class FolderSource(SegmentationSource):
                                                     self.ignore_index)
 
     def _split_dirs(self, split: str) -> tuple[Path, Path]:
-        return self.root / self.img_dir / split, self.root / self.ann_dir / split
+        return split_folder(self.root, self.img_dir, split), split_folder(self.root, self.ann_dir, split)
 
-    def _listed_ids(self, split: str) -> list[str] | None:
+    def _list_file(self, split: str) -> Path | None:
         name = self.split_lists.get(split)
         if not name:
             return None
         path = self.root / name
         if not path.is_file():
             raise DatasetUnavailableError(f"The {split} split's list file {path} (data.split_lists.{split}) does "
-                                          "not exist; write one image id per line there, or drop the key to use "
-                                          f"every image in {self._split_dirs(split)[0]}.")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+                                          "not exist; write one image id (or an image path and its mask path) per "
+                                          f"line there, or drop the key to use every image in "
+                                          f"{self._split_dirs(split)[0]}.")
+        return path
+
+    def _listed_pairs(self, split: str, path: Path, lines: list[list[str]]) -> SplitFiles:
+        """A list of `<image> <mask>` lines (SegNet's train.txt): each path as written, else relative to data.root,
+        else by its trailing components under data.root (a list written on another machine)."""
+        images, masks, unresolved = [], [], []
+        for number, (image_text, mask_text) in enumerate(lines, start=1):
+            image, mask = resolve_listed_path(image_text, self.root), resolve_listed_path(mask_text, self.root)
+            if image is None or mask is None:
+                unresolved.append((number, image_text if image is None else mask_text))
+                continue
+            images.append(image)
+            masks.append(mask)
+        if unresolved:
+            number, text = unresolved[0]
+            raise DatasetUnavailableError(
+                f"{len(unresolved)} of the {len(lines)} lines of the {split} list {path} (data.split_lists.{split}) "
+                f"name files that cannot be found, the first on line {number}: {text}. A path is taken as written, "
+                f"then relative to data.root={self.root}, then by its trailing components under data.root (for "
+                f"{text}: {', '.join(str(c) for c in trailing_candidates(text, self.root)[:3]) or 'none'}); point "
+                f"data.root at the folder those paths end in, or fix the list.")
+        ids = [str(_without_suffix(image.relative_to(self.root) if image.is_relative_to(self.root) else image))
+               for image in images]
+        return SplitFiles(ids, [str(i) for i in images], [str(m) for m in masks])
 
     def split_files(self, split: str) -> SplitFiles:
         images_dir, masks_dir = self._split_dirs(split)
-        listed = self._listed_ids(split)
+        list_file = self._list_file(split)
+        lines = [line.split() for line in list_file.read_text().splitlines() if line.strip()] if list_file else []
+        if lines and all(len(line) == 2 for line in lines):
+            return self._listed_pairs(split, list_file, lines)
+        expected = len(lines[0]) if lines and len(lines[0]) in (1, 2) else 1  # as the first line, throughout
+        odd = next((n for n, line in enumerate(lines, start=1) if len(line) != expected), None)
+        if odd is not None:
+            raise DatasetUnavailableError(
+                f"Line {odd} of the {split} list {list_file} (data.split_lists.{split}) holds "
+                f"{len(lines[odd - 1])} entries: a list holds one image id a line, or an image path and its mask "
+                "path a line, throughout.")
+        listed = [line[0] for line in lines] if list_file else None
         if listed is None:
             if not images_dir.is_dir():
                 raise DatasetUnavailableError(
@@ -156,7 +198,36 @@ class FolderSource(SegmentationSource):
 
     def bad_files_fix(self, split: str) -> str:
         return (f"Replace these files with good ones, or remove them (image and mask) from "
-                f"{self._split_dirs(split)[0].parent.parent}, and run again.")
+                f"{self.root}, and run again.")
+
+
+SPLIT_FIELD = "{split}"  # in data.img_dir / data.ann_dir: the split's name goes there (SegNet's '{split}annot')
+
+
+def split_folder(root: Path, folder: str, split: str) -> Path:
+    """`<root>/<folder>/<split>` (mmsegmentation's layout), or `<root>/<folder>` with `{split}` replaced by the
+    split when the folder is a template of it (`{split}`, `{split}annot`: SegNet's train/ and trainannot/)."""
+    return root / folder.replace(SPLIT_FIELD, split) if SPLIT_FIELD in folder else root / folder / split
+
+
+def trailing_candidates(text: str, root: Path) -> list[Path]:
+    """Where a listed path's trailing components would lie under `root`, the longest first."""
+    path = Path(text)
+    parts = path.parts[1:] if path.is_absolute() else path.parts
+    return [root.joinpath(*parts[start:]) for start in range(len(parts))]
+
+
+def resolve_listed_path(text: str, root: Path) -> Path | None:
+    """A file a split list names: as written, else relative to `root`, else the longest trailing part of it that
+    exists under `root`; None when none does."""
+    path = Path(text).expanduser()
+    if path.is_absolute() and path.is_file():
+        return path
+    return next((candidate for candidate in trailing_candidates(text, root) if candidate.is_file()), None)
+
+
+def _without_suffix(path: Path) -> Path:
+    return path.with_suffix("") if path.suffix else path
 
 
 class FolderDataModule(CachedSegmentationDataModule):

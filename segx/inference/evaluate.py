@@ -100,7 +100,7 @@ def evaluate_checkpoint(
     slider = SlidingWindow(predictor, *inference.window(int(config.data.image_size))) if inference.sliding else None
     datamodule = instantiate(data_cfg)
     cached = datamodule.load_split(split)
-    confmat = confusion_matrix_metric(datamodule.num_classes).to(target)
+    confmat = confusion_matrix_metric(datamodule.num_classes, datamodule.ignore_index).to(target)
     pred_dir = Path(out_dir or ".") / "predictions"
     if save_predictions:
         pred_dir.mkdir(parents=True, exist_ok=True)

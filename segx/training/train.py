@@ -145,6 +145,15 @@ def _seed(cfg: DictConfig) -> int:
     return seed
 
 
+def _absolute_data_paths(cfg: DictConfig) -> None:
+    """`data.root` and `data.cache_dir` as absolute paths, so the checkpoint's config finds the data from any folder
+    (`data.root=data` is relative to where training was launched)."""
+    with open_dict(cfg):
+        for key in ("root", "cache_dir", "sbd_root"):
+            if isinstance(cfg.data.get(key), str):
+                cfg.data[key] = str(Path(cfg.data[key]).expanduser().absolute())
+
+
 def chained_trials(cfg: DictConfig) -> dict[str, int] | None:
     """`chained_trials` as metrics.json records it ({"trials", "epochs_per_trial"}), or None for one trial."""
     trials = cfg.get("chained_trials")
@@ -220,6 +229,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     """
     run_dir = job.run_dir
     record = record or JobRecord(job)
+    _absolute_data_paths(cfg)
     _route_lightning_logs()
     tracked = start_tracking(cfg, job, record)  # first, so a job failing on its config is filed there too
     monitor = _monitor(cfg)
