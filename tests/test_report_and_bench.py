@@ -73,7 +73,8 @@ def test_bench_writes_every_section(tmp_path: Path, trained_run: Path) -> None:
     results = bench.main(["--json", str(out), "--device", "cpu", "--workdir", str(tmp_path / "work"), "--size", "32",
                           "--batch", "2", "--data-batch", "4", "--images", "12", "--predict-images", "3",
                           "--steps", "2", "--warmup", "1", "--model-batch", "2", "--repeats", "1",
-                          "--models", "unet_small", "--precision-ckpt", str(trained_run / "checkpoints" / "best.ckpt")])
+                          "--models", "unet_small", "--precision-ckpt", str(trained_run / "checkpoints" / "best.ckpt"),
+                          "--memory-images", "40", "--memory-size", "32"])
     written = json.loads(out.read_text())
     assert written["data_speedup"] == pytest.approx(results["data_speedup"]) and written["data_speedup"] > 0
     data = written["details"]["data_speedup"]
@@ -101,8 +102,11 @@ def test_bench_writes_every_section(tmp_path: Path, trained_run: Path) -> None:
                                                                 precision["miou_32-true"]))
     assert written["bf16_predict_speedup"] == pytest.approx(precision["seconds_32-true"] /
                                                             precision["seconds_bf16-mixed"])
+    memory = written["details"]["data_memory"]  # 1 job, then 4 at once, on one cache of 40 images at 32 px
+    assert memory["images"] == 40 and memory["cache_mb"] > 0 and len(memory["load_seconds"]) == 4
+    assert written["data_memory_ratio"] == pytest.approx(memory["four_jobs_mb"] / memory["one_job_mb"])
     measured = {"data_speedup", "lightning_overhead", "train_peak_fraction", "infer_peak_fraction",
-                "bf16_label_agreement", "bf16_miou_difference"}
+                "bf16_label_agreement", "bf16_miou_difference", "data_memory_ratio"}
     search = {"search_epoch_fraction", "search_regret"}  # --sections search (minutes of training) was not asked for
     assert set(written["targets"]) == measured | search
     assert all(isinstance(written["targets"][key]["met"], bool) for key in measured)

@@ -22,7 +22,7 @@ from segx.bench.peak import device_peak
 from segx.core.files import write_json_atomic
 from segx.training.runtime import precision_for
 
-SECTIONS = ("data", "loop", "predict", "models", "memory_format", "precision")
+SECTIONS = ("data", "data_memory", "loop", "predict", "models", "memory_format", "precision")
 # Minutes of training (two 12-configuration searches): measured only when asked for with --sections search.
 EXTRA_SECTIONS = ("search",)
 STUDY_UNETS = ("unet", "unet_medium", "unet_small")
@@ -30,10 +30,11 @@ STUDY_UNETS = ("unet", "unet_medium", "unet_small")
 TARGETS = {
     "cpu": [("data_speedup", ">=", 20.0), ("lightning_overhead", "<=", 1.05), ("train_peak_fraction", ">=", 0.65),
             ("infer_peak_fraction", ">=", 0.80), ("search_epoch_fraction", "<=", 0.4), ("search_regret", "<=", 0.01),
-            ("bf16_label_agreement", ">=", 0.995), ("bf16_miou_difference", "<=", 0.002)],
+            ("bf16_label_agreement", ">=", 0.995), ("bf16_miou_difference", "<=", 0.002),
+            ("data_memory_ratio", "<=", 1.3)],
     "cuda": [("data_speedup", ">=", 20.0), ("lightning_overhead", "<=", 1.05),
              ("unet_train_images_per_second", ">=", 3000.0), ("predict_val_seconds.unet", "<", 0.25),
-             ("search_epoch_fraction", "<=", 0.4), ("search_regret", "<=", 0.01)],
+             ("search_epoch_fraction", "<=", 0.4), ("search_regret", "<=", 0.01), ("data_memory_ratio", "<=", 1.3)],
 }
 
 
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="precision section: a trained checkpoint to compare bf16 with fp32 on (default: the "
                              "demo's network, trained on shapes for --precision-epochs)")
     parser.add_argument("--precision-epochs", type=int, default=8, help="epochs of the precision section's network")
+    parser.add_argument("--memory-images", type=int, default=2000,
+                        help="data_memory section: training images of its generated cache (2000 at 256 px: 524 MB)")
+    parser.add_argument("--memory-size", type=int, default=256, help="data_memory section: their cached size")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -150,6 +154,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _say(f"  segx {data['segx_images_per_second']:,.0f} images/s, torchvision "
              f"{data['torchvision_images_per_second']:,.0f} images/s ({data['torchvision_workers']} workers): "
              f"{data['ratio']:.1f}x  (cache built once in {data['cache_build_seconds']:.1f}s)")
+
+    if "data_memory" in args.sections:
+        from segx.bench.data_memory import data_memory
+
+        _say(f"data_memory: 1, then 4 concurrent jobs reading one cache ({args.memory_images} shapes images at "
+             f"{args.memory_size}px) ...")
+        memory = data_memory(args.workdir, args.memory_images, args.memory_size)
+        results["data_memory_ratio"], details["data_memory"] = memory["ratio"], memory
+        _say(f"  cache {memory['cache_mb']:.0f} MB; one job {memory['one_job_mb']:.0f} MB, four jobs "
+             f"{memory['four_jobs_mb']:.0f} MB together ({memory['ratio']:.2f}x; each job's own copies "
+             f"{', '.join(f'{m:.0f}' for m in memory['private_mb_per_job'])} MB); loaded in "
+             f"{memory['one_job_load_seconds']:.2f}s alone, {max(memory['load_seconds']):.2f}s at most of four")
 
     if "loop" in args.sections:
         _say("peak: a large matmul and a 512-channel 3x3 convolution ...")
