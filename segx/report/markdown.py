@@ -108,7 +108,9 @@ def _scores_table(run: Run) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for label, entry in entries:
         epoch = entry.get("epoch")
-        number = f" ({int(epoch) + 1})" if isinstance(epoch, int | float) else ""
+        batches = entry.get("train_batches")
+        partial = f", partial: {batches} batch{'' if batches == 1 else 'es'}" if entry.get("partial") else ""
+        number = f" ({int(epoch) + 1}{partial})" if isinstance(epoch, int | float) else ""
         loss, train_loss = entry.get("val/loss"), entry.get("train/loss")
         cells = [f"{label}{number}", _pct(entry.get("val/miou")), _pct(entry.get("val/miou_no_bg")),
                  _pct(entry.get("val/acc")), *(_pct(entry.get(STUDY_METRICS[n])) for n in study),

@@ -74,6 +74,7 @@ class RunSummary(pl.Callback):
         self._fit_start = 0.0
         self._epoch_start: float | None = None
         self._epoch = 0
+        self._batches = 0  # training batches of the open epoch (its batch index + 1, also after a resume)
         self._trainer: pl.Trainer | None = None
 
     def best(self) -> dict[str, float]:
@@ -90,7 +91,9 @@ class RunSummary(pl.Callback):
 
     def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         checkpoint = trainer.checkpoint_callback
-        seconds = self.epoch_seconds
+        # A partial epoch (trainer.max_time, Ctrl-C) would pull the mean down: the speed is of whole epochs.
+        whole = [t for t, h in zip(self.epoch_seconds, self.history, strict=False) if not h.get("partial")]
+        seconds = whole or self.epoch_seconds
         return {
             **self.provenance,
             "final": self.history[-1] if self.history else {},
@@ -105,13 +108,20 @@ class RunSummary(pl.Callback):
             "parameters": self.parameters,
             "epochs": len(self.history),
             "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
-            "epoch_seconds": seconds,
+            "epoch_seconds": self.epoch_seconds,
             "total_seconds": self.total_seconds or time.perf_counter() - self._fit_start,
             "history": self.history,
         }
 
-    def _pending(self, trainer: pl.Trainer) -> dict[str, float]:
-        return {"epoch": float(self._epoch), **_scalars(trainer.callback_metrics)}
+    def _pending(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """The open epoch's entry: its number, scores and training batches; `partial` when it ran fewer batches
+        than an epoch has (stopped by trainer.max_time or an interrupt)."""
+        entry: dict[str, Any] = {"epoch": float(self._epoch), **_scalars(trainer.callback_metrics),
+                                 "train_batches": self._batches}
+        expected = trainer.num_training_batches
+        if isinstance(expected, int) and 0 < self._batches < expected:
+            entry["partial"] = True
+        return entry
 
     def _close_epoch(self, trainer: pl.Trainer) -> None:
         if self._epoch_start is None:
@@ -131,7 +141,9 @@ class RunSummary(pl.Callback):
         """One line per epoch: the progress a sweep job shows where no progress bar is drawn."""
         entry = self.history[-1]
         scores = " · ".join(f"{k} {entry[k]:.4f}" for k in ("train/loss", "val/loss", "val/miou") if k in entry)
-        log.info("Epoch %d/%s · %s · %.1fs", int(entry["epoch"]) + 1, trainer.max_epochs, scores,
+        partial = (f" (partial: {entry['train_batches']} of {trainer.num_training_batches} batches)"
+                   if entry.get("partial") else "")
+        log.info("Epoch %d/%s%s · %s · %.1fs", int(entry["epoch"]) + 1, trainer.max_epochs, partial, scores,
                  self.epoch_seconds[-1])
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -174,6 +186,11 @@ class RunSummary(pl.Callback):
         self._close_epoch(trainer)
         self._epoch = trainer.current_epoch
         self._epoch_start = time.perf_counter()
+        self._batches = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._batches = batch_idx + 1
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.total_seconds = time.perf_counter() - self._fit_start
