@@ -77,6 +77,11 @@ def test_every_figure_is_a_distinct_png_linked_from_report_md(sweep: Path) -> No
     assert "Not drawn" not in text and "Jobs without a result" not in text
     assert "## Settings shared by every job" in text and "`optimizer.lr=0.003`" in text
     assert "| 1 | adam |" in text or "| 1 | sgd |" in text
+    # The sweep as typed, data.root included, to paste into a shell: its swept keys with every value.
+    command = text.split("```bash\n", 1)[1].split("\n", 1)[0]
+    assert command.startswith("python train.py -m ") and f"data.root={setting(jobs(sweep)[0][1], 'data.root')}" \
+        in command
+    assert "optimizer=sgd,adam" in command and "seed=1,2" in command and "'model.encoder_widths=[16,32]'" in command
     assert not list(sweep.rglob("*.tmp"))  # atomic writes leave no temp file behind
 
 
@@ -131,6 +136,9 @@ def test_a_single_run_gets_its_curves_and_confusion_matrix(sweep: Path, tmp_path
     assert all(f"](plots/{name})" in text for name in names)
     assert "## IoU per class at the best epoch" in text and "| background |" in text
     assert len(read_csv(run_dir / "report.csv")) == 1
+    command = text.split("To train it again:\n\n```bash\n", 1)[1].split("\n", 1)[0]  # job 3 as typed: adam, seed 2
+    assert command.startswith("python train.py ") and "optimizer=adam" in command and "seed=2" in command
+    assert f"data.root={setting(record, 'data.root')}" in command and "hydra." not in command
 
 
 def test_predictions_are_skipped_with_the_reason_when_the_data_is_gone(sweep: Path, tmp_path: Path) -> None:

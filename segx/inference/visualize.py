@@ -6,7 +6,30 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
+from segx.data.cache import resized_shape
 from segx.data.voc_classes import VOC_PALETTE
+
+
+def example_indices(count: int, total: int) -> torch.Tensor:
+    """`count` image indices spread evenly over a split of `total`, the first and the last included: the first few
+    of a video dataset are near-identical consecutive frames."""
+    if count >= total:
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, max(count, 1)).round().long()
+
+
+def blank_padding(preds: torch.Tensor, original_sizes: torch.Tensor, resize: str, fill: int) -> torch.Tensor:
+    """Predictions [N,S,S] with `fill` (the ignore index) where `data.resize=keep_ratio` padded the image: that band
+    is never scored, and what a network predicts there means nothing."""
+    if resize != "keep_ratio":
+        return preds
+    preds = preds.clone()
+    size = int(preds.shape[-1])
+    for pred, (height, width) in zip(preds, original_sizes.tolist(), strict=True):
+        covered_h, covered_w = resized_shape(int(height), int(width), size, resize)
+        pred[covered_h:, :] = fill
+        pred[:, covered_w:] = fill
+    return preds
 
 
 def colorize(labels: torch.Tensor, palette: np.ndarray | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +56,39 @@ def _figures(figures: list[Figure], out_dir: Path) -> list[str]:
     return lines
 
 
+def _typed(overrides: Sequence[str]) -> list[str]:
+    """A run's overrides as its command line had them (`+` kept, `data.root` included), less Hydra's own."""
+    return [str(o) for o in overrides if not str(o).lstrip("+~").startswith("hydra.")]
+
+
+def _shared_overrides(runs: Sequence[Run]) -> list[str]:
+    """The typed overrides every run shares, in the first run's order."""
+    first = _typed(runs[0].overrides) if runs else []
+    return [o for o in first if all(o in _typed(r.overrides) for r in runs[1:])]
+
+
+def _sweep_overrides(runs: Sequence[Run]) -> list[str]:
+    """The shared overrides, then each other key with every value the runs gave it (`key=a,b`), in run order."""
+    shared = _shared_overrides(runs)
+    varying: dict[str, list[str]] = {}
+    for run in runs:
+        for override in _typed(run.overrides):
+            if override not in shared:
+                key, _, value = override.partition("=")
+                values = varying.setdefault(key, [])
+                if value not in values:
+                    values.append(value)
+    return [*shared, *(f"{key}={','.join(values)}" for key, values in varying.items())]
+
+
+def _pasteable(overrides: Sequence[str], lead: str, sweep: bool = False) -> list[str]:
+    """A `python train.py ...` line to paste into a shell, each override quoted where the shell needs it."""
+    if not overrides:
+        return []
+    command = "python train.py -m " if sweep else "python train.py "
+    return [lead, "", "```bash", command + " ".join(shlex.quote(o) for o in overrides), "```"]
+
+
 def _stamp() -> str:
     return f"Written by `python -m segx.report` at {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
 
@@ -82,7 +116,9 @@ def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], run
              "completed jobs, `failed` those that failed or left no readable metrics.json.", ""]
     shared = common_overrides(runs)
     if shared:
-        lines += ["## Settings shared by every job", "", " ".join(f"`{_escape(o)}`" for o in shared), ""]
+        lines += ["## Settings shared by every job", "", " ".join(f"`{_escape(o)}`" for o in shared), "",
+                  *_pasteable(_sweep_overrides(runs), "The sweep as typed (`+` kept, `data.root` included):",
+                              sweep=True), ""]
     if search is not None:
         lines += search_markdown(search, keys, configs)
     lines += [f"## Configurations ranked by {' / '.join(monitors)}", "", markdown_table(rows, keys), ""]
@@ -132,7 +168,8 @@ def run_markdown(run: Run, figures: list[Figure], out_dir: Path, study: Sequence
                f"{record.get('precision', '?')}; started {record.get('started_at', '?')}, ended "
                f"{record.get('ended_at', '—')}.", ""]
     if run.settings:
-        lines += ["## Settings", "", " ".join(f"`{_escape(k)}={_escape(v)}`" for k, v in run.settings.items()), ""]
+        lines += ["## Settings", "", " ".join(f"`{_escape(k)}={_escape(v)}`" for k, v in run.settings.items()), "",
+                  *_pasteable(_typed(run.overrides), "To train it again:"), ""]
     lines += [f"## Scores (best epoch picked by `{run.monitor}`)", "", *_scores_table(run), ""]
     facts = []
     if run.parameters is not None:

@@ -14,7 +14,7 @@ from segx.core.errors import SegxError
 
 @dataclass
 class Examples:
-    """The first val images (uint8 [N,3,S,S]), their masks and the network's predictions ([N,S,S])."""
+    """Val images spread over the split (uint8 [N,3,S,S]), their masks and the network's predictions ([N,S,S])."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -27,13 +27,15 @@ class Examples:
 
 @torch.inference_mode()
 def predict_examples(checkpoint_path: str | Path, count: int = 4) -> Examples:
-    """Predict the first `count` images of the checkpoint's val split on the CPU. Raises SegxError (or the data
-    module's own error) when the checkpoint or the data cannot be read; nothing is downloaded."""
+    """Predict `count` images spread over the checkpoint's val split on the CPU (the keep_ratio padding blanked).
+    Raises SegxError (or the data module's own error) when the checkpoint or the data cannot be read; nothing is
+    downloaded."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from segx.inference.checkpoint import checkpoint_classes, load_checkpoint, network_from_checkpoint, run_config
     from segx.inference.predictor import Predictor
+    from segx.inference.visualize import blank_padding, example_indices
 
     checkpoint = load_checkpoint(checkpoint_path)
     config = run_config(checkpoint)
@@ -44,10 +46,12 @@ def predict_examples(checkpoint_path: str | Path, count: int = 4) -> Examples:
     data_cfg = OmegaConf.merge(config.data, {"download": False}) if "download" in config.data else config.data
     datamodule = instantiate(data_cfg)
     split = datamodule.load_split(datamodule.val_split)
-    images, masks = split.images[:count], split.masks[:count]
+    chosen = example_indices(count, len(split))
+    images, masks = split.images[chosen], split.masks[chosen]
     predictor = Predictor.from_run(network_from_checkpoint(checkpoint), config, torch.device("cpu"))
-    preds = predictor.logits(images).argmax(1)
+    preds = blank_padding(predictor.logits(images).argmax(1), split.original_sizes[chosen], datamodule.resize,
+                          datamodule.ignore_index)
     epoch = checkpoint.get("epoch")
-    return Examples(images=images, masks=masks, preds=preds, ids=list(split.ids[:count]),
+    return Examples(images=images, masks=masks, preds=preds, ids=[split.ids[i] for i in chosen.tolist()],
                     class_names=list(datamodule.class_names), epoch=int(epoch) if epoch is not None else None,
                     palette=checkpoint_classes(checkpoint)[1])
