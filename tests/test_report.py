@@ -217,3 +217,19 @@ def test_a_folder_without_runs_names_itself_and_exits_2(tmp_path: Path, capsys: 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert str(tmp_path) in err and len(err.splitlines()) == 1
+
+
+def test_the_console_table_wraps_settings_instead_of_cutting_them() -> None:
+    import io
+
+    from rich.console import Console
+
+    from segx.report.tables import print_summary
+
+    row = {"setting": "optimizer=sgd optimizer.lr=0.00031622776601683794 model=unet_small", "runs": 1, "failed": 0,
+           "mean": 0.5, "std": None, "max": 0.5, "parameters": 4_065_749, "seconds_per_epoch": 1.2,
+           "monitor": "val/miou"}
+    console = Console(file=io.StringIO(), width=80)
+    print_summary([row], console=console)
+    cells = "".join(line.split("│")[1] for line in console.file.getvalue().splitlines() if line.count("│") > 2)
+    assert "optimizer.lr=0.00031622776601683794" in cells.replace(" ", "") and "…" not in console.file.getvalue()

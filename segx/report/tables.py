@@ -186,9 +186,11 @@ def print_summary(rows: list[dict[str, Any]], shared: list[str] | None = None, c
     monitors = sorted({row["monitor"] for row in rows})
     table = Table(title=f"best {' / '.join(monitors)} % per setting (over seeds)",
                   caption=f"all runs: {' '.join(shared)}" if shared else None)
-    for column, justify in (("setting", "left"), ("runs", "right"), ("failed", "right"), ("mean", "right"),
-                            ("std", "right"), ("max", "right"), ("parameters", "right"), ("s/epoch", "right")):
-        table.add_column(column, justify=justify)
+    # A narrow terminal wraps the settings instead of cutting them ("optimizer.lr=0.0…" hid every learning rate);
+    # the numbers never wrap.
+    table.add_column("setting", justify="left", overflow="fold", min_width=24)
+    for column in ("runs", "failed", "mean", "std", "max", "parameters", "s/epoch"):
+        table.add_column(column, justify="right", overflow="fold")
     for row in rows:
         table.add_row(row["setting"], str(row["runs"]), str(row["failed"]), _pct(row["mean"]), _pct(row["std"]),
                       _pct(row["max"]), f"{row['parameters']:,}" if row["parameters"] else "—",
