@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -145,13 +146,19 @@ def test_a_value_in_every_mask_is_named_with_the_keys_that_map_it(camvid: Path, 
     assert not list((tmp_path / "cache").glob("*.pt"))  # nothing cached
 
 
-def test_colour_masks_read_as_index_masks_name_mask_format_rgb(tmp_path: Path) -> None:
+def test_colour_masks_are_read_through_the_palette_by_default(tmp_path: Path) -> None:
     root = write_folder_dataset(tmp_path / "data", rgb_masks=True, counts={"train": 3})
-    module = FolderDataModule(str(root), class_names=["background", "square", "disc"], palette=RGB_COLOURS,
-                              image_size=32, cache_dir=str(tmp_path / "cache"))
+    classes = ["background", "square", "disc"]
+    auto = FolderDataModule(str(root), class_names=classes, palette=RGB_COLOURS, image_size=32,
+                            cache_dir=str(tmp_path / "cache"))
+    rgb = FolderDataModule(str(root), class_names=classes, palette=RGB_COLOURS, mask_format="rgb", image_size=32,
+                           cache_dir=str(tmp_path / "cache-rgb"))
+    assert torch.equal(auto.load_split("train").masks, rgb.load_split("train").masks)  # data.mask_format=auto
+    index = FolderDataModule(str(root), class_names=classes, palette=RGB_COLOURS, mask_format="index",
+                             image_size=32, cache_dir=str(tmp_path / "cache-index"))
     with pytest.raises(DatasetUnavailableError, match="3 mask\\(s\\) that are not index images.*read through "
-                                                      "data.palette with data.mask_format=rgb"):
-        module.load_split("train")
-    rgb = FolderDataModule(str(root), class_names=["background", "square", "disc"], palette=RGB_COLOURS,
-                           mask_format="rgb", image_size=32, cache_dir=str(tmp_path / "cache"))
-    assert len(rgb.load_split("train")) == 3
+                                                      "data.palette.*or set data.mask_format=rgb"):
+        index.load_split("train")
+    unpainted = FolderDataModule(str(root), class_names=classes, image_size=32, cache_dir=str(tmp_path / "c2"))
+    with pytest.raises(DatasetUnavailableError, match="give it \\(data.mask_format=auto, the default"):
+        unpainted.load_split("train")  # no palette to read colours through

@@ -138,7 +138,8 @@ def describe_bad_files(bad: list[BadFile], split: str, num_classes: int, fix: st
     count = len({b.path for b in bad})
     hints = [_label_convention(bad, total, ignore_index)]
     if any(b.problem == "mode" and b.detail.startswith("mode RGB") for b in bad):
-        hints.append("Colour masks (one colour per class) are read through data.palette with data.mask_format=rgb.")
+        hints.append("Colour masks (one colour per class) are read through data.palette: give it (data.mask_format="
+                     "auto, the default, then reads colour images through it), or set data.mask_format=rgb.")
     found = " ".join(h for h in hints if h)
     return (f"The {split} split has {count} bad file(s), so no cache was written: {'; '.join(groups)}. "
             f"{found + ' Otherwise: ' if found else ''}{fix}")

@@ -67,7 +67,7 @@ class FolderSource(SegmentationSource):
     def __init__(self, root: str | Path, img_dir: str = "images", ann_dir: str = "annotations",
                  img_suffix: str = ".jpg", seg_map_suffix: str = ".png", split_lists: Mapping[str, str] | None = None,
                  class_names: Sequence[str] | None = None, palette: Sequence[Any] | None = None,
-                 ignore_index: int = IGNORE_INDEX, mask_format: str = "index", reduce_zero_label: bool = False,
+                 ignore_index: int = IGNORE_INDEX, mask_format: str = "auto", reduce_zero_label: bool = False,
                  label_map: Mapping[Any, Any] | None = None, background_index: int | None = 0) -> None:
         self.root = Path(root).expanduser().resolve()
         self.img_dir, self.ann_dir = str(img_dir), str(ann_dir)
@@ -236,7 +236,7 @@ class FolderDataModule(CachedSegmentationDataModule):
     def __init__(self, root: str = "data/custom", img_dir: str = "images", ann_dir: str = "annotations",
                  img_suffix: str = ".jpg", seg_map_suffix: str = ".png", split_lists: Mapping[str, str] | None = None,
                  class_names: Sequence[str] | None = None, palette: Sequence[Any] | None = None,
-                 ignore_index: int = IGNORE_INDEX, mask_format: str = "index", reduce_zero_label: bool = False,
+                 ignore_index: int = IGNORE_INDEX, mask_format: str = "auto", reduce_zero_label: bool = False,
                  label_map: Mapping[Any, Any] | None = None, background_index: int | None = 0,
                  num_classes: int | None = None, **options: Any) -> None:
         source = FolderSource(root, img_dir, ann_dir, img_suffix, seg_map_suffix, split_lists, class_names, palette,

@@ -15,7 +15,7 @@ import numpy as np
 from segx.core.errors import ConfigError
 from segx.data.source import IGNORE_INDEX
 
-MASK_FORMATS = ("index", "rgb")
+MASK_FORMATS = ("auto", "index", "rgb")
 
 
 class MaskProblem(ValueError):
@@ -57,7 +57,8 @@ class MaskDecoder:
     """Reads one mask image into uint8 class indices; `key` names the decoding in the cache's file name, so a
     changed setting never reuses masks decoded the old way."""
 
-    mask_format: str = "index"  # index: palette or greyscale PNGs of class ids; rgb: colours of `colours`
+    mask_format: str = "index"  # index: palette or greyscale PNGs of class ids; rgb: colours of `colours`; auto:
+                                #   index for P and L images, colours of `colours` for RGB ones
     colours: tuple[tuple[int, int, int], ...] = ()  # rgb: class i's colour
     label_map: tuple[tuple[int, int], ...] = ()
     reduce_zero_label: bool = False
@@ -66,8 +67,9 @@ class MaskDecoder:
 
     def __post_init__(self) -> None:
         if self.mask_format not in MASK_FORMATS:
-            raise ConfigError(f"data.mask_format={self.mask_format!r} is not a choice; use index (class ids in a "
-                              "palette or greyscale image) or rgb (colours of data.palette).")
+            raise ConfigError(f"data.mask_format={self.mask_format!r} is not a choice; use auto (index images read as "
+                              "class ids, colour images through data.palette), index (class ids in a palette or "
+                              "greyscale image) or rgb (colours of data.palette).")
         if self.mask_format == "rgb" and not self.colours:
             raise ConfigError("data.mask_format=rgb needs data.palette: the [r, g, b] colour of each class, in class "
                               "order, exactly as the mask files draw them.")
@@ -87,21 +89,23 @@ class MaskDecoder:
                     ignore_index: int = IGNORE_INDEX) -> MaskDecoder:
         colours = tuple(_colour(c, f"data.palette[{i}]") for i, c in enumerate(palette or ()))
         mapping = check_label_map(label_map, ignore_index)
-        return cls(mask_format=str(mask_format), colours=colours if mask_format == "rgb" else (),
+        return cls(mask_format=str(mask_format), colours=colours if mask_format in ("rgb", "auto") else (),
                    label_map=tuple(sorted(mapping.items())), reduce_zero_label=bool(reduce_zero_label),
                    ignore_index=int(ignore_index))
 
     @property
     def key(self) -> str:
         """'' for plain index masks (the caches VOC and shapes always had), else a short hash of the settings."""
-        if self.mask_format == "index" and not self.label_map and not self.reduce_zero_label:
+        plain = self.mask_format == "index" or (self.mask_format == "auto" and not self.colours)
+        if plain and not self.label_map and not self.reduce_zero_label:
             return ""
         settings = [self.mask_format, self.colours, self.label_map, self.reduce_zero_label, self.ignore_index]
         return hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:8]
 
     def decode(self, mask: Any) -> np.ndarray:
         """A PIL image → uint8 [H, W] class indices (or the ignore index); MaskProblem when it cannot be read so."""
-        if self.mask_format == "rgb":
+        colour = self.mask_format == "auto" and self.colours and mask.mode in ("RGB", "RGBA")
+        if self.mask_format == "rgb" or colour:
             if mask.mode not in ("RGB", "RGBA", "P"):
                 raise MaskProblem("mode", f"mode {mask.mode}, not a colour image")
             values = self._from_colours(np.asarray(mask.convert("RGB"), dtype=np.uint8))
