@@ -22,3 +22,19 @@ def test_the_keep_ratio_padding_is_blanked() -> None:
     assert (blanked[1, :, :16] == 1).all() and (blanked[1, :, 16:] == 255).all()
     assert torch.equal(blank_padding(preds, sizes, "square", 255), preds)  # a stretched image covers all of it
     assert (preds == 1).all()  # the caller's tensor is left alone
+
+
+def test_the_void_colour_stands_apart_from_every_class_colour() -> None:
+    import numpy as np
+
+    from segx.data.folder import VOID_DISTANCE, full_palette
+    from segx.data.palette import IGNORE_COLOUR, color_map
+
+    assert tuple(full_palette(None, 21)[255]) == IGNORE_COLOUR  # VOC's cream where no class is near it
+    camvid = [[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222], [128, 128, 0],
+              [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192]]  # its pole is near cream
+    palette = full_palette(camvid, 11, 11)
+    void = palette[11].astype(float)
+    assert tuple(palette[11]) != IGNORE_COLOUR
+    assert np.linalg.norm(np.asarray(camvid, dtype=float) - void, axis=1).min() >= VOID_DISTANCE
+    assert palette[:11].tolist() == camvid and (full_palette(None, 150)[:150] == color_map(150)).all()

@@ -130,7 +130,11 @@ def test_evaluate_and_predict_slide_over_each_image_at_its_own_size(trained_run:
                              f"hydra.run.dir={tmp_path / 'eval'}").stdout
     assert "val split, 16 images, full resolution, sliding windows" in printed  # the scores' title says how
     scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert scores["inference"] == {"mode": "slide", "crop": 32, "stride": 16} and scores["full_res"] is True
+    # trained at 32 px on 48-80 px images: the windows see objects about twice the size training did
+    scale = pytest.approx(1.94, abs=0.01)
+    assert scores["inference"] == {"mode": "slide", "crop": 32, "stride": 16, "scale_ratio": scale}
+    assert scores["full_res"] is True
+    assert "objects are 1.94× the size this network saw" in (tmp_path / "eval" / "evaluate.log").read_text()
     assert scores["precision"] == "32-true" and scores["n_images"] == 16 and 0 < scores["miou"] <= 1
     voc = shapes_root / "VOCdevkit" / "VOC2012"
     for path in sorted((tmp_path / "eval" / "predictions").glob("*.png"))[:4]:
@@ -147,3 +151,12 @@ def test_evaluate_and_predict_slide_over_each_image_at_its_own_size(trained_run:
     refused = run_in_process("evaluate.py", f"ckpt={ckpt}", "inference.mode=slide", "inference.crop=30",
                              f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert refused.returncode == 2 and "inference.crop=30 cannot be used with UNet" in refused.stdout + refused.stderr
+
+
+def test_the_window_scale_is_how_much_larger_objects_look_than_in_training() -> None:
+    from segx.inference.evaluate import window_scale
+
+    camvid = torch.tensor([[360, 480]] * 3, dtype=torch.int32)
+    assert window_scale(camvid, 128, "keep_ratio") == pytest.approx(3.75)  # 480 → 128, 360 → 96
+    assert window_scale(camvid, 128, "square") == pytest.approx((360 / 128 * 480 / 128) ** 0.5)
+    assert window_scale(torch.tensor([[128, 128], [64, 64], [256, 256]], dtype=torch.int32), 128, "square") == 1.0

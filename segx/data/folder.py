@@ -49,12 +49,28 @@ def read_class_file(root: Path) -> tuple[list[str], list[Any] | None] | None:
     return None
 
 
+# Colours for unlabelled pixels, in order of preference: VOC's cream, white, magenta, black.
+VOID_CANDIDATES = (IGNORE_COLOUR, (255, 255, 255), (255, 0, 255), (0, 0, 0))
+VOID_DISTANCE = 100  # the nearest class colour at least this far (Euclidean, 0..255 a channel) tells them apart
+
+
+def void_colour(class_colours: np.ndarray) -> tuple[int, int, int]:
+    """VOC's cream for unlabelled pixels, unless a class is drawn in a colour near it (CamVid's pole is
+    [192, 192, 128]): then the first candidate far from every class colour, else the farthest one."""
+    classes = np.asarray(class_colours, dtype=np.float64).reshape(-1, 3)
+
+    def distance(candidate: tuple[int, int, int]) -> float:
+        return float(np.linalg.norm(classes - np.asarray(candidate), axis=1).min()) if len(classes) else np.inf
+
+    return next((c for c in VOID_CANDIDATES if distance(c) >= VOID_DISTANCE), max(VOID_CANDIDATES, key=distance))
+
+
 def full_palette(colours: Sequence[Any] | None, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """uint8 [256, 3]: the given colour of each class, else a generated one; the ignore index drawn cream."""
+    """uint8 [256, 3]: the given colour of each class, else a generated one; the ignore index in `void_colour`."""
     palette = color_map(256)
     for index, colour in enumerate(colours or ()):
         palette[index] = np.asarray([int(c) for c in colour], dtype=np.uint8)
-    palette[ignore_index] = IGNORE_COLOUR
+    palette[ignore_index] = void_colour(palette[:num_classes])
     if colours is not None and len(colours) != num_classes:
         raise ConfigError(f"data.palette has {len(colours)} colours for {num_classes} classes; give one [r, g, b] "
                           "per class, in class-index order (or leave it out to have one generated).")

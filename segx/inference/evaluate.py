@@ -48,6 +48,16 @@ def save_palette_png(labels: np.ndarray, path: Path, palette: np.ndarray | None 
     image.save(path)
 
 
+def window_scale(original_sizes: torch.Tensor, image_size: int, resize: str) -> float:
+    """How much larger objects look to sliding windows over the images at their own size than they did in training
+    (each image resized to `image_size`): the median over the split of sqrt(height ratio × width ratio)."""
+    ratios = []
+    for height, width in original_sizes.tolist():
+        covered_h, covered_w = resized_shape(int(height), int(width), image_size, resize)
+        ratios.append((height / covered_h * width / covered_w) ** 0.5)
+    return float(np.median(ratios)) if ratios else 1.0
+
+
 def _say_what_differs_from_training(net: torch.nn.Module, config: Any, data_cfg: Any) -> None:
     """An image size the network cannot take is refused; another size than training's, or a generated dataset
     that does not exist yet, is scored as asked, with a warning saying so."""
@@ -110,7 +120,14 @@ def evaluate_checkpoint(
         if save_predictions:
             save_palette_png(pred[0].cpu().numpy(), pred_dir / f"{cached.ids[index]}.png", datamodule.palette)
 
+    scale = None
     if slider is not None:
+        scale = window_scale(cached.original_sizes, datamodule.image_size, datamodule.resize)
+        if not 0.8 <= scale <= 1.25:
+            log.warning("inference.mode=slide predicts each image at its own size, where objects are %.2f× the size "
+                        "this network saw in training (data.image_size=%d, data.resize=%s; median over the split). "
+                        "Its scores will suffer; inference.mode=whole predicts at the training scale.", scale,
+                        datamodule.image_size, datamodule.resize)
         if not full_res:
             log.info("inference.mode=slide predicts each image at its own size, so it is scored at full resolution.")
         full_res = True
@@ -154,8 +171,8 @@ def evaluate_checkpoint(
         "image_size": datamodule.image_size,
         "tta": tta.label or "none",  # scores made with test-time augmentation are labelled so
         **({"tta_scales": list(tta.scales)} if tta.mode == "ms_flip" else {}),
-        "inference": ({"mode": "slide", "crop": slider.crop, "stride": slider.stride} if slider is not None
-                      else {"mode": "whole"}),
+        "inference": ({"mode": "slide", "crop": slider.crop, "stride": slider.stride, "scale_ratio": scale}
+                      if slider is not None else {"mode": "whole"}),
         "precision": predictor.precision,  # the precision the network predicted in
         "device": str(target),
     }
