@@ -106,6 +106,12 @@ def test_tensorboard_holds_val_scalars_and_the_prediction_grid(trained_run: Path
     assert start.session_start_info.hparams["optimizer.lr"].number_value == pytest.approx(3e-3)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
     assert {"hp/best_val_miou", "hp/final_val_miou"} <= {m.name.tag for m in experiment.metric_infos}
+    # A sweep compared at a glance: the group choices, the headline numbers and the typed keys, a few columns; a
+    # few headline scores, not one card per class ahead of the curves.
+    columns = set(start.session_start_info.hparams)
+    assert {"model", "optimizer", "loss", "data", "optimizer.lr", "data.batch_size", "seed"} <= columns
+    assert start.session_start_info.hparams["model"].string_value == "unet_small" and len(columns) <= 25
+    assert len(experiment.metric_infos) <= 6 and not any("/dice" in t or "/iou/" in t for t in scalars if "hp/" in t)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
 from segx.core.errors import ConfigError
@@ -44,17 +44,34 @@ from segx.training.runtime import Runtime, choose_run_memory_format, resolve_run
 log = logging.getLogger(__name__)
 
 
-def _flat_choices(cfg: DictConfig) -> dict[str, Any]:
-    """The knobs a sweep turns, flattened for TensorBoard's hparams tab."""
-    flat: dict[str, Any] = {"seed": cfg.seed}
-    for group in ("model", "optimizer", "scheduler", "loss", "data", "protocol"):
-        node = OmegaConf.to_container(cfg.get(group) or {}, resolve=True)
-        for key, value in node.items():
-            if isinstance(value, str | int | float | bool):
-                flat[f"{group}.{key}"] = value
-            elif isinstance(value, list) and len(value) <= 8:  # widths and the like; class names are skipped
-                flat[f"{group}.{key}"] = str(value)
-    return flat
+#: The numbers TensorBoard's HParams tab shows for every run beside its group choices and overridden keys.
+HEADLINE_KEYS = ("optimizer.lr", "optimizer.decay", "data.batch_size", "data.image_size", "trainer.max_epochs", "seed")
+
+
+def _group_choices() -> dict[str, str]:
+    """The config groups Hydra chose for this run (model → unet, ...), none of Hydra's own; {} outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra")}
+
+
+def _hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """What TensorBoard's HParams tab compares a sweep by: the group choices, the headline numbers and every key the
+    command line set (the swept ones), each with its resolved value; a few columns, not every config key."""
+    hparams: dict[str, Any] = dict(_group_choices())
+    typed = override_settings(overrides)
+    for key in [*HEADLINE_KEYS, *typed]:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, DictConfig) or (value is None and key in typed):  # a group's choice (model=unet)
+            value = hparams.get(key, typed.get(key))
+        elif isinstance(value, ListConfig):
+            value = str(OmegaConf.to_container(value, resolve=True))
+        if value is not None:
+            hparams[key] = value
+    return hparams
 
 
 def build_logger(cfg: DictConfig, job: JobInfo, record: JobRecord, tracked: TrackedRun | None = None) -> Any:
@@ -292,7 +309,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
              image_size, memory_format.describe(), ", compiled" if options["compile"] else "")
 
     logger = build_logger(cfg, job, record, tracked)
-    hparams = {**override_settings(job.overrides), **_flat_choices(cfg)}  # resolved values win
+    hparams = _hparams(cfg, job.overrides)
     show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker
     configured = build_callbacks(cfg, run_dir, show_progress)
     if not logger and any(isinstance(c, LearningRateMonitor) for c in configured):

@@ -198,11 +198,11 @@ class RunSummary(pl.Callback):
         if not trainer.is_global_zero:
             return
         write_json_atomic(self.path, self.summary(trainer))
-        final = self.history[-1] if self.history else {}
-        scores = {f"hp/final_{k.replace('/', '_')}": v for k, v in final.items()
-                  if k.startswith("val/") and not k.startswith("val/iou/")}
-        best = self.best()
-        for key in ("val/miou", "val/miou_no_bg"):  # of the best epoch by the monitored metric
+        # A few headline scores: each becomes a card on TensorBoard's Scalars page, ahead of the real curves.
+        final, best = (self.history[-1] if self.history else {}), self.best()
+        scores = {f"hp/final_{k.replace('/', '_')}": final[k] for k in ("val/miou", "val/acc", "val/loss")
+                  if k in final}
+        for key in dict.fromkeys(("val/miou", "val/miou_no_bg", self.monitor)):  # of the monitor's best epoch
             if key in best:
                 scores[f"hp/best_{key.replace('/', '_')}"] = best[key]
         for logger in trainer.loggers:  # written before Lightning closes the loggers
