@@ -163,8 +163,8 @@ def _seed(cfg: DictConfig) -> int:
 
 
 def _absolute_data_paths(cfg: DictConfig) -> None:
-    """`data.root` and `data.cache_dir` as absolute paths, so the checkpoint's config finds the data from any folder
-    (`data.root=data` is relative to where training was launched)."""
+    """`data.root`, `data.cache_dir` and `data.sbd_root` as absolute paths, so the checkpoint's config finds the data
+    from any folder (`data.root=data` is relative to where training was launched)."""
     with open_dict(cfg):
         for key in ("root", "cache_dir", "sbd_root"):
             if isinstance(cfg.data.get(key), str):
