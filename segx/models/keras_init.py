@@ -1,4 +1,4 @@
-"""Keras' initialisers for the hand-written networks."""
+"""Keras' defaults for the hand-written networks: its initialisers, BatchNormalization and 'same' padding."""
 
 from __future__ import annotations
 
@@ -11,10 +11,24 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def glorot(module: M) -> M:
-    """Keras' default initialiser (Glorot uniform, zero bias), so the study's training dynamics carry over."""
+    """Keras' default initialiser (Glorot uniform, zero bias where the layer has one), so the study's training
+    dynamics carry over."""
     nn.init.xavier_uniform_(module.weight)
-    nn.init.zeros_(module.bias)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
     return module
+
+
+def keras_batch_norm(channels: int) -> nn.BatchNorm2d:
+    """Keras' BatchNormalization defaults in torch terms (Keras momentum 0.99 is torch's 0.01, epsilon 1e-3)."""
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF's (and Keras') 'same' padding of one side: the total that gives ceil(size / stride) outputs, with the
+    odd pixel after (before, after)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
 
 
 # Keras' TruncatedNormal divides the stddev by this (the stddev of a unit normal cut at ±2) so the cut values

@@ -12,14 +12,7 @@ from torch import nn
 
 from segx.core.errors import ConfigError
 from segx.models.contract import check_divisible
-from segx.models.keras_init import glorot
-from segx.models.resunet_study import keras_batch_norm, tf_same_padding
-
-
-def glorot_no_bias(conv: nn.Conv2d) -> nn.Conv2d:
-    """Keras' default Glorot-uniform kernel for a conv built with use_bias=False."""
-    nn.init.xavier_uniform_(conv.weight)
-    return conv
+from segx.models.keras_init import glorot, keras_batch_norm, tf_same_padding
 
 
 def keras_pool_size(side: int, factor: int) -> int:
@@ -46,7 +39,7 @@ class PoolBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, pool_factor: int) -> None:
         super().__init__()
         self.pool_factor = int(pool_factor)
-        self.conv = glorot_no_bias(nn.Conv2d(in_channels, out_channels, 1, bias=False))
+        self.conv = glorot(nn.Conv2d(in_channels, out_channels, 1, bias=False))
         self.bn = keras_batch_norm(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +95,7 @@ class StudyPSPNet(nn.Module):
                                               nn.ReLU(inplace=True), nn.MaxPool2d(2)))
             c_in = width
         self.pyramid = nn.ModuleList(PoolBlock(c_in, int(pyramid_channels), p) for p in factors)
-        self.fuse = glorot_no_bias(nn.Conv2d(c_in + len(factors) * int(pyramid_channels), int(pyramid_channels), 1,
+        self.fuse = glorot(nn.Conv2d(c_in + len(factors) * int(pyramid_channels), int(pyramid_channels), 1,
                                      bias=False))
         self.fuse_bn = keras_batch_norm(int(pyramid_channels))
         self.classifier = glorot(nn.Conv2d(int(pyramid_channels), int(num_classes), 3, padding=1))

@@ -11,22 +11,10 @@ from torch import nn
 
 from segx.core.errors import ConfigError
 from segx.models.contract import check_divisible
-from segx.models.keras_init import glorot
+from segx.models.keras_init import glorot, keras_batch_norm, tf_same_padding
 
 #: The study's `f` list: stem, five stride-2 levels; the bridge runs at the last width.
 STUDY_WIDTHS = (64, 128, 256, 512, 1024, 2048)
-
-
-def keras_batch_norm(channels: int) -> nn.BatchNorm2d:
-    """Keras' BatchNormalization defaults in torch terms (Keras momentum 0.99 is torch's 0.01)."""
-    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
-
-
-def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TF's (and Keras') 'same' padding of one side: the total that gives ceil(size / stride) outputs, with the
-    odd pixel after (before, after)."""
-    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
 
 
 class SameConv2d(nn.Conv2d):

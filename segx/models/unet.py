@@ -15,7 +15,7 @@ from torch import nn
 
 from segx.core.errors import ConfigError
 from segx.models.contract import check_divisible
-from segx.models.keras_init import glorot, he_normal
+from segx.models.keras_init import glorot, he_normal, keras_batch_norm
 
 
 class EncoderBlock(nn.Sequential):
@@ -26,7 +26,7 @@ class EncoderBlock(nn.Sequential):
         for c_in in (in_channels, out_channels):
             conv = nn.Conv2d(c_in, out_channels, 3, padding=1)
             (he_normal if he_init else glorot)(conv)
-            layers += [conv, nn.ReLU(inplace=True), nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.01)]
+            layers += [conv, nn.ReLU(inplace=True), keras_batch_norm(out_channels)]
         super().__init__(*layers)
 
 

@@ -61,18 +61,14 @@ def _typed(overrides: Sequence[str]) -> list[str]:
     return [str(o) for o in overrides if not str(o).lstrip("+~").startswith("hydra.")]
 
 
-def _shared_overrides(runs: Sequence[Run]) -> list[str]:
-    """The typed overrides every run shares, in the first run's order."""
-    first = _typed(runs[0].overrides) if runs else []
-    return [o for o in first if all(o in _typed(r.overrides) for r in runs[1:])]
-
-
 def _sweep_overrides(runs: Sequence[Run]) -> list[str]:
-    """The shared overrides, then each other key with every value the runs gave it (`key=a,b`), in run order."""
-    shared = _shared_overrides(runs)
+    """The typed overrides every run shares (in the first run's order), then each other key with every value the
+    runs gave it (`key=a,b`), in run order."""
+    typed = [_typed(run.overrides) for run in runs]  # each run's overrides read once
+    shared = [o for o in (typed[0] if typed else []) if all(o in others for others in typed[1:])]
     varying: dict[str, list[str]] = {}
-    for run in runs:
-        for override in _typed(run.overrides):
+    for overrides in typed:
+        for override in overrides:
             if override not in shared:
                 key, _, value = override.partition("=")
                 values = varying.setdefault(key, [])
