@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from segx.data.cache import load_or_build
@@ -36,3 +37,27 @@ def test_class_frequencies_count_in_chunks_exactly() -> None:
     labelled = masks[masks != 255].long()
     expected = torch.bincount(labelled, minlength=21).double() / labelled.numel()
     assert torch.equal(class_frequencies(masks, 21), expected)
+
+
+def test_the_readmes_cache_cost_table_matches_the_presets_and_the_cache_files(shapes_root: Path,
+                                                                               tmp_path: Path) -> None:
+    """Each preset's row gives its default image_size and 4 bytes a pixel; a written cache is that size."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| (\d+) \| ([\d,]+) images?[^|]*?, ([\d.]+) (MB|GB) \|", readme, re.MULTILINE)
+    rows += re.findall(r"^\| `(\w+)` \| (\d+) \| ([\d,]+), ([\d.]+) (MB|GB) \|", readme, re.MULTILINE)
+    assert {name for name, *_ in rows} == {"shapes", "voc", "voc_aug", "cityscapes", "ade20k"}
+    for name, size, images, amount, unit in rows:
+        preset = OmegaConf.load(root / "conf" / "data" / f"{name}.yaml")
+        default = preset.get("image_size") or OmegaConf.load(root / "conf" / "data" / "voc.yaml").image_size
+        assert int(size) == default, name
+        expected = int(images.replace(",", "")) * 4 * int(size) ** 2 / (1e6 if unit == "MB" else 1e9)
+        assert float(amount) == pytest.approx(expected, rel=0.01), name
+    files = shapes_split_files(shapes_root, "val")
+    load_or_build(tmp_path, "val", files, 32, num_classes=21)
+    (cache_file,) = tmp_path.glob("val-32px-*.pt")
+    assert 4 * 32 ** 2 * len(files) <= cache_file.stat().st_size <= 4 * 32 ** 2 * len(files) + 64_000

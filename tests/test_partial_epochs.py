@@ -71,3 +71,20 @@ def test_the_run_report_marks_a_partial_epoch(tmp_path: Path) -> None:
     write_report([read_run(run_dir)], tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| best (2, partial: 1 batch) |" in text and "| final (2, partial: 1 batch) |" in text
+
+
+def test_the_sweep_report_names_jobs_whose_best_epoch_was_partial(tmp_path: Path) -> None:
+    from segx.report import collect_runs, write_report
+
+    for job, best in enumerate(({"epoch": 1.0, "val/miou": 0.5, "train_batches": 3, "partial": True},
+                                {"epoch": 1.0, "val/miou": 0.4, "train_batches": 10})):
+        run_dir = tmp_path / "sweep" / str(job)
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n- optimizer.lr={0.1 * (job + 1)}\n")
+        (run_dir / "metrics.json").write_text(json.dumps({
+            "status": "completed", "monitor": "val/miou", "history": [best], "best": best, "final": best,
+            "epochs": 2}))
+    write_report(collect_runs(tmp_path / "sweep"), tmp_path / "report", roots=[tmp_path / "sweep"])
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "**Partial best epochs:** the best epoch of job 0 (3 batches) was cut short" in text
+    assert "job 1" not in text.split("**Partial best epochs:**")[1].split("\n")[0]

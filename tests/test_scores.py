@@ -33,7 +33,9 @@ def test_each_score_follows_its_formula_and_is_left_out_where_undefined() -> Non
     assert scores["recall"][:3].tolist() == pytest.approx([5 / 8, 3 / 4, 0.0])
     p, r = 5 / 7, 5 / 8
     assert scores["fscore"][0] == pytest.approx(5 * p * r / (4 * p + r))
-    assert math.isnan(scores["precision"][2]) and math.isnan(scores["fscore"][2])  # never predicted
+    # never predicted: precision undefined, but F-beta is 0 as its Dice is (counted in the means, not dropped)
+    assert math.isnan(scores["precision"][2]) and scores["fscore"][2] == 0 and scores["dice"][2] == 0
+    assert scores["fscore"][3] == 0  # predicted, not in the ground truth: 0 as well
     assert math.isnan(scores["recall"][3]) and scores["precision"][3] == 0 and scores["iou"][3] == 0  # not in GT
     assert all(math.isnan(scores[name][4]) for name in scores)  # absent everywhere: no score at all
 
@@ -43,7 +45,10 @@ def test_each_score_follows_its_formula_and_is_left_out_where_undefined() -> Non
     assert means["macc"] == means["mrecall"] == pytest.approx(float(scores["recall"][:3].mean()))
     assert means["mprecision"] == pytest.approx(float(scores["precision"][[0, 1, 3]].mean()))
     assert means["per_class_dice"]["d"] is None and means["fscore_beta"] == 1.0
-    assert means["mfscore"] == pytest.approx(float(per_class_scores(confmat)["fscore"][:2].mean()))  # P and R defined
+    # F1 is the Dice class by class, so the two means agree whatever the model never predicts
+    f1 = per_class_scores(confmat)["fscore"]
+    assert torch.allclose(f1[:4], scores["dice"][:4]) and math.isnan(f1[4])
+    assert means["mfscore"] == pytest.approx(means["mdice"])
 
 
 def test_the_scores_agree_with_segmentation_models_pytorch_on_random_predictions() -> None:

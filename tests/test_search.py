@@ -346,3 +346,24 @@ def test_a_search_report_plots_score_against_a_log_sampled_parameter_coloured_by
     stopped = text.split("### Stopped early")[1].split("## ")[0]
     assert stopped.index("| 2 |") < stopped.index("| 3 |")  # by last score: job 2's 30% above job 3's 20%
     assert "| 3 | optimizer=sgd optimizer.lr=5e-05 | 2 | 20.00 | 20.00 |" in stopped
+
+
+def test_a_grid_search_plots_score_against_a_comma_listed_learning_rate(tmp_path: Path) -> None:
+    """`optimizer.lr=0.01,0.1` under the tune sweeper: two listed values are a numeric axis, not a category."""
+    import json
+
+    from segx.report import collect_runs, write_report
+    from segx.search.plan import SearchPlan, write_plan
+
+    for job, (optimizer, lr) in enumerate((("sgd", 0.01), ("sgd", 0.1), ("adam", 0.01), ("adam", 0.1))):
+        history = [{"epoch": e, "val/miou": 0.1 * (e + 1) + lr} for e in range(2)]
+        record = {"status": COMPLETED, "epochs": 2, "monitor": "val/miou", "history": history,
+                  "best": dict(history[-1]), "overrides": [f"optimizer={optimizer}", f"optimizer.lr={lr}"]}
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "metrics.json").write_text(json.dumps(record))
+    write_plan(tmp_path, SearchPlan(search="grid", scheduler="none", trials=4, max_t=2,
+                                    parameters={"optimizer": "grid", "optimizer.lr": "grid"}))
+    report = write_report(collect_runs(tmp_path), tmp_path / "report", roots=[tmp_path])
+    figure = next(f for f in report.figures if f.name == "score_vs_parameters.png")
+    assert figure.path is not None and figure.skipped is None
+    assert "against `optimizer.lr`, coloured by `optimizer`" in figure.caption

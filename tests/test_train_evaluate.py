@@ -105,13 +105,31 @@ def test_tensorboard_holds_val_scalars_and_the_prediction_grid(trained_run: Path
     assert start.session_start_info.hparams["model.encoder_widths"].string_value == "[16, 32]"
     assert start.session_start_info.hparams["optimizer.lr"].number_value == pytest.approx(3e-3)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    assert {"hp/best_val_miou", "hp/final_val_miou"} <= {m.name.tag for m in experiment.metric_infos}
     # A sweep compared at a glance: the group choices, the headline numbers and the typed keys, a few columns; a
-    # few headline scores, not one card per class ahead of the curves.
+    # few headline scores as columns, read from curves of the val group (no card per class, no `hp/` or `epoch`
+    # cards ahead of the curves).
     columns = set(start.session_start_info.hparams)
     assert {"model", "optimizer", "loss", "data", "optimizer.lr", "data.batch_size", "seed"} <= columns
     assert start.session_start_info.hparams["model"].string_value == "unet_small" and len(columns) <= 25
-    assert len(experiment.metric_infos) <= 6 and not any("/dice" in t or "/iou/" in t for t in scalars if "hp/" in t)
+    assert _opening_columns(experiment) == ["loss", "model", "optimizer", "optimizer.lr"]
+    titles = {m.name.tag: m.display_name for m in experiment.metric_infos}
+    assert titles["val/best_miou"] == "best val/miou" and titles["val/miou"] == "final val/miou" and len(titles) <= 6
+    assert set(titles) <= scalars and not any(t.startswith("hp/") or t == "epoch" for t in scalars)
+    best = [e.value for e in events.Scalars("val/best_miou")]
+    assert len(best) == 10 and best == sorted(best)  # the best so far never falls
+    assert best[-1] == pytest.approx(read_json(trained_run / "metrics.json")["best"]["val/miou"])
+
+
+def _opening_columns(experiment: object) -> list[str]:
+    """The hyperparameters TensorBoard's HParams table ticks when it opens: its backend's order (flagged `differs`
+    first), then its frontend's first five of those flagged."""
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
+
+    ordered = api_pb2.Experiment()
+    ordered.CopyFrom(experiment)
+    _sort_and_reduce_to_hparams_limit(ordered)
+    return [info.name for info in ordered.hparam_infos if info.differs][:5]
 
 
 @pytest.mark.slow
@@ -150,7 +168,8 @@ def test_two_job_multirun_leaves_two_run_dirs_named_by_overrides_in_tensorboard(
     assert start.session_start_info.hparams["seed"].number_value == 2
     assert start.session_start_info.hparams["data"].string_value == "shapes"  # the command line's choices too
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    assert {"hp/best_val_miou", "hp/best_val_miou_no_bg"} <= {m.name.tag for m in experiment.metric_infos}
+    assert {"val/best_miou", "val/best_miou_no_bg"} <= {m.name.tag for m in experiment.metric_infos}
+    assert _opening_columns(experiment) == ["loss", "model", "optimizer", "optimizer.lr", "seed"]  # the swept key
 
 
 @pytest.mark.slow

@@ -81,16 +81,18 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
 
 
 def per_class_scores(confmat: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tensor]:
-    """IoU, Dice, precision, recall (= class accuracy) and F-beta of every class, as mmsegmentation computes them:
-    NaN where a score is undefined (IoU and Dice: the class is in neither ground truth nor prediction; precision:
-    never predicted; recall: not in the ground truth; F-beta: either of its parts undefined)."""
+    """IoU, Dice, precision, recall (= class accuracy) and F-beta of every class, NaN where a score is undefined
+    (IoU, Dice and F-beta: the class is in neither ground truth nor prediction; precision: never predicted;
+    recall: not in the ground truth)."""
     confmat = confmat.double()
     tp = confmat.diag()
     predicted, labelled = confmat.sum(0), confmat.sum(1)
     precision, recall = _ratio(tp, predicted), _ratio(tp, labelled)
     b2 = float(beta) ** 2
-    fscore = (1 + b2) * precision * recall / (b2 * precision + recall)
-    fscore = torch.where((precision == 0) & (recall == 0), torch.zeros_like(fscore), fscore)  # both 0: F is 0
+    # F-beta from the counts, (1+β²)tp / (β²·labelled + predicted), rather than from precision and recall
+    # (mmsegmentation's way): a class that is labelled but never predicted then scores 0, as its Dice does, instead
+    # of being left out of the mean because its precision is undefined. At β = 1 it is the Dice, class by class.
+    fscore = _ratio((1 + b2) * tp, b2 * labelled + predicted)
     scores = (per_class_iou(confmat), _ratio(2 * tp, predicted + labelled), precision, recall, fscore)
     return dict(zip(PER_CLASS_SCORES, scores, strict=True))
 

@@ -44,6 +44,17 @@ def _unfinished(runs: list[Run], roots: Sequence[Path], listed: Sequence[Run] = 
     return [*lines, ""]
 
 
+def _partial_best(runs: list[Run], roots: Sequence[Path]) -> list[str]:
+    """A note under the ranking naming the jobs whose best epoch was cut short (trainer.max_time): their scores
+    come from fewer batches than a whole epoch, so their rank may not hold."""
+    partial = [r for r in runs if r.completed and r.best.get("partial")]
+    if not partial:
+        return []
+    jobs = ", ".join(f"{_job_name(r, roots)} ({r.best.get('train_batches', '?')} batches)" for r in partial)
+    return [f"**Partial best epochs:** the best epoch of job{'s' if len(partial) > 1 else ''} {_escape(jobs)} was "
+            "cut short by `trainer.max_time` and trained fewer batches than a whole epoch.", ""]
+
+
 def _figures(figures: list[Figure], out_dir: Path) -> list[str]:
     lines = ["## Figures", ""]
     for figure in figures:
@@ -117,7 +128,8 @@ def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], run
                               sweep=True), ""]
     if search is not None:
         lines += search_markdown(search, keys, configs)
-    lines += [f"## Configurations ranked by {' / '.join(monitors)}", "", markdown_table(rows, keys), ""]
+    lines += [f"## Configurations ranked by {' / '.join(monitors)}", "", markdown_table(rows, keys), "",
+              *_partial_best(runs, roots)]
     tuned = tuned_per_model(rows, keys)
     if tuned:
         lrs = lr_keys(keys)

@@ -139,14 +139,15 @@ def _numeric(values: Sequence[str]) -> list[float] | None:
 
 
 def continuous_keys(search: Search, keys: Sequence[str]) -> list[str]:
-    """Varied parameters worth a score-against-value plot: sampled intervals, or numeric axes with 3+ values."""
+    """Varied numeric parameters, each worth a score-against-value plot: sampled intervals, and listed values (a
+    comma-listed `optimizer.lr=0.01,0.1` too) once they take two values or more."""
     chosen = []
     for key in keys:
         values = [r.settings[key] for r in search.trials if key in r.settings]
         numbers = _numeric(values)
         if numbers is None or key == "seed":
             continue
-        if search.plan.parameters.get(key) in ("uniform", "loguniform") or len(set(numbers)) >= 3:
+        if search.plan.parameters.get(key) in ("uniform", "loguniform") or len(set(numbers)) >= 2:
             chosen.append(key)
     return chosen
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from segx.models import (
 from segx.models.memory_format import MemoryFormat
 from segx.models.smp import fetch_pretrained
 from segx.runs.job import JobInfo
-from segx.runs.overrides import override_settings
+from segx.runs.overrides import override_settings, varying_keys
 from segx.runs.record import JobRecord, best_value, read_record
 from segx.tracking.run import TrackedRun, start_tracking
 from segx.tracking.settings import is_mlflow_node, logger_nodes
@@ -40,6 +41,7 @@ from segx.training.losses import build_loss
 from segx.training.module import SegmentationModule
 from segx.training.resume_check import check_resume
 from segx.training.runtime import Runtime, choose_run_memory_format, resolve_runtime
+from segx.training.tensorboard import shown_hparams
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,14 @@ def _group_choices() -> dict[str, str]:
     return {str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra")}
 
 
-def _hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
-    """What TensorBoard's HParams tab compares a sweep by: the group choices, the headline numbers and every key the
-    command line set (the swept ones), each with its resolved value; a few columns, not every config key."""
-    hparams: dict[str, Any] = dict(_group_choices())
+def _hparams(cfg: DictConfig, overrides: list[str], swept: Sequence[str] = ()) -> dict[str, Any]:
+    """What TensorBoard's HParams tab compares a sweep by: the swept keys, the group choices, the headline numbers
+    and every key the command line set, each with its resolved value; a few columns, not every config key."""
+    choices = _group_choices()
+    hparams: dict[str, Any] = {key: choices[key] for key in swept if key in choices}
+    hparams.update(choices)
     typed = override_settings(overrides)
-    for key in [*HEADLINE_KEYS, *typed]:
+    for key in dict.fromkeys([*swept, *HEADLINE_KEYS, *typed]):
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, DictConfig) or (value is None and key in typed):  # a group's choice (model=unet)
             value = hparams.get(key, typed.get(key))
@@ -309,14 +313,16 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
              image_size, memory_format.describe(), ", compiled" if options["compile"] else "")
 
     logger = build_logger(cfg, job, record, tracked)
-    hparams = _hparams(cfg, job.overrides)
+    swept = varying_keys(job.sweep_dir) if job.multirun and job.sweep_dir is not None else []
+    hparams = _hparams(cfg, job.overrides, swept)
     show_progress = cfg.trainer.get("enable_progress_bar", True) is not False and not job.in_worker
     configured = build_callbacks(cfg, run_dir, show_progress)
     if not logger and any(isinstance(c, LearningRateMonitor) for c in configured):
         raise ConfigError("callbacks.lr_monitor logs the learning rate to the logger, but logger=none; choose a logger "
                           "(logger=tensorboard, csv, mlflow or many), or leave lr_monitor out of callbacks=[...].")
     summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
-                         provenance=record.fields, listeners=[c for c in configured if isinstance(c, EpochListener)])
+                         provenance=record.fields, listeners=[c for c in configured if isinstance(c, EpochListener)],
+                         hparams_shown=shown_hparams(swept, hparams))
     callbacks = [*configured, summary, CheckpointOnInterrupt()]
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # a user's own wins
     trainer: pl.Trainer = instantiate(

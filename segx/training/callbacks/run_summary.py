@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from segx.core.files import write_json_atomic
 from segx.training.callbacks.run_checkpoint import RunCheckpoint
 from segx.training.module import SegmentationModule
+from segx.training.tensorboard import write_hparams
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,13 @@ class RunSummary(pl.Callback):
 
     def __init__(self, path: str | Path, parameters: dict[str, int], hparams: dict[str, Any] | None = None,
                  monitor: str = "val/miou", provenance: dict[str, Any] | None = None,
-                 listeners: Sequence[EpochListener] = ()) -> None:
+                 listeners: Sequence[EpochListener] = (), hparams_shown: Sequence[str] = ()) -> None:
         self.path = Path(path)
         self.listeners = list(listeners)
         self.provenance = provenance if provenance is not None else {}
         self.parameters = parameters
         self.hparams = hparams or {}
+        self.hparams_shown = list(hparams_shown)  # ticked in TensorBoard's HParams table when it opens
         self.monitor = monitor
         self.history: list[dict[str, float]] = []
         self.best_confusion_matrix: list[list[int]] | None = None  # the best epoch's, rows: ground truth
@@ -134,6 +136,7 @@ class RunSummary(pl.Callback):
         if trainer.is_global_zero:
             write_json_atomic(self.path, self.summary(trainer))
             self._log_epoch(trainer)
+            self._log_best(trainer)
             for listener in self.listeners:  # after the write: a listener may end the run (a search's stop)
                 listener.epoch_recorded(self.history[-1], trainer)
 
@@ -145,6 +148,18 @@ class RunSummary(pl.Callback):
                    if entry.get("partial") else "")
         log.info("Epoch %d/%s%s · %s · %.1fs", int(entry["epoch"]) + 1, trainer.max_epochs, partial, scores,
                  self.epoch_seconds[-1])
+
+    def _best_keys(self) -> list[str]:
+        return list(dict.fromkeys(("val/miou", "val/miou_no_bg", self.monitor)))
+
+    def _log_best(self, trainer: pl.Trainer) -> None:
+        """`val/best_<score>`: the score at the best epoch so far, a curve beside the per-epoch ones; its last value
+        is the run's best, which the HParams table shows."""
+        best = self.best()
+        scores = {f"val/best_{key.removeprefix('val/')}": best[key] for key in self._best_keys() if key in best}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and scores:
+                logger.log_metrics(scores, step=trainer.global_step)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -198,15 +213,11 @@ class RunSummary(pl.Callback):
         if not trainer.is_global_zero:
             return
         write_json_atomic(self.path, self.summary(trainer))
-        # A few headline scores: each becomes a card on TensorBoard's Scalars page, ahead of the real curves.
-        final, best = (self.history[-1] if self.history else {}), self.best()
-        scores = {f"hp/final_{k.replace('/', '_')}": final[k] for k in ("val/miou", "val/acc", "val/loss")
-                  if k in final}
-        for key in dict.fromkeys(("val/miou", "val/miou_no_bg", self.monitor)):  # of the monitor's best epoch
-            if key in best:
-                scores[f"hp/best_{key.replace('/', '_')}"] = best[key]
+        # The HParams table's columns: the last value of each tag, i.e. the final epoch's and the best so far.
+        columns = {**{f"val/best_{k.removeprefix('val/')}": f"best {k}" for k in self._best_keys()},
+                   **{k: f"final {k}" for k in ("val/miou", "val/acc", "val/loss")}}
         for logger in trainer.loggers:  # written before Lightning closes the loggers
             if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(self.hparams, metrics=scores)
+                write_hparams(logger, self.hparams, self.hparams_shown, columns, step=trainer.global_step)
 
 
