@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,14 @@ from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segx.core.errors import ConfigError, first_line
-from segx.runs.job import record_worker_death, stop_message
+from segx.runs.job import job_end_line, record_worker_death, stop_message
 from segx.runs.record import read_record
 from segx.runs.status import CTRL_C, EXIT_CODES, RUNNING
 
 log = logging.getLogger(__name__)
 
 OPTION = "hydra.launcher.ray.remote"
+LOG_DRAIN_S = 1.0  # seconds: Ray's log monitor forwards a worker's last lines after the job has returned
 # Ray's resource names for the ray.remote arguments a job asks with, and the words the log uses for them.
 _ASKED_WITH = {"GPU": ("num_gpus", "GPU(s)"), "CPU": ("num_cpus", "CPU(s)"), "memory": ("memory", "bytes of memory")}
 _MORE_FROM = {
@@ -135,16 +137,38 @@ def skip_ray_metrics(init: dict) -> None:
         os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 
+def join_cluster(init: dict, prefix: str, sweep_dir: Path, first_job: DictConfig, check_nodes: bool) -> None:
+    """Start this sweep's Ray, or join the cluster `init` names and check that every node can run the first job
+    (`segx.runs.node_check`); a cluster that cannot be joined or used is one paragraph and exit 2."""
+    import ray
+
+    from segx.runs.node_check import check_nodes as check_every_node
+    from segx.runs.node_check import job_paths
+    from segx.runs.ray_cluster import start_or_join
+
+    try:
+        address = start_or_join(init, prefix)
+        if address is not None and check_nodes:
+            count = check_every_node(sweep_dir, job_paths(first_job))
+            log.info("Joined the Ray cluster at %s: its %d node(s) run this code and see the sweep directory and "
+                     "the data", address, count)
+    except ConfigError as error:
+        log.error("%s", error)
+        ray.shutdown()  # a driver that joined disconnects; the cluster itself is left as it was
+        sys.exit(2)
+
+
 class GpuLauncher(RayLauncher):
     """Launches every job as a Ray task with `hydra.launcher.ray.remote` resources (one GPU by default)."""
 
-    def __init__(self, ray: DictConfig, check_resources: bool = True) -> None:
+    def __init__(self, ray: DictConfig, check_resources: bool = True, check_nodes: bool = True) -> None:
         super().__init__(ray)
         self.check_resources = check_resources
+        self.check_nodes = check_nodes
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import ray  # here, not at the top: Hydra imports every plugin module of every command, sweep or not
-        from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray, start_ray
+        from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         show_every_log_line()
@@ -156,7 +180,8 @@ class GpuLauncher(RayLauncher):
         remote = OmegaConf.to_container(self.ray_cfg.remote, resolve=True)
         own_ray = not ray.is_initialized()  # a Ray this sweep starts ends with it; a caller's own Ray is left running
         skip_ray_metrics(init)
-        start_ray(OmegaConf.create({k: v for k, v in init.items() if v is not None or k == "address"}))
+        first = self.hydra_context.config_loader.load_sweep_config(self.config, list(job_overrides[0]))
+        join_cluster(init, "hydra.launcher", sweep_dir, first, self.check_nodes)
         if self.check_resources:
             try:
                 remote, note = fit_to_cluster(remote, alive_nodes(), len(job_overrides))
@@ -191,11 +216,13 @@ class GpuLauncher(RayLauncher):
                     results[idx] = ray.get(ref)
                 except ray.exceptions.RayError as error:
                     results[idx] = self._worker_died(idx, overrides, sweep_config, remote, error)
+                log.info("%s", job_end_line(idx, _run_dir(sweep_config)))  # the job's own lines stay in its log
                 if pending and (read_record(_run_dir(sweep_config)) or {}).get("shared_failure"):
                     self._stop(item, list(pending.values()))
         except KeyboardInterrupt:
             self._interrupted(list(pending.values()))
         if own_ray:  # now, not at interpreter exit: a process that runs more than one sweep gets a Ray each
+            time.sleep(LOG_DRAIN_S)  # Ray forwards the workers' last lines a moment after they are written
             ray.shutdown()
         return [results[item[0]] for item in launched]
 

@@ -35,7 +35,7 @@ class TuneSweeper(Sweeper):
 
     def __init__(self, search: str = "grid", num_samples: int = 1, seed: int = 0, scheduler: str = "asha",
                  grace_period: int = 1, reduction_factor: float = 3, max_t: int | None = None,
-                 max_concurrent_trials: int | None = None, check_resources: bool = True,
+                 max_concurrent_trials: int | None = None, check_resources: bool = True, check_nodes: bool = True,
                  confirm_top_k: int = 0, confirm_seeds: Any = (1, 2, 3), grid_order: str = "auto",
                  params: dict | None = None, ray: Any = None) -> None:
         super().__init__()
@@ -43,7 +43,7 @@ class TuneSweeper(Sweeper):
         self.scheduler_name, self.grace_period, self.reduction_factor = scheduler, int(grace_period), reduction_factor
         self.max_t, self.max_concurrent_trials, self.check_resources = max_t, max_concurrent_trials, check_resources
         self.confirm_top_k, self.confirm_seeds = int(confirm_top_k), [int(seed) for seed in confirm_seeds]
-        self.grid_order = str(grid_order)
+        self.grid_order, self.check_nodes = str(grid_order), bool(check_nodes)
         self.params = dict(params or {})
         self.ray_cfg = ray
         self.hydra_context: HydraContext | None = None
@@ -89,9 +89,8 @@ class TuneSweeper(Sweeper):
 
     def _sweep(self, arguments: list[str]) -> Any:
         import ray
-        from hydra_plugins.hydra_ray_launcher._launcher_util import start_ray
 
-        from hydra_plugins.segx_gpus_launcher.gpus_launcher import show_every_log_line, skip_ray_metrics
+        from hydra_plugins.segx_gpus_launcher.gpus_launcher import join_cluster, show_every_log_line, skip_ray_metrics
         from segx.search.space import parse_space
 
         assert self.config is not None and self.hydra_context is not None
@@ -117,7 +116,7 @@ class TuneSweeper(Sweeper):
         remote = OmegaConf.to_container(self.ray_cfg.remote, resolve=True)
         own_ray = not ray.is_initialized()
         skip_ray_metrics(init)
-        start_ray(OmegaConf.create({k: v for k, v in init.items() if v is not None or k == "address"}))
+        join_cluster(init, "hydra.sweeper", sweep_dir, self.config, self.check_nodes)
         try:
             return self._run(space, trials, max_t, remote, sweep_dir)
         finally:

@@ -261,3 +261,18 @@ def record_worker_death(run_dir: Path, job_num: int, overrides: list[str], launc
     """For launchers: the worker process of a job died (killed, out of host memory) after its retries."""
     job = JobInfo(run_dir=run_dir, multirun=True, num=job_num, overrides=overrides, launcher=launcher)
     JobRecord(job).fail(error)
+
+
+def job_end_line(job_num: int, run_dir: Path) -> str:
+    """The sweep console's line for a finished job, from its metrics.json: its status, best score and epochs, or
+    the first line of its error."""
+    record = read_record(run_dir) or {}
+    status = str(record.get("status", "ended without a metrics.json"))
+    if record.get("error"):
+        return f"Job {job_num} {status}: {str(record['error']).splitlines()[0]} · {run_dir}"
+    monitor = str(record.get("monitor", DEFAULT_MONITOR))
+    best = best_value(record, monitor)
+    epoch = (record.get("best") or {}).get("epoch")
+    at = f" (epoch {int(epoch) + 1} of {record.get('epochs', '?')})" if isinstance(epoch, int | float) else ""
+    score = f" · best {monitor} {best:.4f}{at}" if best == best else ""
+    return f"Job {job_num} {status}{score} · {run_dir}"

@@ -8,7 +8,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from segx.runs.job import record_worker_death
+from segx.runs.job import job_end_line, record_worker_death
 from segx.runs.record import read_record, write_stop_verdict
 from segx.runs.status import RUNNING
 from segx.search.searchers import JOB_KEY
@@ -32,6 +32,7 @@ class TrialOutcomes(Callback):
         run_dir = self._run_dir(trial)
         record = read_record(run_dir)
         if record is None or record.get("status") != RUNNING:  # the run ended by itself and said how
+            log.info("%s", job_end_line(int(trial.config[JOB_KEY]), run_dir))
             return
         epoch = (trial.last_result or {}).get("epoch")
         write_stop_verdict(run_dir, epoch, self.stopped_by)

@@ -12,10 +12,11 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 
 from segx.core.errors import ConfigError
 from segx.core.files import write_json_atomic
+from segx.core.job_console import ON_CONSOLE
 from segx.inference.predictor import Predictor, inference_precision
 from segx.inference.timing import time_prediction
 from segx.models import (
@@ -265,7 +266,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     if tracked is not None:
         tracked.note_runtime(record.fields)
     log.info("Job %s · launcher %s · host %s · %s", "-" if job.num is None else job.num, job.launcher,
-             record.fields["host"], " · ".join(f"{k} {v}" for k, v in runtime.record().items()))
+             record.fields["host"], " · ".join(f"{k} {v}" for k, v in runtime.record().items()), extra=ON_CONSOLE)
 
     pl.seed_everything(_seed(cfg), workers=True, verbose=False)
     _refuse_run_options_in_model(cfg.model)
@@ -324,6 +325,10 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
                          provenance=record.fields, listeners=[c for c in configured if isinstance(c, EpochListener)],
                          hparams_shown=shown_hparams(swept, hparams))
     callbacks = [*configured, summary, CheckpointOnInterrupt()]
+    if (job.in_worker and cfg.trainer.get("enable_model_summary") is not False
+            and not any(isinstance(c, ModelSummary) for c in configured)):
+        # The layer table as a log record (the job's train.log), not Rich's print to the console the sweep shares.
+        callbacks.append(ModelSummary())
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # a user's own wins
     trainer: pl.Trainer = instantiate(
         cfg.trainer, precision=runtime.precision, strategy=runtime.strategy, sync_batchnorm=runtime.sync_batchnorm,
@@ -344,7 +349,8 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
         record.note(**_time_prediction(cfg, net, datamodule, runtime, memory_format))
 
     loggers = logger if isinstance(logger, list) else [logger] if logger else []
-    log.info("Run directory: %s (metrics.json, checkpoints/, %s)", run_dir,
-             ", ".join(_describe_logger(lg) for lg in loggers) or "no logger")
     # Read back from the file: with a spawned DDP strategy the epochs were recorded in another process.
-    return best_value(written, summary.monitor)
+    best = best_value(written, summary.monitor)
+    log.info("Run directory: %s (metrics.json, checkpoints/, %s) · best %s %.4f", run_dir,
+             ", ".join(_describe_logger(lg) for lg in loggers) or "no logger", summary.monitor, best)
+    return best

@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from segx.core.files import write_json_atomic
+from segx.core.job_console import ON_CONSOLE
 from segx.training.callbacks.run_checkpoint import RunCheckpoint
 from segx.training.module import SegmentationModule
 from segx.training.tensorboard import write_hparams
@@ -147,7 +148,7 @@ class RunSummary(pl.Callback):
         partial = (f" (partial: {entry['train_batches']} of {trainer.num_training_batches} batches)"
                    if entry.get("partial") else "")
         log.info("Epoch %d/%s%s · %s · %.1fs", int(entry["epoch"]) + 1, trainer.max_epochs, partial, scores,
-                 self.epoch_seconds[-1])
+                 self.epoch_seconds[-1], extra=ON_CONSOLE)
 
     def _best_keys(self) -> list[str]:
         return list(dict.fromkeys(("val/miou", "val/miou_no_bg", self.monitor)))

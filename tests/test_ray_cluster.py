@@ -1,0 +1,149 @@
+"""Sweeps that join a Ray cluster as users start one: a head and a second raylet from `ray start`, token
+authentication on, each node with one simulated GPU; the shipped launcher and sweeper configs join it as they are."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from segx.runs.node_check import _problems, node_facts
+from segx.runs.ray_cluster import cluster_address
+from segx.runs.record import read_record
+from segx.runs.status import COMPLETED
+from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES
+from tests.ray_nodes import RayNodes, free_port
+from tests.ray_processes import TAG, OwnProcesses
+from tests.test_sweep_launchers import overlap, records
+
+pytestmark = pytest.mark.slow
+ONE_EPOCH = ["trainer.max_epochs=1", "trainer.limit_val_batches=1"]
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayNodes]:
+    cluster = RayNodes(tmp_path_factory.mktemp("cluster"), workers=1, gpus=1, cpus=2)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        assert not cluster.running(), f"processes of the test's cluster outlived it: {cluster.running()}"
+
+
+def sweep(env: dict[str, str], *overrides: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    """`train.py -m ...` in a process of its own (its own HOME, so its own Ray token), output merged; none of the
+    processes it started itself outlives it (the jobs' workers belong to the cluster's raylets)."""
+    own = OwnProcesses(uuid.uuid4().hex)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=ROOT,
+                            env={**env, TAG: own.tag}, capture_output=True, text=True, timeout=timeout)
+    own.wait_until_gone()
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout + result.stderr, "")
+
+
+def test_a_gpus_sweep_joins_the_cluster_with_the_shipped_config(nodes: RayNodes, shapes_root: Path,
+                                                                 tmp_path: Path) -> None:
+    result = sweep(nodes.env(), *TINY_MODEL, *TINY_SHAPES, *QUIET, *ONE_EPOCH, f"data.root={shapes_root}",
+                   "optimizer=sgd,adam", "seed=1,2", "hydra/launcher=gpus",
+                   f"hydra.launcher.ray.init.address={nodes.address}", f"hydra.sweep.dir={tmp_path}")
+    output = result.stdout
+    assert result.returncode == 0, output[-5000:]
+    # the keys of a Ray the sweep would start are left out, in one line; the token came from ~/.ray/auth_token
+    assert re.search(r"Joining the Ray cluster at [\d.]+:\d+: it keeps the resources it was started with, so "
+                     r"hydra.launcher.ray.init.object_store_memory, hydra.launcher.ray.init.include_dashboard are "
+                     r"not applied", output), output[-3000:]
+    assert f"Using the Ray authentication token from {nodes.home / '.ray' / 'auth_token'}" in output
+    assert "its 2 node(s) run this code and see the sweep directory and the data" in output
+    jobs = records(tmp_path)
+    assert len(jobs) == 4 and all(j["status"] == COMPLETED for j in jobs)
+    # One GPU per node: two jobs at once, both on GPU 0, so on different nodes.
+    assert all(j["devices"] == "0" for j in jobs), [j["devices"] for j in jobs]
+    assert any(overlap(a, b) for i, a in enumerate(jobs) for b in jobs[i + 1:]), "no two jobs ran at the same time"
+    # The console: per job one start line, one line per epoch and one end line; the config tree stays in train.log.
+    for n in range(4):
+        lines = [line for line in output.splitlines() if f"(job {n} pid=" in line]
+        assert len(lines) == 2 and f"Job {n} · launcher gpus" in lines[0] and "Epoch 1/1" in lines[1], lines
+        assert f"Job {n} completed · best val/miou" in output
+        assert "Config:" in (tmp_path / str(n) / "train.log").read_text()
+    assert "Config:" not in output and "Trainable params" not in output
+    assert len(output.splitlines()) < 40, output
+
+
+def test_a_tune_search_joins_the_cluster_named_by_ray_address(nodes: RayNodes, shapes_root: Path,
+                                                               tmp_path: Path) -> None:
+    result = sweep(nodes.env(RAY_ADDRESS=nodes.address), *TINY_MODEL, *TINY_SHAPES, *QUIET, *ONE_EPOCH,
+                   "trainer.limit_train_batches=2", f"data.root={shapes_root}", "optimizer.lr=0.01,0.1",
+                   "hydra/sweeper=tune", "hydra.sweeper.scheduler=none", f"hydra.sweep.dir={tmp_path}")
+    output = result.stdout
+    assert result.returncode == 0, output[-5000:]
+    assert "hydra.sweeper.ray.init.object_store_memory" in output and "not applied" in output
+    assert "its 2 node(s) run this code" in output
+    assert [read_record(tmp_path / str(n))["status"] for n in range(2)] == [COMPLETED, COMPLETED]
+
+
+def test_a_wrong_token_is_one_paragraph_and_starts_nothing(nodes: RayNodes, shapes_root: Path,
+                                                           tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(os.urandom(16).hex())
+    started = time.monotonic()
+    result = sweep(nodes.env(RAY_AUTH_TOKEN_PATH=str(wrong)), *TINY_MODEL, *TINY_SHAPES, *QUIET, *ONE_EPOCH,
+                   f"data.root={shapes_root}", "seed=1,2", "hydra/launcher=gpus",
+                   f"hydra.launcher.ray.init.address={nodes.address}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert time.monotonic() - started < 60  # no retry loop
+    assert "refused this sweep's authentication token: the token read from $RAY_AUTH_TOKEN_PATH is not the " \
+           "cluster's" in result.stdout
+    assert "`ray get-auth-token` prints it" in result.stdout and "Traceback" not in result.stdout
+    assert "raylet" in set(nodes.running().values())  # the cluster is left as it was, and no job started
+    assert not list((tmp_path / "sweep").glob("*/metrics.json"))
+
+
+def test_a_missing_token_names_where_it_goes(nodes: RayNodes, shapes_root: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    result = sweep({**nodes.env(), "HOME": str(home)}, *TINY_MODEL, *TINY_SHAPES, *QUIET, *ONE_EPOCH,
+                   f"data.root={shapes_root}", "hydra/sweeper=tune", "seed=1,2",
+                   f"hydra.sweeper.ray.init.address={nodes.address}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert "no token was found here" in result.stdout and "export RAY_AUTH_MODE=token" in result.stdout
+
+
+def test_an_address_where_nothing_answers_is_one_paragraph(shapes_root: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    env.pop("RAY_ADDRESS", None)
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = sweep(env, *TINY_MODEL, *TINY_SHAPES, *QUIET, *ONE_EPOCH, f"data.root={shapes_root}", "seed=1,2",
+                   "hydra/launcher=gpus", f"hydra.launcher.ray.init.address={address}",
+                   f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 2 and time.monotonic() - started < 60, result.stdout[-3000:]
+    port = address.rsplit(":", 1)[1]  # Ray names 127.0.0.1 by the machine's address
+    assert re.search(rf"Cannot join the Ray cluster at [\d.]+:{port} \(hydra.launcher.ray.init.address={address}\): "
+                     "nothing answers there", result.stdout), result.stdout[-3000:]
+    assert "hydra.launcher.ray.init.address=local" in result.stdout and "Traceback" not in result.stdout
+
+
+def test_ray_address_decides_between_joining_and_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's own rule, relied on to tell a join from a start: $RAY_ADDRESS wins over null and "auto"; local never
+    joins."""
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6399")
+    assert cluster_address({"address": None}) == "10.1.2.3:6399"
+    assert cluster_address({"address": "auto"}) == "10.1.2.3:6399"
+    assert cluster_address({"address": "local"}) is None
+    assert cluster_address({"address": "10.0.0.7:6380"}) == "10.0.0.7:6380"
+
+
+def test_a_node_that_lacks_something_is_told_what(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    facts = node_facts(str(sweep_dir / "absent-marker"), {"data.root": str(tmp_path / "absent")})
+    problems = _problems({**facts, "code": "another"}, "mine", sweep_dir)
+    assert problems[0].startswith("its segx code or configs differ")
+    assert f"it does not see the sweep directory {sweep_dir}" in problems[1]
+    assert problems[2] == f"data.root {tmp_path / 'absent'} does not exist there"
