@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -184,7 +185,7 @@ def test_each_part_s_command_line_is_one_segx_accepts(tmp_path: Path, gpus: int)
     parts = {p.name: p for p in gpu_check.build_parts(tmp_path, gpus=gpus)}
     composed = {}
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        for name in ("train-bf16", "train-16", "compile", "on-device", "evaluate"):
+        for name in ("train-bf16", "train-16", "compile", "loader", "evaluate"):
             part = parts[name]
             assert part.argv[1:3] == ["-m", f"segx.cli.{part.config}"] and part.argv[3:] == part.overrides
             composed[name] = compose(part.config, part.overrides, return_hydra_config=True)
@@ -194,7 +195,7 @@ def test_each_part_s_command_line_is_one_segx_accepts(tmp_path: Path, gpus: int)
     assert composed["train-bf16"].trainer.precision == "bf16-mixed"
     assert composed["train-16"].trainer.precision == "16-mixed"
     assert composed["compile"].run.compile is True
-    assert composed["on-device"].data.on_device is True
+    assert composed["loader"].data.on_device is False
     for cfg in composed.values():
         assert Path(cfg.hydra.run.dir).parent == tmp_path
     train = composed["train-bf16"]
@@ -206,6 +207,7 @@ def test_each_part_s_command_line_is_one_segx_accepts(tmp_path: Path, gpus: int)
     assert all(job.trainer.max_epochs == 1 and job.trainer.accelerator == "gpu" for job in jobs)
     launcher = jobs[0].hydra.launcher
     assert launcher._target_.endswith("GpuLauncher") and launcher.ray.remote.num_gpus == (0.5 if gpus == 1 else 1)
+    assert launcher.ray.init.address == "local"  # never a Ray that $RAY_ADDRESS or a `ray start` left here
     assert Path(jobs[0].hydra.sweep.dir) == tmp_path / "sweep"
 
     from segx.bench.cli import parse_args
@@ -214,6 +216,7 @@ def test_each_part_s_command_line_is_one_segx_accepts(tmp_path: Path, gpus: int)
     assert bench[1:3] == ["-m", "segx.bench"] and bench[3:5] == ["--device", "cuda"]
     args = parse_args(["--device", "cpu", *bench[5:]])  # the same flags (this machine may have no CUDA)
     assert args.json == tmp_path / "bench.json" and args.models == ["unet", "unet_small"] and args.steps == 10
+    assert "precision" not in args.sections and "data_memory" not in args.sections  # CPU-only sections
     tests = parts["cuda-tests"]
     assert tests.argv[1:3] == ["-m", "pytest"] and Path(tests.argv[-1]) == ROOT / "tests" / "test_cuda.py"
 
@@ -240,6 +243,8 @@ def test_the_training_judges_read_a_real_run_directory(trained_run: Path) -> Non
     assert figures["forward_gflops_per_image"] > 0
     passed, _, figures = gpu_check.judge_on_device(part, "")
     assert not passed and figures["train_split_served_from"] == "cpu"
+    passed, figure, _ = gpu_check.judge_loader(part, "")
+    assert not passed
     cpu_part = Part("train", [], (), 1, gpu_check.judge_train, trained_run)
     metrics = json.loads((trained_run / "metrics.json").read_text())
     metrics["accelerator"] = "cuda"  # the same run as a CUDA one would record it
@@ -249,3 +254,91 @@ def test_the_training_judges_read_a_real_run_directory(trained_run: Path) -> Non
     cpu_part.output = copy
     passed, figure, _ = gpu_check.judge_train(cpu_part, "")
     assert passed and figure.startswith("32-true, mIoU ")
+
+
+def test_cheap_parts_come_first_and_quick_leaves_out_the_repeats(tmp_path: Path) -> None:
+    parts = [p.name for p in gpu_check.build_parts(tmp_path, gpus=1)]
+    assert parts[:2] == ["train-bf16", "evaluate"] and parts[-2:] == ["cuda-tests", "bench"]
+    assert set(gpu_check.QUICK_PARTS) <= set(parts) and "cuda-tests" not in gpu_check.QUICK_PARTS
+    gap = gpu_check.toolchain_gap({"c_compiler": None, "python_h": False, "python_h_path": "/x/Python.h",
+                                   "libcuda": True})
+    assert gap == ("torch.compile on CUDA needs a C compiler (cc, gcc or clang; or $CC), Python.h (/x/Python.h: "
+                   "install the interpreter's development headers)")
+    assert gpu_check.plan(gpu_check.build_parts(tmp_path, gpus=1, compile_gap=gap), {})["compile"] == gap
+    facts = gpu_check.preflight({})
+    assert facts["dev_shm_mb"] > 0 and "/dev/shm" in gpu_check.preflight_line(facts)
+
+
+def test_the_no_cuda_line_gives_torch_s_reason_and_the_driver() -> None:
+    info = {"torch": "2.14.1", "cuda_build": "13.0", "available": False,
+            "warning": "CUDA initialization: The NVIDIA driver on your system is too old (found version 12040)."}
+    line = gpu_check.no_cuda_line(info)
+    assert "torch says: CUDA initialization: The NVIDIA driver on your system is too old" in line
+    assert "NVIDIA driver " in line and line.count("\n") == 0
+
+
+def test_a_run_of_skipped_parts_or_only_skipped_tests_does_not_pass(tmp_path: Path) -> None:
+    part = Part("cuda-tests", [], (), 1, gpu_check.judge_tests)
+    passed, figure, _ = gpu_check.judge_tests(part, "sss\n3 skipped in 0.12s\n")
+    assert not passed and figure == "no test passed (3 skipped)"
+    parts = [_part("a", "print('never')", needs=("segx-no-such-package",)),
+             _part("b", "print('never')", needs=("segx-no-such-package",))]
+    report_path = tmp_path / "gpu-check.json"
+    code = gpu_check.run_check(parts, gpu_check.plan(parts, {"segx-no-such-package": "not installed"}), report_path,
+                               tmp_path, 60, {}, {"segx-no-such-package": "not installed"})
+    report = json.loads(report_path.read_text())
+    assert code == gpu_check.INCOMPLETE_EXIT != 0
+    assert report["passed"] is False and report["complete"] is False
+
+
+def test_the_budget_skips_what_no_longer_fits_and_says_the_run_is_incomplete(tmp_path: Path) -> None:
+    parts = [_part("first", "import time; time.sleep(2); print('figure 1')"), _part("second", "print('figure 2')")]
+    report_path = tmp_path / "gpu-check.json"
+    code = gpu_check.run_check(parts, {}, report_path, tmp_path, gpu_check.MIN_PART_S + 1, {}, {})
+    report = json.loads(report_path.read_text())
+    assert code == gpu_check.INCOMPLETE_EXIT
+    assert [(p["part"], p["status"]) for p in report["parts"]] == [("first", "pass"), ("second", "skipped")]
+    assert report["parts"][1]["figure"].startswith("the time budget") and report["passed"] is True
+    assert report["complete"] is False and report["running"] is None
+
+
+_INTERRUPTED_RUN = """
+import sys
+from pathlib import Path
+from segx.bench import gpu_check
+from segx.bench.gpu_check import Part
+
+work = Path(sys.argv[1])
+judge = lambda part, log: (True, log.splitlines()[-1], {})
+spawn = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+         "time.sleep(300)']); open(%r, 'w').write(str(child.pid)); print('started', flush=True); time.sleep(300)"
+         % str(work / "child.pid"))
+parts = [Part("quick", [sys.executable, "-c", "print('figure 1')"], (), 60, judge),
+         Part("long", [sys.executable, "-c", spawn], (), 300, judge),
+         Part("never", [sys.executable, "-c", "print('figure 3')"], (), 60, judge)]
+sys.exit(gpu_check.run_check(parts, {}, work / "gpu-check.json", work, 600, {}, {}))
+"""
+
+
+def test_sigterm_mid_part_leaves_a_partial_report_and_no_part_process(tmp_path: Path) -> None:
+    """What `timeout` or the end of a lease sends: the running part's process group goes, the report stays."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen([sys.executable, "-c", _INTERRUPTED_RUN, str(tmp_path)], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "child.pid").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        report = json.loads((tmp_path / "gpu-check.json").read_text())
+        assert report["running"] == "long" and [p["part"] for p in report["parts"]] == ["quick"]  # written as it goes
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == gpu_check.INCOMPLETE_EXIT, output
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert [(p["part"], p["status"]) for p in report["parts"]] == [("quick", "pass"), ("long", "cut")]
+    assert report["parts"][1]["figure"] == "cut by SIGTERM (its processes stopped)"
+    assert report["complete"] is False and "stopped by SIGTERM" in output
+    grandchild = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)

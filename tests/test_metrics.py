@@ -87,7 +87,44 @@ def test_states_merge_by_sum_as_ddp_does() -> None:
     assert torch.equal(rank0.compute(), whole.compute())
 
 
-def test_labels_outside_the_classes_are_refused() -> None:
+def test_labels_outside_the_classes_are_refused_once_the_split_is_counted() -> None:
     metric = confusion_matrix_metric(4)
-    with pytest.raises(ValueError, match="num_classes=4"):
-        metric.update(torch.tensor([[0, 1]]), torch.tensor([[0, 7]]))
+    metric.update(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 7, 255]]))  # no read back while training
+    with pytest.raises(ValueError, match="1 pixels have a target or prediction >= num_classes=4"):
+        metric.compute()
+
+
+def _bincount_reference(preds: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
+    """The counting it replaced: a boolean mask, then one bincount (both size their output from the data)."""
+    labelled = target != 255
+    return torch.bincount(target[labelled] * classes + preds[labelled], minlength=classes ** 2).view(classes, -1)
+
+
+def test_counting_needs_no_value_from_the_device() -> None:
+    """On the meta device tensors have shapes but no values: an op whose output size depends on the data (a boolean
+    mask, bincount) or a `.item()` fails there, and on CUDA each of those waits for the GPU every step. The update
+    runs there (the counting it replaced does not), and counts as it did, exactly."""
+    generator = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 21, (4, 24, 24), generator=generator)
+    target[torch.rand(target.shape, generator=generator) < 0.2] = 255
+    preds = torch.randint(0, 21, (4, 24, 24), generator=generator)
+    on_meta = confusion_matrix_metric(21).to("meta")
+    on_meta.update(preds.to("meta"), target.to("meta"))
+    assert on_meta.confmat.shape == (21, 21)
+    with pytest.raises(NotImplementedError, match="nonzero"):
+        _bincount_reference(preds.to("meta"), target.to("meta"), 21)
+    metric = confusion_matrix_metric(21)
+    metric.update(preds, target)
+    metric.update(preds, target)
+    assert torch.equal(metric.compute(), 2 * _bincount_reference(preds, target, 21))
+
+
+@pytest.mark.parametrize("name", ["dice", "jaccard", "tversky"])
+def test_the_overlap_losses_need_no_value_from_the_device(name: str) -> None:
+    from omegaconf import OmegaConf
+
+    from segx.training.losses import build_loss
+
+    loss = build_loss(OmegaConf.create({"_target_": f"segx.training.losses.{name.capitalize()}Loss"}))
+    target = torch.randint(0, 4, (2, 8, 8), device="meta")
+    assert loss(torch.randn(2, 4, 8, 8, device="meta"), target).shape == ()

@@ -1,9 +1,10 @@
 """`python -m segx.bench.gpu_check [--json PATH]` (`make gpu-check`): one command that checks a CUDA machine.
 
-Runs the CUDA tests, bf16 and 16-mixed training, a compiled network, device-resident data, evaluation, a
-`hydra/launcher=gpus` sweep and `segx.bench --device cuda`, each in its own subprocess with a timeout, then prints
-one table and writes it as JSON. Only the standard library is imported at the top, so that an interpreter that
-lacks torch or Hydra still gets told what is missing.
+Runs bf16 training and evaluation first, then 16-mixed training, the DataLoader path, a `hydra/launcher=gpus`
+sweep, a compiled network, the CUDA tests and `segx.bench --device cuda`, each in its own subprocess, within a time
+budget (`--budget`, `--quick`). The JSON report is rewritten after every part, and SIGTERM or Ctrl-C stops the
+running part's processes and leaves a partial report. Only the standard library is imported at the top, so that
+an interpreter that lacks torch or Hydra still gets told what is missing.
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (or site-packages when segx is installed from a wheel)
 CHECKOUT = (REPO / "conf" / "train.yaml").is_file() and (REPO / "segx").is_dir()
-PART_NAMES = ("cuda-tests", "train-bf16", "train-16", "compile", "on-device", "evaluate", "sweep", "bench")
+# Cheap, high-value parts first, so that a run cut short has checked the most it could.
+PART_NAMES = ("train-bf16", "evaluate", "train-16", "loader", "sweep", "compile", "cuda-tests", "bench")
+QUICK_PARTS = ("train-bf16", "evaluate", "train-16", "loader", "sweep", "compile")  # the CUDA tests repeat these
 NO_CUDA_EXIT = 2  # nothing could run here; 1 means a part failed
+INCOMPLETE_EXIT = 3  # no part failed, but some were skipped or cut short (or none passed)
+DEFAULT_BUDGET_S = 480.0  # the whole run, well inside a 10-minute command on a lent machine
+QUICK_BUDGET_S = 300.0
+MIN_PART_S = 45.0  # a part that would get less of the budget than this is skipped rather than cut
 
 # Distribution name -> the module that proves it is importable (where the two differ).
 IMPORT_NAMES = {
@@ -164,7 +171,12 @@ try:
 except Exception as error:
     print(json.dumps({"error": f"{type(error).__name__}: {error}"}))
     raise SystemExit(0)
-info = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "available": torch.cuda.is_available()}
+import warnings
+with warnings.catch_warnings(record=True) as caught:  # torch says here why CUDA cannot be used (an old driver, ...)
+    warnings.simplefilter("always")
+    available = torch.cuda.is_available()
+info = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "available": available,
+        "warning": " ".join(" ".join(str(w.message).split()) for w in caught)[:400]}
 if info["available"]:
     info["bf16"] = torch.cuda.is_bf16_supported(including_emulation=False)
     info["gpus"] = [{"index": i, "name": torch.cuda.get_device_name(i),
@@ -199,10 +211,78 @@ def no_cuda_line(info: dict[str, Any], python: str = sys.executable) -> str | No
                 f"`{python} -m segx.bench.gpu_check --deps` lists what else is missing.")
     if not info.get("available") or not info.get("gpus"):
         build = f"CUDA {info['cuda_build']} build" if info.get("cuda_build") else "CPU-only build"
+        said = f"; torch says: {info['warning']}" if info.get("warning") else ""
         return (f"gpu-check: no CUDA GPU is visible here (torch {info.get('torch')}, {build}, "
-                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run it on a machine "
-                "with an NVIDIA GPU.")
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}, NVIDIA driver "
+                f"{driver_version()}{said}); run it on a machine with an NVIDIA GPU and a driver new enough for "
+                "the build.")
     return None
+
+
+def driver_version() -> str:
+    """The NVIDIA driver's version as nvidia-smi reports it, or why there is none."""
+    if shutil.which("nvidia-smi") is None:
+        return "unknown (no nvidia-smi)"
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unknown (nvidia-smi: {error})"
+    lines = done.stdout.strip().splitlines()
+    return lines[0].strip() if done.returncode == 0 and lines else f"unknown (nvidia-smi: {_last_line(done.stderr)})"
+
+
+def _find_libcuda() -> bool:
+    try:
+        listed = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        listed = ""
+    return "libcuda.so.1" in listed
+
+
+def compile_toolchain() -> dict[str, Any]:
+    """What Inductor needs on CUDA besides torch: a C compiler, the interpreter's Python.h, and libcuda.so.1
+    where ldconfig finds it."""
+    import sysconfig
+
+    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return {"c_compiler": shutil.which(compiler) if compiler else None, "python_h": header.is_file(),
+            "python_h_path": str(header), "libcuda": _find_libcuda()}
+
+
+def toolchain_gap(toolchain: dict[str, Any]) -> str | None:
+    """Why Inductor could not build kernels here, or None."""
+    gaps = [text for ok, text in ((toolchain["c_compiler"], "a C compiler (cc, gcc or clang; or $CC)"),
+                                  (toolchain["python_h"], f"Python.h ({toolchain['python_h_path']}: install the "
+                                                          "interpreter's development headers)"),
+                                  (toolchain["libcuda"], "libcuda.so.1 where ldconfig finds it")) if not ok]
+    return "torch.compile on CUDA needs " + ", ".join(gaps) if gaps else None
+
+
+def shm_megabytes() -> float | None:
+    """The size of /dev/shm, where DataLoader workers and spawned DDP ranks pass tensors."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stats.f_blocks * stats.f_frsize / 2**20
+
+
+def preflight(missing: dict[str, str]) -> dict[str, Any]:
+    """The machine as the parts will find it: driver, compile toolchain, /dev/shm, dependencies."""
+    return {"driver": driver_version(), **compile_toolchain(), "dev_shm_mb": shm_megabytes(),
+            "missing": dict(missing)}
+
+
+def preflight_line(facts: dict[str, Any]) -> str:
+    shm = facts["dev_shm_mb"]
+    return ("gpu-check preflight: NVIDIA driver " + str(facts["driver"])
+            + f"; C compiler {facts['c_compiler'] or 'none'}; Python.h {'found' if facts['python_h'] else 'missing'}"
+            + f"; libcuda.so.1 {'found' if facts['libcuda'] else 'not found by ldconfig'}"
+            + f"; /dev/shm {'absent' if shm is None else f'{shm:,.0f} MB'}"
+            + ("; dependencies: all present" if not facts["missing"] else
+               f"; missing: {', '.join(facts['missing'])}"))
 
 
 # ---------------------------------------------------------------------------------------------- the parts
@@ -244,7 +324,10 @@ def judge_tests(part: Part, log: str) -> tuple[bool, str, dict[str, Any]]:
     summary = [line for line in log.splitlines() if re.search(r"\d+ (passed|failed|skipped)", line)]
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary[-1])} \
         if summary else {}
-    return True, ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "no tests ran", counts
+    figure = ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "no tests ran"
+    if not counts.get("passed"):  # every test skipped (no GPU they need) checks nothing
+        return False, f"no test passed ({figure})", counts
+    return True, figure, counts
 
 
 def judge_train(part: Part, log: str) -> tuple[bool, str, dict[str, Any]]:
@@ -277,15 +360,29 @@ def judge_compile(part: Part, log: str) -> tuple[bool, str, dict[str, Any]]:
     return passed, figure, figures
 
 
-def judge_on_device(part: Part, log: str) -> tuple[bool, str, dict[str, Any]]:
-    passed, figure, figures = judge_train(part, log)
+def _served_from(part: Part) -> str | None:
     train_log = (part.output / "train.log").read_text(encoding="utf-8", errors="replace")
     served = re.search(r"data\.on_device: the train split \((\d+) images, (\d+) MB\) is served from (\S+)",
                        train_log)
-    figures["train_split_served_from"] = served.group(3) if served else None
-    if passed and not (served and served.group(3).startswith("cuda")):
+    return served.group(3) if served else None
+
+
+def judge_on_device(part: Part, log: str) -> tuple[bool, str, dict[str, Any]]:
+    """A training run whose train split was served from the GPU (data.on_device)."""
+    passed, figure, figures = judge_train(part, log)
+    served = figures["train_split_served_from"] = _served_from(part)
+    if passed and not (served and served.startswith("cuda")):
         return False, "train.log does not say the train split is served from cuda", figures
-    return passed, f"train split on {served.group(3)}; {figure}" if passed else figure, figures
+    return passed, f"train split on {served}; {figure}" if passed else figure, figures
+
+
+def judge_loader(part: Part, log: str) -> tuple[bool, str, dict[str, Any]]:
+    """A training run through the DataLoader path (data.on_device=false): nothing served from the GPU."""
+    passed, figure, figures = judge_train(part, log)
+    served = figures["train_split_served_from"] = _served_from(part)
+    if passed and served is not None:
+        return False, f"the train split was served from {served}, not through a DataLoader", figures
+    return passed, f"DataLoader; {figure}" if passed else figure, figures
 
 
 def judge_evaluate(part: Part, log: str, trained: Path) -> tuple[bool, str, dict[str, Any]]:
@@ -346,8 +443,9 @@ def shapes_overrides(workdir: Path) -> list[str]:
 
 
 def build_parts(workdir: Path, gpus: int, bf16: bool = True, python: str = sys.executable,
-                tests: Path | None = REPO / "tests" / "test_cuda.py") -> list[Part]:
-    """The parts in the order they run, with their command lines (absolute paths under `workdir`)."""
+                tests: Path | None = REPO / "tests" / "test_cuda.py", compile_gap: str | None = None) -> list[Part]:
+    """The parts in the order they run, with their command lines (absolute paths under `workdir`);
+    `compile_gap` (see `toolchain_gap`) skips the compile part with its reason."""
     workdir = workdir.resolve()
     train = [python, "-m", "segx.cli.train"]
     common = ["model=unet_small", *shapes_overrides(workdir), "trainer=gpu", "trainer.enable_progress_bar=false",
@@ -358,31 +456,31 @@ def build_parts(workdir: Path, gpus: int, bf16: bool = True, python: str = sys.e
         overrides = [*common, "trainer.max_epochs=2", *extra, f"hydra.run.dir={workdir / name}"]
         return Part(name, [*train, *overrides], trains, timeout, judge, workdir / name, "train", overrides, skip=skip)
 
-    parts = [Part("cuda-tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
-                  ("pytest", "tensorboard", *trains), 600, judge_tests,
-                  skip=None if tests and tests.is_file() else f"{tests} is not here (no tests folder)")]
     no_bf16 = None if bf16 else "this GPU has no native bf16 (compute capability < 8.0)"
-    parts.append(training("train-bf16", ["trainer.precision=bf16-mixed"], judge_train, 240, skip=no_bf16))
-    parts.append(training("train-16", ["trainer.precision=16-mixed"], judge_train, 240))
-    # run.compile: the run option's name since the model group holds constructor arguments only (was model.compile)
-    parts.append(training("compile", ["run.compile=true"], judge_compile, 420))
-    parts.append(training("on-device", ["data.on_device=true"], judge_on_device, 240))
-
+    # data.on_device=auto (the default) serves the splits from the GPU: this part checks that path too.
+    parts = [training("train-bf16", ["trainer.precision=bf16-mixed"], judge_on_device, 240, skip=no_bf16)]
     trained = "train-bf16" if bf16 else "train-16"
     evaluate = [f"ckpt={workdir / trained / 'checkpoints' / 'best.ckpt'}", "device=cuda",
                 f"hydra.run.dir={workdir / 'evaluate'}"]
     parts.append(Part("evaluate", [python, "-m", "segx.cli.evaluate", *evaluate], trains, 180,
                       lambda p, log: judge_evaluate(p, log, workdir / trained), workdir / "evaluate", "evaluate",
                       evaluate, after=trained))
+    parts.append(training("train-16", ["trainer.precision=16-mixed"], judge_train, 240))
+    parts.append(training("loader", ["data.on_device=false"], judge_loader, 240))
 
     jobs = 2 * max(gpus, 1)  # two jobs per GPU: with one GPU they share it through fractions
-    sweep = [*common, "trainer.max_epochs=1", "hydra/launcher=gpus", f"seed={','.join(map(str, range(1, jobs + 1)))}",
-             f"hydra.sweep.dir={workdir / 'sweep'}"]
+    # A Ray of the sweep's own: never a cluster that $RAY_ADDRESS or an earlier `ray start` left on the machine.
+    sweep = [*common, "trainer.max_epochs=1", "hydra/launcher=gpus", "hydra.launcher.ray.init.address=local",
+             f"seed={','.join(map(str, range(1, jobs + 1)))}", f"hydra.sweep.dir={workdir / 'sweep'}"]
     if gpus == 1:
         sweep.append("hydra.launcher.ray.remote.num_gpus=0.5")
-    parts.append(Part("sweep", [*train, "-m", *sweep], ("ray", "hydra-ray-launcher", *trains), 420,
+    parts.append(Part("sweep", [*train, "-m", *sweep], ("ray", "hydra-ray-launcher", *trains), 300,
                       lambda p, log: judge_sweep(p, log, jobs, gpus), workdir / "sweep", "train", sweep))
-
+    # run.compile: the run option's name since the model group holds constructor arguments only (was model.compile)
+    parts.append(training("compile", ["run.compile=true"], judge_compile, 420, skip=compile_gap))
+    parts.append(Part("cuda-tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+                      ("pytest", "tensorboard", *trains), 600, judge_tests,
+                      skip=None if tests and tests.is_file() else f"{tests} is not here (no tests folder)"))
     bench_json = workdir / "bench.json"
     parts.append(Part("bench", [python, "-m", "segx.bench", *bench_arguments(workdir)], trains, 480, judge_bench,
                       bench_json))
@@ -393,7 +491,9 @@ def bench_arguments(workdir: Path) -> list[str]:
     """`segx.bench` flags small enough for a minute or two on one GPU (its own defaults time the study's sizes)."""
     return ["--device", "cuda", "--json", str(workdir / "bench.json"), "--workdir", str(workdir / "bench-data"),
             "--images", "256", "--predict-images", "128", "--steps", "10", "--warmup", "3", "--models", "unet",
-            "unet_small", "--model-batch", "32", "--repeats", "1"]
+            "unet_small", "--model-batch", "32", "--repeats", "1",
+            # the sections a GPU changes: data_memory and precision measure the CPU
+            "--sections", "data", "loop", "predict", "models", "memory_format"]
 
 
 def plan(parts: Sequence[Part], missing: dict[str, str], only: Iterable[str] | None = None) -> dict[str, str]:
@@ -424,15 +524,27 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _stop(process: subprocess.Popen) -> None:
+class Interrupted(BaseException):
+    """SIGTERM (a `timeout`, the end of a lease) or SIGINT (Ctrl-C) arrived while the parts ran."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _stop(process: subprocess.Popen, grace: float = 15.0) -> None:
     """Stop the part's whole process group (Ray workers, compile workers), politely first."""
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return
         try:
-            process.wait(grace)
+            process.wait(wait)
             return
         except subprocess.TimeoutExpired:
             continue
@@ -447,8 +559,10 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_part(part: Part, log_dir: Path, cwd: Path | None = None, timeout: float | None = None) -> Result:
-    """Run one part in its own process group with a timeout; its output goes to `log_dir/<name>.log`."""
+def run_part(part: Part, log_dir: Path, cwd: Path | None = None, timeout: float | None = None,
+             budget_cut: bool = False) -> Result:
+    """Run one part in its own process group with a timeout; its output goes to `log_dir/<name>.log`.
+    `budget_cut`: the timeout is what the run's budget had left, so running past it is a cut, not a failure."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{part.name}.log"
     limit = timeout or part.timeout
@@ -465,13 +579,17 @@ def run_part(part: Part, log_dir: Path, cwd: Path | None = None, timeout: float 
             code = None
             _stop(process)
         except BaseException:
-            _stop(process)  # Ctrl-C: take the part's processes down with this one
+            _stop(process, grace=3)  # SIGTERM or Ctrl-C: take the part's processes down with this one, quickly
             raise
     seconds = time.perf_counter() - start
     result = Result(part.name, "fail", seconds, "", command=part.argv, log=str(log_path))
     text = log_path.read_text(encoding="utf-8", errors="replace")
     if code is None:
-        result.figure = f"timed out after {limit:.0f} s ({_last_line(text)[:80]})"
+        if budget_cut:
+            result.status = "cut"
+            result.figure = f"cut by the time budget after {limit:.0f} s ({_last_line(text)[:80]})"
+        else:
+            result.figure = f"timed out after {limit:.0f} s ({_last_line(text)[:80]})"
         return result
     if code != 0:
         result.figure = f"exit {code}: {_last_line(text)}"
@@ -485,20 +603,44 @@ def run_part(part: Part, log_dir: Path, cwd: Path | None = None, timeout: float 
 
 
 def run_parts(parts: Sequence[Part], skipped: dict[str, str], log_dir: Path,
-              say: Callable[[str], None] = print, timeout: float | None = None) -> list[Result]:
+              say: Callable[[str], None] = print, timeout: float | None = None, budget: float | None = None,
+              done: Callable[[list[Result], str | None], None] | None = None) -> list[Result]:
+    """Each part in turn, within `budget` seconds in all (a part is given what is left, and skipped when less than
+    MIN_PART_S is); `done(results, next part)` after every part. An `Interrupted` is re-raised once the running
+    part's processes are stopped and it is recorded as cut."""
     results: dict[str, Result] = {}
+    start = time.perf_counter()
+
+    def finish(current: Result, number: int) -> None:
+        results[current.part] = current
+        if done is not None:
+            done(list(results.values()), parts[number].name if number < len(parts) else None)
+
     for number, part in enumerate(parts, 1):
         reason = skipped.get(part.name)
         before = results.get(part.after) if part.after else None
         if reason is None and part.after and (before is None or before.status != "pass"):
             reason = f"needs {part.after}'s checkpoint ({before.status if before else 'not run'})"
+        left = None if budget is None else budget - (time.perf_counter() - start)
+        if reason is None and left is not None and left < MIN_PART_S:
+            reason = f"the time budget ({budget:.0f} s) is spent"
         if reason is not None:
-            results[part.name] = Result(part.name, "skipped", 0.0, reason, command=part.argv)
             say(f"[{number}/{len(parts)}] {part.name}: skipped, {reason}")
+            finish(Result(part.name, "skipped", 0.0, reason, command=part.argv), number)
             continue
+        limit = timeout or part.timeout
         say(f"[{number}/{len(parts)}] {part.name}: {' '.join(part.argv[1:4])} ... (log {log_dir / part.name}.log)")
-        result = results[part.name] = run_part(part, log_dir, timeout=timeout)
+        began = time.perf_counter()
+        try:
+            result = run_part(part, log_dir, timeout=min(limit, left) if left is not None else limit,
+                              budget_cut=left is not None and left < limit)
+        except Interrupted as signal_:
+            cut = Result(part.name, "cut", time.perf_counter() - began, f"cut by {signal_} (its processes stopped)",
+                         command=part.argv, log=str(log_dir / f"{part.name}.log"))
+            finish(cut, len(parts))
+            raise
         say(f"    {result.status} in {result.seconds:.1f} s: {result.figure}")
+        finish(result, number)
     return list(results.values())
 
 
@@ -526,19 +668,41 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 
 def build_report(results: Sequence[Result], info: dict[str, Any], missing: dict[str, str], workdir: Path,
-                 seconds: float) -> dict[str, Any]:
+                 seconds: float, planned: Sequence[str] = (), running: str | None = None,
+                 preflight_facts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`passed`: some part passed and none failed; `complete`: every planned part ran to its end (none skipped,
+    cut or still to come). A report written mid-run names the part that runs next (`running`)."""
+    ran = {r.part for r in results}
+    complete = all(r.status in ("pass", "fail") for r in results) and all(name in ran for name in planned)
     return {"python": sys.executable, "torch": info.get("torch"), "cuda": info.get("cuda_build"),
             "gpus": info.get("gpus", []), "bf16": info.get("bf16"), "missing": missing, "workdir": str(workdir),
-            "seconds": round(seconds, 1), "passed": not any(r.status == "fail" for r in results),
+            "preflight": preflight_facts or {}, "seconds": round(seconds, 1),
+            "passed": any(r.status == "pass" for r in results) and not any(r.status == "fail" for r in results),
+            "complete": complete and running is None, "running": running,
             "parts": [asdict(r) for r in results]}
+
+
+def exit_code(report: dict[str, Any]) -> int:
+    """0: every part ran and passed; 1: a part failed; INCOMPLETE_EXIT: none failed, but some were skipped or
+    cut, or none passed."""
+    if any(part["status"] == "fail" for part in report["parts"]):
+        return 1
+    return 0 if report["passed"] and report["complete"] else INCOMPLETE_EXIT
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m segx.bench.gpu_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=Path("gpu-check.json"), help="where the table goes as JSON")
+    parser.add_argument("--json", type=Path, default=Path("gpu-check.json"),
+                        help="where the table goes as JSON (rewritten after every part)")
     parser.add_argument("--workdir", type=Path, default=Path("outputs/gpu-check"),
                         help="run directories, data and logs of the parts (emptied of old runs first)")
     parser.add_argument("--parts", nargs="*", choices=PART_NAMES, default=None, help="run only these parts")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the parts {', '.join(QUICK_PARTS)} within {QUICK_BUDGET_S:.0f} s (about 5 minutes)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for the whole run (default {DEFAULT_BUDGET_S:.0f}; --quick "
+                             f"{QUICK_BUDGET_S:.0f}): a part gets what is left, and is skipped under "
+                             f"{MIN_PART_S:.0f} s")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per part (default: each part's own)")
     parser.add_argument("--deps", action="store_true", help="only list segx's missing dependencies (exit 1 if any)")
     return parser.parse_args(argv)
@@ -558,19 +722,51 @@ def main(argv: list[str] | None = None) -> int:
     gpus = info["gpus"]
     print(f"gpu-check: {len(gpus)} GPU(s): " + ", ".join(f"{g['index']}: {g['name']} ({g['memory_gb']} GB, sm "
           f"{g['capability']})" for g in gpus) + f"; torch {info['torch']}, CUDA {info['cuda_build']}", flush=True)
+    facts = preflight(missing)
+    print(preflight_line(facts), flush=True)
     if missing:
         print(install_hint(missing), flush=True)
     workdir = args.workdir.resolve()
-    for old in [*PART_NAMES, "bench.json", "logs"]:
+    for old in [*PART_NAMES, "on-device", "bench.json", "logs"]:
         _remove(workdir / old)  # a stale run must not pass for this one
-    parts = build_parts(workdir, len(gpus), bool(info.get("bf16")))
+    parts = build_parts(workdir, len(gpus), bool(info.get("bf16")), compile_gap=toolchain_gap(facts))
+    only = args.parts or (list(QUICK_PARTS) if args.quick else None)
+    skipped = plan(parts, missing, only)
+    budget = args.budget or (QUICK_BUDGET_S if args.quick else DEFAULT_BUDGET_S)
+    return run_check(parts, skipped, args.json, workdir, budget, info, missing, facts, timeout=args.timeout)
+
+
+def run_check(parts: Sequence[Part], skipped: dict[str, str], json_path: Path, workdir: Path, budget: float,
+              info: dict[str, Any], missing: dict[str, str], facts: dict[str, Any] | None = None,
+              timeout: float | None = None) -> int:
+    """Run the parts within `budget` seconds, the JSON report rewritten after each; SIGTERM and SIGINT stop the
+    running part's processes and end the run with the partial report. Returns the exit code."""
+    planned = [p.name for p in parts if skipped.get(p.name) != "not in --parts"]
     start = time.perf_counter()
-    results = run_parts(parts, plan(parts, missing, args.parts), workdir / "logs", timeout=args.timeout)
-    report = build_report(results, info, missing, workdir, time.perf_counter() - start)
+
+    def save(results: list[Result], running: str | None) -> dict[str, Any]:
+        report = build_report(results, info, missing, workdir, time.perf_counter() - start, planned, running, facts)
+        write_report(json_path, report)
+        return report
+
+    save([], planned[0] if planned else None)  # a report exists from the first second on
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        results = run_parts(parts, skipped, workdir / "logs", timeout=timeout, budget=budget,
+                            done=lambda results, following: save(results, following))
+    except Interrupted as interrupted:
+        report = json.loads(json_path.read_text(encoding="utf-8"))
+        print(f"\ngpu-check: stopped by {interrupted} after {report['seconds']:.0f} s; the parts that finished and "
+              f"the one cut are in {json_path} (complete: false)", flush=True)
+        return INCOMPLETE_EXIT
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    report = save(results, None)
     print("\n" + format_table(results), flush=True)
-    write_report(args.json, report)
-    print(f"\nWrote {args.json} ({report['seconds']:.0f} s); logs in {workdir / 'logs'}", flush=True)
-    return 0 if report["passed"] else 1
+    print(f"\nWrote {json_path} ({report['seconds']:.0f} s of a {budget:.0f} s budget; complete: "
+          f"{str(report['complete']).lower()}); logs in {workdir / 'logs'}", flush=True)
+    return exit_code(report)
 
 
 def _remove(path: Path) -> None:

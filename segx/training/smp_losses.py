@@ -42,6 +42,9 @@ class _SmpLoss(nn.Module):
     """Placed before an smp loss class: void logits zeroed first, and 0 for a batch without labelled pixels."""
 
     ignore_index: int
+    # smp's Focal and Lovász losses index the labelled pixels (a mean of nothing is NaN), so a batch without any is
+    # answered here, at the cost of reading `valid.any()` back from the GPU; they sync inside smp anyway.
+    guards_empty_batch = True
 
     def _weigh_classes(self, weighting: str | None, class_frequencies: torch.Tensor | None) -> None:
         self.weighting = weighting
@@ -50,13 +53,15 @@ class _SmpLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         valid = target != self.ignore_index
         logits = _mask_void(logits, valid)
-        if not bool(valid.any()):
+        if self.guards_empty_batch and not bool(valid.any()):
             return logits.sum() * 0.0
         return super().forward(logits, target)
 
 
 class _OverlapLoss(_SmpLoss):
     """The constructor smp's multiclass Dice and Jaccard losses share (placed before the smp class)."""
+
+    guards_empty_batch = False  # smp masks classes absent from the batch: 0 and a zero gradient, without a sync
 
     def __init__(
         self,
@@ -84,6 +89,8 @@ class JaccardLoss(_OverlapLoss, smp_losses.JaccardLoss):
 class TverskyLoss(_SmpLoss, smp_losses.TverskyLoss):
     """smp's multiclass Tversky loss: Dice with false positives weighted by `alpha` and false negatives by
     `beta` (0.5/0.5 is Dice), the class mean raised to `gamma`; with `weighting`, a weighted class mean."""
+
+    guards_empty_batch = False  # as the Dice: 0 and a zero gradient for a batch without labelled pixels
 
     def __init__(
         self,
