@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -409,6 +410,47 @@ def test_ddp_job_inside_a_multirun_spawns_its_ranks(odd_val_root: tuple, tmp_pat
     for job in jobs:
         assert job["status"] == COMPLETED and job["strategy"] == "ddp_spawn"
         assert job["final"]["val/pixels"] == labelled and job["best"]["val/miou"] >= 0
+
+
+def _can_mount_a_small_dev_shm() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_a_small_dev_shm(),
+                    reason="needs a private mount namespace (root, `unshare -m`) to give the run a 1 MB /dev/shm")
+def test_a_ddp_sweep_job_needs_no_dev_shm_for_its_data_and_compiles_in_its_ranks(tmp_path: Path) -> None:
+    """ddp_spawn pickles the data module to its ranks: with the loaded splits that goes through /dev/shm (Docker's
+    is 64 MB, VOC trainaug's cache 690 MB). Here the train split (2.6 MB) is larger than the run's /dev/shm (1 MB).
+    And run.compile survives into the spawned ranks, which recompile (`configure_model`)."""
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY_MODEL, *QUIET, *DDP, "data=shapes",
+               f"data.root={tmp_path / 'shapes'}", "data.num_train=160", "data.num_val=8", "data.min_size=64",
+               "data.max_size=80", "data.image_size=64", "data.batch_size=8", "trainer.limit_train_batches=2",
+               "trainer.limit_val_batches=1", "run.compile=eager", "seed=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    shell = "mount -t tmpfs -o size=1m tmpfs /dev/shm && exec \"$@\""
+    result = subprocess.run(["unshare", "-m", "sh", "-c", shell, "sh", *command], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    [job] = records(tmp_path / "sweep")
+    assert job["status"] == COMPLETED, (job.get("error"), result.stdout[-3000:], result.stderr[-3000:])
+    assert job["strategy"] == "ddp_spawn" and job["compiled"] is True
+    cache = next((tmp_path / "shapes" / "segx-cache").glob("train-64px-*.pt"))
+    assert cache.stat().st_size > 2 * 2**20  # larger than the 1 MB /dev/shm the ranks had
+
+
+def test_a_data_module_pickles_without_its_splits_and_reloads_them(shapes_root: Path) -> None:
+    from segx.data.shapes_datamodule import ShapesDataModule
+
+    data = ShapesDataModule(root=str(shapes_root), num_train=96, num_val=16, min_size=48, max_size=80,
+                            image_size=32)
+    train = data.load_split("train")
+    copy = pickle.loads(pickle.dumps(data))
+    assert len(pickle.dumps(data)) < train.images.numel() // 4  # the tensors stay behind
+    assert torch.equal(copy.load_split("train").images, train.images)  # mapped again from the cache file
+    assert data.load_split("train") is train  # the original keeps its own
 
 
 # -- units ------------------------------------------------------------------------------------------------------

@@ -273,6 +273,13 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
             )
         return self._splits[split]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the loaded splits: a rank started by `ddp_spawn` maps them from the cache file again,
+        where pickling them would copy every split through /dev/shm (64 MB in Docker's default)."""
+        state = self.__dict__.copy()
+        state["_splits"] = {}
+        return state
+
     def setup(self, stage: str | None = None) -> None:
         # Each DDP rank augments its own shard: the same flips on every rank would halve their variety.
         self.augment.reseed(self.seed + 1 + AUGMENT_SEED_STRIDE * self._rank_and_world()[0])

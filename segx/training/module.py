@@ -49,9 +49,11 @@ class SegmentationModule(pl.LightningModule):
         background_index: int | None = 0,
         fscore_beta: float = 1.0,
         study_metrics: bool = False,
+        compile_backend: bool | str = False,
     ) -> None:
         super().__init__()
         self.net = net
+        self.compile_backend = compile_backend  # run.compile: true (inductor) or a backend's name
         self.loss = loss
         self.optimizer_cfg = dict(optimizer)
         self.scheduler_cfg = dict(scheduler) if scheduler is not None else None
@@ -75,6 +77,18 @@ class SegmentationModule(pl.LightningModule):
         self.channels_last = bool(channels_last)
         if example_size:  # one image: Lightning's model summary then shows in/out sizes and FLOPs per image
             self.example_input_array = torch.zeros(1, 3, int(example_size), int(example_size))
+
+    def configure_model(self) -> None:
+        # Called in every process that trains. nn.Module's pickling drops a compiled call, so a rank that
+        # ddp_spawn started would otherwise train the plain network while the log says "compiled".
+        if self.compile_backend and not self.compiled:
+            backend = self.compile_backend
+            self.net.compile(**({"backend": backend} if isinstance(backend, str) else {}))
+
+    @property
+    def compiled(self) -> bool:
+        """Whether this process' network runs through torch.compile."""
+        return getattr(self.net, "_compiled_call_impl", None) is not None
 
     def setup(self, stage: str) -> None:
         # Epoch scores come from confusion matrices torchmetrics already summed over the DDP ranks, so every

@@ -305,6 +305,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
         background_index=datamodule.background_index, fscore_beta=float(cfg.get("fscore_beta", 1.0)),
         channels_last=memory_format.channels_last, example_size=None if options["compile"] else image_size,
         study_metrics=bool((cfg.get("protocol") or {}).get("study_metrics", False)),
+        compile_backend=options["compile"],
     )
     counts = parameter_counts(net)
     record.fields["forward_gflops_per_image"] = round(flops / 1e9, 3)

@@ -104,6 +104,8 @@ class RunSummary(pl.Callback):
             "best": self.best(),
             **({"best_since_epoch": self._best_since()} if self._best_since() is not None else {}),
             "class_names": list(module.class_names) if (module := _segmentation_module(trainer)) else [],
+            # as the process that trained it saw it (a spawned DDP rank's, not the launching process')
+            **({"compiled": module.compiled} if module is not None else {}),
             "best_confusion_matrix": self.best_confusion_matrix,
             "best_checkpoint": checkpoint.best_model_path or None if isinstance(checkpoint, ModelCheckpoint) else None,
             "last_checkpoint": str(Path(checkpoint.dirpath) / "last.ckpt")
