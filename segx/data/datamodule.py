@@ -47,18 +47,36 @@ def check_memory_fraction(fraction: object) -> float:
     return value
 
 
-def keep_on_device(setting: str | bool, split_bytes: int, device: torch.device, memory_fraction: float) -> bool:
+def gpu_share() -> float:
+    """The share of each of its GPUs this process was given: a Ray job's `num_gpus` below 1 (0.5: two jobs on one
+    GPU), else 1."""
+    import sys
+
+    ray = sys.modules.get("ray")  # only a process that Ray started has imported it
+    try:
+        if ray is not None and ray.is_initialized():
+            assigned = ray.get_runtime_context().get_assigned_resources().get("GPU")
+            if assigned:
+                return min(1.0, float(assigned))
+    except Exception:  # the driver, or a Ray without the runtime context: a whole GPU
+        pass
+    return 1.0
+
+
+def keep_on_device(setting: str | bool, split_bytes: int, device: torch.device, memory_fraction: float,
+                   share: float = 1.0) -> bool:
     """Whether a split is served from the training device (`data.on_device`).
 
-    `auto`: yes when its uint8 tensors fit in `memory_fraction` of the device's free memory (on the CPU the
-    split is already in memory, so always); `true`: always; `false`: never (a DataLoader with `num_workers`).
+    `auto`: yes when its uint8 tensors fit in `memory_fraction` of this job's `share` of the device's free memory
+    (jobs that share a GPU each see all of its free memory at once); on the CPU the split is already in memory, so
+    always. `true`: always; `false`: never (a DataLoader with `num_workers`).
     """
     if check_on_device(setting) != "auto":
         return bool(setting)
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
-    return split_bytes <= memory_fraction * free
+    return split_bytes <= memory_fraction * share * free
 
 
 def split_bytes(split: CachedSplit) -> int:
@@ -197,6 +215,7 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         self.normalizer = Normalize(_channel_values("data.mean", mean), _channel_values("data.std", std, positive=True),
                                     channel_order)
         self._splits: dict[str, CachedSplit] = {}
+        self._off_device: set[str] = set()  # splits whose copy to the device ran out of memory
         self._resident: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.target_device: torch.device | None = None  # where batches go without a Trainer (the benchmark)
 
@@ -277,7 +296,7 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         """Pickled without the loaded splits: a rank started by `ddp_spawn` maps them from the cache file again,
         where pickling them would copy every split through /dev/shm (64 MB in Docker's default)."""
         state = self.__dict__.copy()
-        state["_splits"] = {}
+        state["_splits"], state["_resident"] = {}, {}
         return state
 
     def setup(self, stage: str | None = None) -> None:
@@ -308,15 +327,28 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
 
     def serves_from_device(self, split: str) -> bool:
         """Whether `split` is drawn from tensors on the training device (see `keep_on_device`)."""
+        if split in self._off_device:  # it did not fit after all (out of memory): the loader path for good
+            return False
         return keep_on_device(self.on_device, split_bytes(self.load_split(split)), self._device(),
-                              self.on_device_memory_fraction)
+                              self.on_device_memory_fraction, gpu_share())
 
-    def _device_batches(self, split: str, batch_size: int, shuffle: bool) -> DeviceBatches:
+    def _device_batches(self, split: str, batch_size: int, shuffle: bool) -> DeviceBatches | None:
+        """Batches drawn from the split on the device; None when copying it there ran out of memory (`auto`:
+        another job took the memory it saw free), and the loader path takes over."""
         device = self._device()
         key = (split, str(device))
         if key not in self._resident:
             cached = self.load_split(split)
-            self._resident[key] = (cached.images.to(device), cached.masks.to(device))
+            try:
+                self._resident[key] = (cached.images.to(device), cached.masks.to(device))
+            except torch.OutOfMemoryError:
+                if self.on_device is True:  # asked for explicitly: the user's choice fails as it is
+                    raise
+                self._off_device.add(split)
+                torch.cuda.empty_cache()
+                log.warning("data.on_device: the %s split (%.0f MB) did not fit on %s after all (out of memory); "
+                            "it is read through a DataLoader instead", split, split_bytes(cached) / 1e6, device)
+                return None
             log.info("data.on_device: the %s split (%d images, %.0f MB) is served from %s", split, len(cached),
                      split_bytes(cached) / 1e6, device)
         images, masks = self._resident[key]
@@ -338,14 +370,18 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         # trainer.overfit_batches (debug=overfit) takes the first batches: the same ones only in a fixed order
         shuffle = self.trainer is None or not self.trainer.overfit_batches
         if self.serves_from_device(self.train_split):
-            return self._device_batches(self.train_split, self.batch_size, shuffle=shuffle)
+            batches = self._device_batches(self.train_split, self.batch_size, shuffle=shuffle)
+            if batches is not None:
+                return batches
         return self._loader(self.train_split, self.batch_size, shuffle=shuffle)
 
     def val_dataloader(self) -> DataLoader | DeviceBatches:
         """Under DDP each rank scores a disjoint shard without padding: Lightning's DistributedSampler would
         repeat images to even the shards out, and the summed confusion matrix would count them twice."""
         if self.serves_from_device(self.val_split):
-            return self._device_batches(self.val_split, self.val_batch_size, shuffle=False)
+            batches = self._device_batches(self.val_split, self.val_batch_size, shuffle=False)
+            if batches is not None:
+                return batches
         return self._loader(self.val_split, self.val_batch_size, shuffle=False)
 
     # -- tensors on the device ----------------------------------------------------------------------
