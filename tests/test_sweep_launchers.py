@@ -503,3 +503,15 @@ def test_a_job_holding_half_a_gpu_budgets_half_its_free_memory_for_its_data() ->
                             timeout=180, env={**os.environ, "RAY_ADDRESS": ""})
     assert "share 0.5 1.0 1.0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
     assert keep_on_device("auto", 10**12, torch.device("cpu"), 0.5, share=0.5)  # on a CPU the split is in memory
+
+
+def test_the_devices_recorded_are_those_the_run_trains_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not every GPU of the host: trainer.devices picks among those the launcher gave the job."""
+    from segx.training.runtime import visible_devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert visible_devices("gpu", 1) == "4" and visible_devices("gpu", 2) == "4,5"
+    assert visible_devices("gpu", -1) == visible_devices("gpu", "auto") == "4,5,6"
+    assert visible_devices("gpu", "0,2") == "4,6" and visible_devices("gpu", [1]) == "5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_devices("cpu", 1) == "cpu"

@@ -51,15 +51,25 @@ def precision_for(precision: str | int, accelerator: str) -> str:
     return resolved
 
 
-def visible_devices(accelerator: str) -> str:
-    """The devices this job was given: `CUDA_VISIBLE_DEVICES` as the launcher set it, else every CUDA
-    device when training on CUDA, else `cpu`. Ray sets the variable even where it only simulates GPUs."""
+def visible_devices(accelerator: str, devices: object = "auto") -> str:
+    """The devices this run trains on: those `trainer.devices` picks (1 → GPU 0, 2 → 0,1, "1,3" or [1, 3] → those,
+    -1 or auto → all) among the ones the launcher gave it (`CUDA_VISIBLE_DEVICES`, which Ray sets even where it
+    only simulates GPUs), or `cpu`."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        return visible
-    if uses_cuda(accelerator):
-        return ",".join(str(i) for i in range(torch.cuda.device_count()))
-    return "cpu"
+    if not visible and not uses_cuda(accelerator):
+        return "cpu"
+    given = [d.strip() for d in visible.split(",") if d.strip()] if visible else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if isinstance(devices, str) and "," in devices:
+        picked = [int(d) for d in devices.split(",") if d.strip()]
+    elif isinstance(devices, list | tuple):
+        picked = [int(d) for d in devices]
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.strip().lstrip("-").isdigit()):
+        count = int(devices)
+        picked = list(range(len(given) if count < 0 else min(count, len(given))))
+    else:  # auto
+        picked = list(range(len(given)))
+    return ",".join(given[i] for i in picked if i < len(given)) or ",".join(given)
 
 
 def strategy_for_sweep_job(strategy: object) -> object:
@@ -112,7 +122,8 @@ def resolve_runtime(trainer: Any, in_sweep: bool) -> Runtime:
         log.info("trainer.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm); off for this CPU run")
     return Runtime(
         accelerator="cuda" if cuda else ("cpu" if accelerator == "auto" else accelerator),
-        devices=visible_devices(accelerator), precision=precision_for(trainer.get("precision", "auto"), accelerator),
+        devices=visible_devices(accelerator, trainer.get("devices", "auto")),
+        precision=precision_for(trainer.get("precision", "auto"), accelerator),
         strategy=strategy, sync_batchnorm=sync_batchnorm,
         benchmark=resolve_benchmark(trainer.get("benchmark"), cuda, bool(trainer.get("deterministic"))),
     )

@@ -200,13 +200,13 @@ def _monitor(cfg: DictConfig) -> str:
 
 
 def _time_prediction(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, runtime: Runtime,
-                     memory_format: MemoryFormat) -> dict:
-    """The study's timing protocol on the trained network (`timing.predict=true`)."""
+                     memory_format: MemoryFormat, trained_on: torch.device) -> dict:
+    """The study's timing protocol on the trained network (`timing.predict=true`), on the GPU it trained on."""
     timing = cfg.timing
     images = datamodule.load_split(datamodule.val_split).images
     if timing.get("max_images"):
         images = images[: int(timing.max_images)]
-    device = torch.device("cuda", 0) if runtime.accelerator == "cuda" else torch.device("cpu")
+    device = trained_on if runtime.accelerator == "cuda" and trained_on.type == "cuda" else torch.device("cpu")
     precision = inference_precision(runtime.precision, device, timing.get("precision", "auto"))
     log.info("Timing prediction of %d val images: %d warm-up + %d timed passes on %s in %s", len(images),
              timing.warmup, timing.passes, device, precision)
@@ -347,7 +347,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
         write_json_atomic(run_dir / "metrics.json", {**record.fields, **summary.summary(trainer)})
         written = read_record(run_dir) or {}
     if cfg.get("timing") and cfg.timing.get("predict") and record.write:
-        record.note(**_time_prediction(cfg, net, datamodule, runtime, memory_format))
+        record.note(**_time_prediction(cfg, net, datamodule, runtime, memory_format, trainer.strategy.root_device))
 
     loggers = logger if isinstance(logger, list) else [logger] if logger else []
     # Read back from the file: with a spawned DDP strategy the epochs were recorded in another process.
