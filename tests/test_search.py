@@ -118,6 +118,22 @@ def test_a_stop_verdict_makes_a_running_record_stopped_but_leaves_a_completed_on
     assert read_record(tmp_path)["status"] == COMPLETED
 
 
+def test_a_stopped_trial_s_own_record_is_final_once_the_search_ends(tmp_path: Path) -> None:
+    import json
+
+    from segx.runs.record import finalize_stopped
+
+    for job, status in enumerate(("running", "completed", "running")):
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "metrics.json").write_text(json.dumps({"status": status, "epochs": 1}))
+    write_stop_verdict(tmp_path / "0", 1, "ASHA")
+    write_stop_verdict(tmp_path / "1", 1, "ASHA")  # it finished before the verdict landed: its ending stands
+    assert finalize_stopped(tmp_path) == [tmp_path / "0"]
+    raw = [json.loads((tmp_path / str(job) / "metrics.json").read_text()) for job in range(3)]
+    assert (raw[0]["status"], raw[0]["stopped_at_epoch"], raw[0]["stopped_by"]) == (STOPPED, 1, "ASHA")
+    assert [r["status"] for r in raw[1:]] == [COMPLETED, "running"]  # job 2 had no verdict
+
+
 def test_unknown_names_and_ddp_trials_are_refused_in_one_paragraph() -> None:
     from omegaconf import OmegaConf
 
@@ -191,8 +207,10 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
     spans = _trial_spans(tmp_path / ".tune")  # whole trial processes (imports too), to the second
     assert spans[1][0] < spans[0][1] - 1, spans  # the first two trials ran side by side
     assert [j["status"] for j in jobs[:2]] == [COMPLETED, COMPLETED] and all(j["epochs"] == 3 for j in jobs[:2])
-    for weak in jobs[2:]:
+    for number, weak in enumerate(jobs[2:], 2):
         assert weak["status"] == STOPPED and weak["stopped_at_epoch"] == 1 and weak["stopped_by"] == "ASHA"
+        raw = (tmp_path / str(number) / "metrics.json").read_text()
+        assert '"status": "stopped"' in raw  # final in the trial's own record, not only through the verdict file
         assert weak["epochs"] == 1 and weak["best"]["val/miou"] >= 0  # its last score is kept
     assert (tmp_path / ".tune").is_dir() and not list(tmp_path.glob("*/tensorboard"))
     # The second stage: the best configuration (lr=3e-3; seed aside) again with seeds 3 and 4, all 3 epochs.
@@ -202,6 +220,8 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
     assert all(c["status"] == COMPLETED and c["epochs"] == 3 for c in confirmed)
     assert "seed=1" not in confirmed[0]["overrides"]
     assert "6 jobs, 4 completed, 0 failed, 2 stopped early by the scheduler" in output
+    best = max((j for j in every_job if j["status"] == COMPLETED), key=lambda j: j["best"]["val/miou"])
+    assert f"Best trial: job {every_job.index(best)}, val/miou {best['best']['val/miou']:.4f}" in output
     # In MLflow the stopped trials end KILLED (closed by the search, as Ray Tune ends their processes), the rest
     # FINISHED, each in the run its record names.
     from mlflow.tracking import MlflowClient

@@ -133,6 +133,7 @@ class TuneSweeper(Sweeper):
         from ray.tune.trainable.function_trainable import wrap_function
 
         from hydra_plugins.segx_gpus_launcher.gpus_launcher import alive_nodes, fit_to_cluster
+        from segx.runs.record import finalize_stopped
         from segx.search.outcomes import TrialOutcomes
         from segx.search.plan import SearchPlan, space_kinds, write_plan
         from segx.search.trial import run_trial
@@ -184,6 +185,7 @@ class TuneSweeper(Sweeper):
                     ),
                 )
             results = tuner.fit()
+            finalize_stopped(sweep_dir)  # each stopped trial's own metrics.json says so, not only a file beside it
             _record_interrupted(results, sweep_dir, space)
             return results
 
@@ -199,6 +201,7 @@ class TuneSweeper(Sweeper):
             plan.confirm_jobs, plan.confirm_seeds = list(range(trials, trials + len(points))), self.confirm_seeds
             write_plan(sweep_dir, plan)
             results = stage(CONFIRM_DIR, lambda: confirm, None, len(points))
+        log.info("%s", best_trial_line(sweep_dir, monitor))
         return results
 
     def _confirmation_points(self, results: Any, sweep_dir: Path) -> list[dict[str, str]]:
@@ -279,6 +282,26 @@ def _require_tune(search: str) -> None:
                 f"hydra/sweeper=tune needs {module}, which cannot be imported here ({error}). Install segx's tune "
                 "extra: pip install 'segx[tune]' (Ray Tune with pandas and pyarrow, and Optuna), or run the sweep "
                 "with Hydra's basic sweeper (drop hydra/sweeper=tune).") from None
+
+
+def best_trial_line(sweep_dir: Path, monitor: str) -> str:
+    """The search's best trial by its best epoch in segx's records (Ray's own summary reads each trial's last
+    report before its final epoch is in)."""
+    from segx.runs.record import best_value, read_record
+
+    scored = []
+    for run_dir in sweep_dir.iterdir():
+        record = read_record(run_dir) if run_dir.name.isdigit() else None
+        value = best_value(record, monitor) if record else float("nan")
+        if value == value:
+            scored.append((value, int(run_dir.name), record))
+    if not scored:
+        return f"No trial of {sweep_dir} recorded a {monitor}."
+    value, job, record = max(scored, key=lambda item: (item[0], -item[1]))
+    epoch = (record.get("best") or {}).get("epoch")
+    at = f" at epoch {int(epoch) + 1}" if isinstance(epoch, int | float) else ""
+    settings = " ".join(record.get("overrides") or [])
+    return f"Best trial: job {job}, {monitor} {value:.4f}{at} ({record.get('status')}): {settings}"
 
 
 def _record_interrupted(results: Any, sweep_dir: Path, space: Any) -> None:

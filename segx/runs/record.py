@@ -59,6 +59,23 @@ def write_stop_verdict(run_dir: str | Path, epoch: int | None, by: str) -> None:
     write_json_atomic(Path(run_dir) / STOP_FILE, {"epoch": epoch, "by": by, "at": utc_now()})
 
 
+def finalize_stopped(sweep_dir: str | Path) -> list[Path]:
+    """Once a search's trials have all ended: each run directory the scheduler stopped gets the stop written into
+    its own `metrics.json` (status stopped, where it still said running), so the record is final without the
+    verdict file beside it. Returns the run directories rewritten."""
+    rewritten = []
+    for verdict in sorted(Path(sweep_dir).glob(f"*/{STOP_FILE}")):
+        run_dir = verdict.parent
+        raw = _read_json(run_dir / RECORD_FILE)
+        if raw is None or raw.get("status") in (COMPLETED, STOPPED):
+            continue
+        merged = read_record(run_dir)
+        if merged is not None:
+            write_json_atomic(run_dir / RECORD_FILE, merged)
+            rewritten.append(run_dir)
+    return rewritten
+
+
 def best_value(record: dict[str, Any], monitor: str = DEFAULT_MONITOR) -> float:
     """The monitored score at the best epoch, NaN when the run recorded none (what a sweeper gets back)."""
     value = (record.get("best") or {}).get(monitor)
