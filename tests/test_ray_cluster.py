@@ -50,7 +50,7 @@ def sweep(env: dict[str, str], *overrides: str, timeout: float = 420) -> subproc
 def test_a_gpus_sweep_joins_the_cluster_with_the_shipped_config(nodes: RayNodes, shapes_root: Path,
                                                                  tmp_path: Path) -> None:
     result = sweep(nodes.env(), *TINY_MODEL, *TINY_SHAPES, *QUIET, *ONE_EPOCH, f"data.root={shapes_root}",
-                   "optimizer=sgd,adam", "seed=1,2", "hydra/launcher=gpus",
+                   "trainer.limit_train_batches=4", "optimizer=sgd,adam", "seed=1,2", "hydra/launcher=gpus",
                    f"hydra.launcher.ray.init.address={nodes.address}", f"hydra.sweep.dir={tmp_path}")
     output = result.stdout
     assert result.returncode == 0, output[-5000:]
@@ -67,8 +67,9 @@ def test_a_gpus_sweep_joins_the_cluster_with_the_shipped_config(nodes: RayNodes,
     assert any(overlap(a, b) for i, a in enumerate(jobs) for b in jobs[i + 1:]), "no two jobs ran at the same time"
     # The console: per job one start line, one line per epoch and one end line; the config tree stays in train.log.
     for n in range(4):
-        lines = [line for line in output.splitlines() if f"(job {n} pid=" in line]
-        assert len(lines) == 2 and f"Job {n} · launcher gpus" in lines[0] and "Epoch 1/1" in lines[1], lines
+        lines = [line for line in output.splitlines() if f"(job {n} pid=" in line and "[INFO]" in line]
+        assert len(lines) == 2 and f"Job {n} · launcher gpus" in lines[0] and "Epoch 1/1" in lines[1], "\n".join(
+            line for line in output.splitlines() if f"(job {n} pid=" in line)  # warnings may come besides
         assert f"Job {n} completed · best val/miou" in output
         assert "Config:" in (tmp_path / str(n) / "train.log").read_text()
     assert "Config:" not in output and "Trainable params" not in output
@@ -104,24 +105,46 @@ def test_a_wrong_token_is_one_paragraph_and_starts_nothing(nodes: RayNodes, shap
     assert not list((tmp_path / "sweep").glob("*/metrics.json"))
 
 
-def test_a_missing_token_names_where_it_goes(nodes: RayNodes, shapes_root: Path, tmp_path: Path) -> None:
+_JOIN = """
+import logging, sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from hydra_plugins.segx_gpus_launcher.gpus_launcher import join_cluster
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+init = {"address": sys.argv[1], "num_gpus": None, "include_dashboard": False, "object_store_memory": 78643200}
+join_cluster(init, sys.argv[2], Path(sys.argv[3]), OmegaConf.create({"data": {"root": sys.argv[3]}}), True)
+print("joined")
+"""
+
+
+def join(env: dict[str, str], address: str, prefix: str, sweep_dir: Path) -> subprocess.CompletedProcess:
+    """What a sweep does before its first job (start_or_join, then the node check), without the rest of a sweep."""
+    own = OwnProcesses(uuid.uuid4().hex)
+    result = subprocess.run([sys.executable, "-c", _JOIN, address, prefix, str(sweep_dir)], cwd=ROOT,
+                            env={**env, TAG: own.tag}, capture_output=True, text=True, timeout=120)
+    own.wait_until_gone()
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout + result.stderr, "")
+
+
+def test_a_missing_token_names_where_it_goes(nodes: RayNodes, tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    result = sweep({**nodes.env(), "HOME": str(home)}, *TINY_MODEL, *TINY_SHAPES, *QUIET, *ONE_EPOCH,
-                   f"data.root={shapes_root}", "hydra/sweeper=tune", "seed=1,2",
-                   f"hydra.sweeper.ray.init.address={nodes.address}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    result = join({**nodes.env(), "HOME": str(home)}, nodes.address, "hydra.sweeper", tmp_path)
     assert result.returncode == 2, result.stdout[-3000:]
     assert "no token was found here" in result.stdout and "export RAY_AUTH_MODE=token" in result.stdout
+    assert "joined" not in result.stdout
+    joined = join(nodes.env(), nodes.address, "hydra.sweeper", tmp_path)  # the same with the token at hand
+    assert joined.returncode == 0 and "joined" in joined.stdout, joined.stdout[-3000:]
+    assert "its 2 node(s) run this code" in joined.stdout
 
 
-def test_an_address_where_nothing_answers_is_one_paragraph(shapes_root: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+def test_an_address_where_nothing_answers_is_one_paragraph(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = sweep(env, *TINY_MODEL, *TINY_SHAPES, *QUIET, *ONE_EPOCH, f"data.root={shapes_root}", "seed=1,2",
-                   "hydra/launcher=gpus", f"hydra.launcher.ray.init.address={address}",
-                   f"hydra.sweep.dir={tmp_path}")
+    result = join(env, address, "hydra.launcher", tmp_path)
     assert result.returncode == 2 and time.monotonic() - started < 60, result.stdout[-3000:]
     port = address.rsplit(":", 1)[1]  # Ray names 127.0.0.1 by the machine's address
     assert re.search(rf"Cannot join the Ray cluster at [\d.]+:{port} \(hydra.launcher.ray.init.address={address}\): "

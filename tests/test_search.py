@@ -203,6 +203,8 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
     # Half a GPU each: every trial on the one device, two of them (CPUs would allow four) at a time, never more.
     every_job = [read_record(tmp_path / str(n)) for n in range(6)]
     assert all(j["launcher"] == "tune" and j["devices"] == "0" for j in every_job), [j["devices"] for j in every_job]
+    # each trial holds half the GPU, so data.on_device=auto budgets half its free memory (two trials see it all)
+    assert all(j["gpu_share"] == 0.5 for j in every_job), [j.get("gpu_share") for j in every_job]
     assert _most_at_once(every_job) <= 2  # training spans, to the millisecond
     spans = _trial_spans(tmp_path / ".tune")  # whole trial processes (imports too), to the second
     assert spans[1][0] < spans[0][1] - 1, spans  # the first two trials ran side by side

@@ -484,27 +484,6 @@ def test_augmentation_survives_pickling_for_spawned_ranks_and_reseeds_per_rank()
     assert not torch.equal(rank0(images, masks)[0], rank1(images, masks)[0])
 
 
-_SHARE_IN_A_RAY_JOB = """
-import ray
-from segx.data.datamodule import gpu_share
-ray.init(address="local", num_gpus=1, num_cpus=2, include_dashboard=False)
-half, whole = (ray.get(ray.remote(num_gpus=n)(gpu_share).remote()) for n in (0.5, 1))
-print("share", half, whole, gpu_share())
-ray.shutdown()
-"""
-
-
-@pytest.mark.slow
-def test_a_job_holding_half_a_gpu_budgets_half_its_free_memory_for_its_data() -> None:
-    """Two jobs on one GPU each see all of its free memory at once: data.on_device=auto counts only its share."""
-    from segx.data.datamodule import keep_on_device
-
-    result = subprocess.run([sys.executable, "-c", _SHARE_IN_A_RAY_JOB], cwd=ROOT, capture_output=True, text=True,
-                            timeout=180, env={**os.environ, "RAY_ADDRESS": ""})
-    assert "share 0.5 1.0 1.0" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
-    assert keep_on_device("auto", 10**12, torch.device("cpu"), 0.5, share=0.5)  # on a CPU the split is in memory
-
-
 def test_the_devices_recorded_are_those_the_run_trains_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not every GPU of the host: trainer.devices picks among those the launcher gave the job."""
     from segx.training.runtime import visible_devices

@@ -216,9 +216,9 @@ class GpuLauncher(RayLauncher):
                     results[idx] = ray.get(ref)
                 except ray.exceptions.RayError as error:
                     results[idx] = self._worker_died(idx, overrides, sweep_config, remote, error)
-                log.info("%s", job_end_line(idx, _run_dir(sweep_config)))  # the job's own lines stay in its log
                 if pending and (read_record(_run_dir(sweep_config)) or {}).get("shared_failure"):
-                    self._stop(item, list(pending.values()))
+                    self._stop(item, list(pending.values()))  # its paragraph names the job and its error
+                log.info("%s", job_end_line(idx, _run_dir(sweep_config)))  # the job's own lines stay in its log
         except KeyboardInterrupt:
             self._interrupted(list(pending.values()))
         if own_ray:  # now, not at interpreter exit: a process that runs more than one sweep gets a Ray each

@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from segx.core.errors import DatasetUnavailableError, SegxError, find_user_error
+from segx.core.job_console import ON_CONSOLE
 from segx.core.ranks import is_rank_zero
 from segx.runs.overrides import job_count, split_override, varying_keys
 from segx.runs.ownership import RunDirTakenError, claim_run_dir, release_run_dir
@@ -163,11 +164,11 @@ def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
         if previous.get("status") in (COMPLETED, STOPPED):
             monitor = str(previous.get("monitor", DEFAULT_MONITOR))
             log.info("Job %s %s earlier in %s: skipped (best %s %.4f)", job.num, previous["status"], job.run_dir,
-                     monitor, best_value(previous, monitor))
+                     monitor, best_value(previous, monitor), extra=ON_CONSOLE)
             return best_value(previous, monitor)
         if cfg.get("ckpt_path") is None and (job.run_dir / LAST_CHECKPOINT).is_file():
             log.info("Job %s was interrupted (status %s): resuming from %s", job.num, previous.get("status"),
-                     job.run_dir / LAST_CHECKPOINT)
+                     job.run_dir / LAST_CHECKPOINT, extra=ON_CONSOLE)
             with open_dict(cfg):
                 cfg.ckpt_path = "last"
 

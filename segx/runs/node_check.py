@@ -22,10 +22,8 @@ ANSWER_TIMEOUT_S = 120.0
 
 def code_fingerprint() -> str:
     """A hash of segx's Python files and its configs, the same on every node that has the same code."""
-    import segx
-
     digest = hashlib.sha256()
-    for root in (Path(segx.__file__).parent, Path(CONF_DIR)):
+    for root in (Path(__file__).resolve().parents[1], Path(CONF_DIR)):  # the segx package, conf/
         for path in sorted(root.rglob("*")):
             if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
                 digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())

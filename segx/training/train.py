@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Mo
 from segx.core.errors import ConfigError
 from segx.core.files import write_json_atomic
 from segx.core.job_console import ON_CONSOLE
+from segx.data.datamodule import gpu_share
 from segx.inference.predictor import Predictor, inference_precision
 from segx.inference.timing import time_prediction
 from segx.models import (
@@ -263,6 +264,9 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
                  "(the study's protocol)", chained["trials"], chained["epochs_per_trial"])
     runtime = resolve_runtime(cfg.trainer, in_sweep=job.multirun)
     record.start(**runtime.record())
+    share = gpu_share()
+    if share < 1:  # e.g. hydra.launcher.ray.remote.num_gpus=0.5: data.on_device=auto budgets that share
+        record.fields["gpu_share"] = share
     if tracked is not None:
         tracked.note_runtime(record.fields)
     log.info("Job %s · launcher %s · host %s · %s", "-" if job.num is None else job.num, job.launcher,
