@@ -1,6 +1,6 @@
 """What a sweep job running in a process of its own (Ray, submitit) shows on its console, which Ray forwards to the
-sweep's: its start line, one line per epoch, its end line, and warnings. The rest (the config tree, Lightning's layer
-table and device lines) still goes to the job's train.log."""
+sweep's: its start line, one line per epoch, a resume or skip line, and warnings (the sweep prints its end line).
+The rest (the config tree, Lightning's layer table and device lines) still goes to the job's train.log."""
 
 from __future__ import annotations
 
