@@ -34,8 +34,9 @@ demo: venv
 	@echo "Report:          $(DEMO_DIR)/report.md (plots in $(DEMO_DIR)/plots)"
 	@echo "TensorBoard:     $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/tensorboard"
 
+# --durations: the slowest tests close the log, so a suite that creeps towards its time limit shows where.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # The edit loop: everything but the end-to-end tests marked `slow`.
 test-fast: venv

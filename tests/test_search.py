@@ -13,7 +13,7 @@ from segx.runs.record import read_record, write_stop_verdict
 from segx.runs.status import COMPLETED, FAILED, STOPPED
 from segx.search.space import Distribution, parse_space
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES
-from tests.ray_processes import interrupt_sweep, run_sweep
+from tests.ray_processes import run_sweep
 
 ray_tune = pytest.importorskip("ray.tune", reason="the tune extra (pip install segx[tune]) is not installed")
 
@@ -90,20 +90,22 @@ def test_the_same_seed_samples_the_same_configurations_and_numbers_them_in_order
     assert [t["_job"] for t in grid[0][:2]] == [0, 1]
 
 
-def test_under_a_scheduler_a_grid_starts_in_a_seeded_shuffled_order_keeping_its_job_numbers() -> None:
+def test_under_asha_a_grid_starts_in_a_seeded_shuffled_order_and_under_halving_in_grid_order() -> None:
     from hydra_plugins.segx_tune_sweeper.tune_sweeper import TuneSweeper
 
     space = parse_space(["optimizer.lr=1e-4,3e-4,1e-3,3e-3,1e-2,3e-2", "optimizer=sgd,adam"])
     in_order = _suggestions(TuneSweeper(scheduler="none")._searcher(space, 12, Path(".")), 12)
     by_job = {t["_job"]: t for t in in_order}
     for seed in (0, 1):
-        shuffled = _suggestions(TuneSweeper(seed=seed)._searcher(space, 12, Path(".")), 13)  # asha by default
-        assert shuffled == _suggestions(TuneSweeper(seed=seed)._searcher(space, 12, Path(".")), 13)
+        shuffled = _suggestions(TuneSweeper(seed=seed, scheduler="asha")._searcher(space, 12, Path(".")), 13)
+        assert shuffled == _suggestions(TuneSweeper(seed=seed, scheduler="asha")._searcher(space, 12, Path(".")), 13)
         assert shuffled[-1] == "FINISHED" and sorted(t["_job"] for t in shuffled[:12]) == list(range(12))
         assert [t["_job"] for t in shuffled[:12]] != list(range(12))
         assert all(t == by_job[t["_job"]] for t in shuffled[:12])  # job N is still the grid's N-th point
-    kept = _suggestions(TuneSweeper(grid_order="grid")._searcher(space, 12, Path(".")), 12)
+    kept = _suggestions(TuneSweeper(grid_order="grid", scheduler="asha")._searcher(space, 12, Path(".")), 12)
     assert kept == in_order
+    # successive halving ranks a rung once every trial reached it: the order changes nothing, the grid's is kept
+    assert _suggestions(TuneSweeper(scheduler="sha")._searcher(space, 12, Path(".")), 12) == in_order
     with pytest.raises(ConfigError, match="hydra.sweeper.grid_order=random is not an order segx knows"):
         TuneSweeper(grid_order="random").check()
 
@@ -147,7 +149,7 @@ def test_unknown_names_and_ddp_trials_are_refused_in_one_paragraph() -> None:
     check()
     with pytest.raises(ConfigError, match="grid, random, optuna"):
         check(search="bayes")
-    with pytest.raises(ConfigError, match="asha, hyperband, none"):
+    with pytest.raises(ConfigError, match="auto, sha, asha, hyperband, none"):
         check(scheduler="median")
     with pytest.raises(ConfigError, match="cannot run inside a tune trial.*hydra/launcher=gpus"):
         check("trainer: {strategy: ddp}")
@@ -190,6 +192,7 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
     result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=mlflow",
                        f"logger.tracking_uri={tracking}", "logger.experiment_name=asha",
                        "trainer.max_epochs=3", "optimizer.lr=3e-3,1e-12", "seed=1,2", "hydra/sweeper=tune",
+                       "hydra.sweeper.scheduler=asha", "hydra.sweeper.grace_period=1",
                        "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=1",
                        "hydra.sweeper.ray.remote.num_gpus=0.5", "hydra.sweeper.ray.remote.num_cpus=0.5",
                        "hydra.sweeper.ray.init.num_cpus=2", "hydra.sweeper.confirm_top_k=1",
@@ -215,6 +218,16 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
         assert '"status": "stopped"' in raw  # final in the trial's own record, not only through the verdict file
         assert weak["epochs"] == 1 and weak["best"]["val/miou"] >= 0  # its last score is kept
     assert (tmp_path / ".tune").is_dir() and not list(tmp_path.glob("*/tensorboard"))
+    # The replay (segx.search.replay) makes Ray's own ASHA decisions again, fed the reports in the order ASHA saw them
+    from ray.tune.schedulers import ASHAScheduler
+
+    from segx.search.replay import recorded_events, replay_events
+
+    asha = ASHAScheduler(time_attr="epoch", metric="score", mode="max", max_t=3, grace_period=1, reduction_factor=3,
+                         stop_last_trials=False)
+    decisions = replay_events(asha, recorded_events(tmp_path / ".tune"), 4)
+    assert [decisions[n] for n in (2, 3)] == [(1, "STOP"), (1, "STOP")], decisions
+    assert all(decisions[n] != (1, "STOP") and decisions[n][0] == 3 for n in (0, 1)), decisions
     # The second stage: the best configuration (lr=3e-3; seed aside) again with seeds 3 and 4, all 3 epochs.
     confirmed = [read_record(tmp_path / str(n)) for n in (4, 5)]
     assert [c["overrides"][-2:] for c in confirmed] == [["optimizer.lr=0.003", "seed=3"],
@@ -252,37 +265,6 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
 
 
 @pytest.mark.slow
-def test_a_search_interrupted_with_ctrl_c_resumes_without_retraining_a_finished_trial(shapes_root: Path,
-                                                                                     tmp_path: Path) -> None:
-    """Trial 0 fails at once (0 epochs), trial 1 trains 2 epochs, trial 2 eight: Ctrl-C once 1 has finished and 2 is
-    under way, then the same command again. The failed trial ends neither the search nor its resume."""
-    overrides = [*TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "logger=none",
-                 "trainer.max_epochs=0,2,8", "hydra/sweeper=tune", "hydra.sweeper.scheduler=none",
-                 "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=2",
-                 "hydra.sweeper.ray.init.num_cpus=2", f"hydra.sweep.dir={tmp_path}"]
-    def under_way() -> bool:
-        first, second = read_record(tmp_path / "1") or {}, read_record(tmp_path / "2") or {}
-        return first.get("status") == COMPLETED and bool(second.get("history"))
-
-    interrupted_run = interrupt_sweep(*overrides, ready=under_way, wait=120)
-    output = interrupted_run.stdout
-    assert interrupted_run.returncode == 130, output[-3000:]
-    assert "Search interrupted by Ctrl-C: 1 running trial(s) recorded as interrupted" in output
-    failed, finished, interrupted = (read_record(tmp_path / str(n)) for n in range(3))
-    assert failed["status"] == FAILED and "trainer.max_epochs=0 trains nothing" in failed["error"]
-    assert interrupted["error"].startswith("interrupted by Ctrl-C") and 1 <= len(interrupted["history"]) < 8
-
-    result = run_sweep(*overrides)
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output[-4000:]  # for the failed trial only
-    assert read_record(tmp_path / "1") == finished  # not trained again
-    resumed = read_record(tmp_path / "2")
-    assert resumed["status"] == COMPLETED and [int(h["epoch"]) for h in resumed["history"]] == list(range(8))
-    assert "resuming from" in output and "3 jobs, 2 completed, 1 failed" in output
-    assert "start the search again in a new hydra.sweep.dir" in output
-
-
-@pytest.mark.slow
 def test_a_seeded_tpe_search_over_a_mixed_space_runs_the_configurations_its_seed_samples(shapes_root: Path,
                                                                                        tmp_path: Path) -> None:
     """Six Optuna TPE trials over a choice, a log interval and an integer interval, each trained one short epoch;
@@ -315,27 +297,45 @@ def test_a_seeded_tpe_search_over_a_mixed_space_runs_the_configurations_its_seed
     assert "optuna search over 6 trials of up to 1 epochs" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_the_search_benchmark_counts_epochs_and_the_best_score_of_each_search(tmp_path: Path) -> None:
+def test_the_search_benchmark_reads_a_recorded_grid_and_checks_a_real_search_against_the_replay(
+        tmp_path: Path) -> None:
     import json
 
-    from segx.bench.search import compare_outcomes, sweep_outcome
+    from segx.bench.search import sweep_outcome, within_replay
+    from segx.runs.discovery import find_runs
+    from segx.search.replay import grid_from_runs
 
-    def write(sweep: str, job: int, status: str, epochs: int, best: float) -> None:
+    def write(sweep: str, job: int, status: str, curve: list[float], overrides: list[str]) -> None:
         run_dir = tmp_path / sweep / str(job)
         run_dir.mkdir(parents=True)
-        record = {"status": status, "epochs": epochs, "monitor": "val/miou", "best": {"val/miou": best}}
+        record = {"status": status, "epochs": len(curve), "monitor": "val/miou", "overrides": overrides,
+                  "history": [{"epoch": float(e), "val/miou": v} for e, v in enumerate(curve)],
+                  "best": {"val/miou": max(curve)}}
         (run_dir / "metrics.json").write_text(json.dumps(record))
 
-    for job, best in enumerate((0.5, 0.7, 0.2)):
-        write("grid", job, COMPLETED, 12, best)
-    write("asha", 0, COMPLETED, 12, 0.68)
-    write("asha", 1, STOPPED, 1, 0.3)
-    write("asha", 2, STOPPED, 3, 0.25)
-    (tmp_path / "asha" / ".tune").mkdir()  # Tune's own folder is no trial
-    figures = compare_outcomes(sweep_outcome(tmp_path / "grid"), sweep_outcome(tmp_path / "asha"))
-    assert figures["search_epoch_fraction"] == pytest.approx(16 / 36)
-    assert figures["search_regret"] == pytest.approx(0.02)
-    assert figures["asha"]["stopped"] == 2 and figures["grid"]["trials"] == 3
+    curves = {"optimizer.lr=0.1": [0.1, 0.2, 0.3, 0.4], "optimizer.lr=0.01": [0.3, 0.35, 0.36, 0.37],
+              "optimizer.lr=0.001": [0.05, 0.1, 0.15, 0.2]}
+    job = 0
+    for setting, curve in curves.items():
+        for seed in (1, 2):
+            write("grid", job, COMPLETED, [v + 0.01 * seed for v in curve], [setting, f"seed={seed}"])
+            job += 1
+    write("grid", job, FAILED, [0.9], ["optimizer.lr=1", "seed=1"])  # no finished curve: left out
+    grid = grid_from_runs(find_runs([tmp_path / "grid"]), "val/miou")
+    assert grid is not None and grid.configs == sorted(curves) and grid.seeds == ["1", "2"] and grid.max_t == 4
+    assert grid.best_config() == "optimizer.lr=0.1" and grid.noise() == pytest.approx(0.01 / 2 ** 0.5)
+    # The real search under sha (rungs after epoch 2, keeping 1 of 3): lr=0.01 leads at epoch 2 and trains on.
+    write("sha", 0, COMPLETED, [0.31, 0.36, 0.37, 0.38], ["optimizer.lr=0.01", "seed=1"])
+    write("sha", 1, STOPPED, [0.11, 0.21], ["optimizer.lr=0.1", "seed=1"])
+    write("sha", 2, STOPPED, [0.06, 0.11], ["optimizer.lr=0.001", "seed=1"])
+    (tmp_path / "sha" / ".tune").mkdir()  # Tune's own folder is no trial
+    outcome = sweep_outcome(tmp_path / "sha")
+    assert (outcome["epochs"], outcome["winner"], outcome["stopped"]) == (8, ["optimizer.lr=0.01"], 2)
+    assert outcome["best"] == pytest.approx(0.38)
+    check = within_replay(grid, "sha", {**outcome, "fraction": 8 / 12}, orders=20)
+    assert check["fraction_within"] and check["winner_within"] and check["replay_winners"] == ["optimizer.lr=0.01"]
+    assert check["winner"] == "optimizer.lr=0.01"
+    assert not within_replay(grid, "sha", {**outcome, "fraction": 1.0}, orders=20)["fraction_within"]
 
 
 def test_a_search_report_plots_score_against_a_log_sampled_parameter_coloured_by_optimizer(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """`hydra/sweeper=tune`: the sweep's overrides as a search space, run as one Ray Tune experiment.
 
-Grids, random search and Optuna's TPE pick the trials; ASHA or Hyperband stop the weak ones after each validated
-epoch. Every trial is an ordinary segx run directory `<sweep dir>/<N>/`; a trial the scheduler stopped gets
-`status: stopped`. Tune's own state lives in `<sweep dir>/.tune/`, so the same command into the same
+Grids, random search and Optuna's TPE pick the trials; successive halving (grids), ASHA or Hyperband stop the weak
+ones after validated epochs. Every trial is an ordinary segx run directory `<sweep dir>/<N>/`; a trial the scheduler
+stopped gets `status: stopped`. Tune's own state lives in `<sweep dir>/.tune/`, so the same command into the same
 `hydra.sweep.dir` resumes the experiment.
 """
 
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 GRID_ORDERS = ("auto", "shuffled", "grid")
 SEARCHES = ("grid", "random", "optuna")
-SCHEDULERS = {"asha": "ASHA", "hyperband": "Hyperband", "none": None}
+SCHEDULERS = {"auto": None, "sha": "successive halving", "asha": "ASHA", "hyperband": "Hyperband", "none": None}
+HALVING_STATE = "segx-halving.json"  # successive halving's rungs, beside Tune's experiment state
 EXPERIMENT_DIR = ".tune"  # Tune's experiment state, inside the sweep directory
 CONFIRM_DIR = ".tune-confirm"  # that of the second stage: the best configurations again, with every seed
 OPTUNA_JOURNAL = "optuna.journal"
@@ -33,8 +34,9 @@ OPTUNA_JOURNAL = "optuna.journal"
 class TuneSweeper(Sweeper):
     """Runs a multirun's trials with Ray Tune instead of a Hydra launcher (see conf/hydra/sweeper/tune.yaml)."""
 
-    def __init__(self, search: str = "grid", num_samples: int = 1, seed: int = 0, scheduler: str = "asha",
-                 grace_period: int = 1, reduction_factor: float = 3, max_t: int | None = None,
+    def __init__(self, search: str = "grid", num_samples: int = 1, seed: int = 0, scheduler: str = "auto",
+                 grace_period: int = 2, reduction_factor: float = 3, max_t: int | None = None,
+                 rungs: Any = None,
                  max_concurrent_trials: int | None = None, check_resources: bool = True, check_nodes: bool = True,
                  confirm_top_k: int = 0, confirm_seeds: Any = (1, 2, 3), grid_order: str = "auto",
                  params: dict | None = None, ray: Any = None) -> None:
@@ -42,6 +44,7 @@ class TuneSweeper(Sweeper):
         self.search, self.num_samples, self.seed = search, int(num_samples), int(seed)
         self.scheduler_name, self.grace_period, self.reduction_factor = scheduler, int(grace_period), reduction_factor
         self.max_t, self.max_concurrent_trials, self.check_resources = max_t, max_concurrent_trials, check_resources
+        self.rungs = [int(r) for r in rungs] if rungs else None
         self.confirm_top_k, self.confirm_seeds = int(confirm_top_k), [int(seed) for seed in confirm_seeds]
         self.grid_order, self.check_nodes = str(grid_order), bool(check_nodes)
         self.params = dict(params or {})
@@ -61,6 +64,11 @@ class TuneSweeper(Sweeper):
         if self.scheduler_name not in SCHEDULERS:
             raise ConfigError(f"hydra.sweeper.scheduler={self.scheduler_name} is not a scheduler segx knows; use "
                               f"one of {', '.join(SCHEDULERS)}.")
+        if self.scheduler_name == "auto":  # a finite grid is halved in step; an open-ended search is judged as it goes
+            self.scheduler_name = "sha" if self.search == "grid" else "asha"
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"hydra.sweeper.reduction_factor={self.reduction_factor}: give more than 1 (3 keeps the "
+                              "best third at each rung).")
         if self.num_samples < 1:
             raise ConfigError(f"hydra.sweeper.num_samples={self.num_samples}: give 1 or more trials.")
         if self.grid_order not in GRID_ORDERS:
@@ -101,9 +109,17 @@ class TuneSweeper(Sweeper):
                             self.hydra_context.config_loader)
         trials = self._trial_count(space)
         max_t = int(self.max_t or self.config.trainer.max_epochs)
-        if self.scheduler_name != "none" and not 1 <= self.grace_period <= max_t:
-            raise ConfigError(f"hydra.sweeper.grace_period={self.grace_period} must lie between 1 and max_t={max_t} "
-                              "(hydra.sweeper.max_t, by default trainer.max_epochs).")
+        if self.scheduler_name != "none" and self.grace_period < 1:
+            raise ConfigError(f"hydra.sweeper.grace_period={self.grace_period}: give 1 or more epochs.")
+        if self.scheduler_name != "none" and self.grace_period > max_t:  # a short run: every trial trains to the end
+            log.info("hydra.sweeper.grace_period=%d is more than max_t=%d epochs: the first rung is at epoch %d",
+                     self.grace_period, max_t, max_t)
+            self.grace_period = max_t
+        if self.rungs is not None and (self.rungs != sorted(set(self.rungs)) or not 1 <= self.rungs[0] or
+                                       self.rungs[-1] >= max_t):
+            raise ConfigError(f"hydra.sweeper.rungs={self.rungs}: list rising epochs from 1 to below max_t={max_t} "
+                              "(hydra.sweeper.max_t, by default trainer.max_epochs), or null for grace_period × "
+                              "reduction_factor^k.")
         # Trials run in Tune's working folder unless told not to (relative paths would break); Tune's own
         # TensorBoard files would show up as extra runs beside each trial's.
         os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
@@ -111,6 +127,10 @@ class TuneSweeper(Sweeper):
         # A trial that failed before its first validated epoch ends without a score; Tune's strict check would then
         # abort the whole experiment instead of recording one failed trial.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        if self.scheduler_name == "sha":
+            # Tune keeps one trial pending for a searcher of its own kind; a resumed search's trials that wait at a
+            # rung come back pending, so the grid's later trials would never be created to fill that rung.
+            os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(trials, 1))
         show_every_log_line()
         init = OmegaConf.to_container(self.ray_cfg.init, resolve=True)
         remote = OmegaConf.to_container(self.ray_cfg.remote, resolve=True)
@@ -134,7 +154,7 @@ class TuneSweeper(Sweeper):
 
         from hydra_plugins.segx_gpus_launcher.gpus_launcher import alive_nodes, fit_to_cluster
         from segx.runs.record import finalize_stopped
-        from segx.search.outcomes import TrialOutcomes
+        from segx.search.outcomes import REPORTS_FILE, TrialOutcomes
         from segx.search.plan import SearchPlan, space_kinds, write_plan
         from segx.search.trial import run_trial
 
@@ -163,7 +183,7 @@ class TuneSweeper(Sweeper):
                  trials, self.search, self.scheduler_name, max_t, remote.get("num_gpus", 0), sweep_dir)
         plan = SearchPlan(search=self.search, scheduler=self.scheduler_name, trials=trials, max_t=max_t,
                           grace_period=self.grace_period, reduction_factor=self.reduction_factor,
-                          parameters=space_kinds(space))
+                          parameters=space_kinds(space), listed_rungs=self.rungs)
         write_plan(sweep_dir, plan)  # what the report reads to tell this search from a grid sweep
 
         def stage(name: str, searcher: Any, scheduler: Any, count: int) -> Any:
@@ -175,12 +195,14 @@ class TuneSweeper(Sweeper):
             else:
                 tuner = tune.Tuner(
                     trainable,
-                    tune_config=tune.TuneConfig(metric="score", mode="max", search_alg=searcher(),
-                                                scheduler=scheduler, num_samples=count,
-                                                max_concurrent_trials=self.max_concurrent_trials),
+                    # successive halving limits the trials training at once itself: Tune's limit counts paused ones
+                    tune_config=tune.TuneConfig(
+                        metric="score", mode="max", search_alg=searcher(), scheduler=scheduler, num_samples=count,
+                        max_concurrent_trials=None if self.scheduler_name == "sha" else self.max_concurrent_trials),
                     run_config=tune.RunConfig(
                         name=name, storage_path=str(sweep_dir), verbose=1,
-                        callbacks=[*_json_logger(), TrialOutcomes(sweep_dir, space, stopped_by)],
+                        callbacks=[*_json_logger(), TrialOutcomes(sweep_dir, space, stopped_by,
+                                                                  experiment / REPORTS_FILE)],
                         failure_config=tune.FailureConfig(max_failures=int(remote.get("max_retries", 3) or 0)),
                     ),
                 )
@@ -189,8 +211,8 @@ class TuneSweeper(Sweeper):
             _record_interrupted(results, sweep_dir, space)
             return results
 
-        results = stage(EXPERIMENT_DIR, lambda: self._searcher(space, trials, sweep_dir), self._scheduler(max_t),
-                        trials)
+        scheduler = self._scheduler(max_t, plan.rungs, trials, sweep_dir / EXPERIMENT_DIR / HALVING_STATE)
+        results = stage(EXPERIMENT_DIR, lambda: self._searcher(space, trials, sweep_dir), scheduler, trials)
         if self.confirm_top_k:
             from segx.search.searchers import GridSearcher
 
@@ -230,7 +252,9 @@ class TuneSweeper(Sweeper):
         from segx.search.space import Distribution
 
         if self.search == "grid":
-            shuffle = self.grid_order == "shuffled" or (self.grid_order == "auto" and self.scheduler_name != "none")
+            # ASHA and Hyperband judge a trial against those that came before it; successive halving waits for all
+            shuffle = self.grid_order == "shuffled" or (self.grid_order == "auto" and
+                                                        self.scheduler_name in ("asha", "hyperband"))
             return GridSearcher(space, self.num_samples, self.seed, metric="score", mode="max", shuffle=shuffle)
         everything = {**{k: Distribution("choice", values=tuple(v)) for k, v in space.grid.items()},
                       **space.distributions}  # random and optuna sample the grid's axes too
@@ -251,9 +275,14 @@ class TuneSweeper(Sweeper):
                              storage=storage)
         return NumberedSearcher(inner, trials)
 
-    def _scheduler(self, max_t: int) -> Any:
+    def _scheduler(self, max_t: int, rungs: list[int], trials: int, state_path: Path) -> Any:
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 
+        if self.scheduler_name == "sha":
+            from segx.search.halving import SuccessiveHalving
+
+            return SuccessiveHalving(trials, rungs, self.reduction_factor, max_t, state_path=state_path,
+                                     max_running=self.max_concurrent_trials)
         if self.scheduler_name == "asha":  # full-length trials finish as their runs do (stop_last_trials=False)
             return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=self.grace_period,
                                  reduction_factor=self.reduction_factor, stop_last_trials=False)
@@ -287,21 +316,19 @@ def _require_tune(search: str) -> None:
 def best_trial_line(sweep_dir: Path, monitor: str) -> str:
     """The search's best trial by its best epoch in segx's records (Ray's own summary reads each trial's last
     report before its final epoch is in)."""
-    from segx.runs.record import best_value, read_record
+    from segx.runs.discovery import find_runs
+    from segx.runs.record import best_value
 
-    scored = []
-    for run_dir in sweep_dir.iterdir():
-        record = read_record(run_dir) if run_dir.name.isdigit() else None
-        value = best_value(record, monitor) if record else float("nan")
-        if value == value:
-            scored.append((value, int(run_dir.name), record))
+    scored = [(best_value(run.record, monitor), int(run.run_dir.name), run) for run in find_runs([sweep_dir])
+              if run.run_dir.name.isdigit()]
+    scored = [item for item in scored if item[0] == item[0]]  # NaN: no score recorded
     if not scored:
         return f"No trial of {sweep_dir} recorded a {monitor}."
-    value, job, record = max(scored, key=lambda item: (item[0], -item[1]))
-    epoch = (record.get("best") or {}).get("epoch")
+    value, job, run = max(scored, key=lambda item: (item[0], -item[1]))
+    epoch = (run.record.get("best") or {}).get("epoch")
     at = f" at epoch {int(epoch) + 1}" if isinstance(epoch, int | float) else ""
-    settings = " ".join(record.get("overrides") or [])
-    return f"Best trial: job {job}, {monitor} {value:.4f}{at} ({record.get('status')}): {settings}"
+    settings = " ".join(run.record.get("overrides") or [])
+    return f"Best trial: job {job}, {monitor} {value:.4f}{at} ({run.status}): {settings}"
 
 
 def _record_interrupted(results: Any, sweep_dir: Path, space: Any) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from segx.core.files import write_text_atomic
-from segx.report import study_points
+from segx.report import study_points, what_if
 from segx.report.figures import Figure, draw_figures
 from segx.report.markdown import run_markdown, sweep_markdown
 from segx.report.runs import Run, group_runs, rank, varying_keys
@@ -42,10 +42,13 @@ def write_report(runs: list[Run], out_dir: str | Path, roots: Sequence[str | Pat
     figures = draw_figures(configs, out_dir, single=single, images=images, search=search,
                            keys=varying_keys(runs, over))
     study, study_figure = study_points.write(runs, out_dir, root_dirs, over)  # the figure goes in its section
-    report.figures = [*figures, *([study_figure] if study_figure else [])]
+    monitor = configs[0].monitor if configs else "val/miou"
+    replayed, replay_figure = what_if.write(runs, out_dir, monitor) if not single else ([], None)
+    report.figures = [*figures, *([study_figure] if study_figure else []), *([replay_figure] if replay_figure else [])]
     if single:
         text = run_markdown(runs[0], figures, out_dir, study)
     else:
-        text = sweep_markdown(report.rows, configs, runs, figures, out_dir, root_dirs, over, search, study)
+        text = sweep_markdown(report.rows, configs, runs, figures, out_dir, root_dirs, over, search,
+                              [*study, *replayed])
     write_text_atomic(out_dir / "report.md", text)
     return report

@@ -369,3 +369,35 @@ def score_against_parameters(panels: Sequence[dict[str, Any]], monitor: str, col
                     "trained to the end; hollow: stopped early, its best so far)")
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def what_if(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Two panels per replayed scheduler: the share of the grid's epochs it trains (median, bar to the 90th
+    percentile), and how often its pick scores within noise of the grid's best (P(regret ≤ noise) with its 95%
+    Wilson interval; a diamond: how often it picks the grid's own winner)."""
+    plt = _pyplot()
+    figure, (cost, found) = plt.subplots(1, 2, figsize=(9, 0.7 * len(rows) + 1.6), sharey=True)
+    names = [str(r["scheduler"]) for r in rows]
+    y = np.arange(len(rows))
+    medians = np.array([100 * r["fraction_median"] for r in rows])
+    cost.barh(y, medians, color="tab:blue", alpha=0.8)
+    cost.errorbar(medians, y, xerr=[np.zeros(len(rows)), np.array([100 * r["fraction_p90"] for r in rows]) - medians],
+                  fmt="none", ecolor="0.2", capsize=4)
+    cost.axvline(100, color="0.4", ls=":", lw=1)
+    cost.set_xlim(0, 105)
+    cost.set_xlabel("epochs trained (% of the grid's)")
+    probabilities = np.array([100 * r["p_regret_le_noise"] for r in rows])
+    found.barh(y, probabilities, color="tab:green", alpha=0.8)
+    found.errorbar(probabilities, y, xerr=[probabilities - np.array([100 * r["p_low"] for r in rows]),
+                                           np.array([100 * r["p_high"] for r in rows]) - probabilities],
+                   fmt="none", ecolor="0.2", capsize=4)
+    found.scatter([100 * r["p_same_winner"] for r in rows], y, marker="D", color="k", zorder=3,
+                  label="the grid's own winner picked")
+    found.set_xlim(0, 105)
+    found.set_xlabel("P(regret ≤ noise) (%)")
+    found.legend(fontsize=8, loc="lower left")
+    cost.set_yticks(y, names)
+    for axes in (cost, found):
+        axes.grid(axis="x", alpha=0.3)
+    figure.suptitle("What if a scheduler had run this grid")
+    return save_figure(figure, path)

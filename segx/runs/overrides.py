@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,23 @@ def sweep_command(config: Any) -> list[str]:
 def _sweep_overrides(sweep_dir: str | Path) -> list:
     """The parsed overrides of a sweep's `multirun.yaml` (written before any job starts), its preset's sweeper
     params included; [] when it cannot be read."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    try:
+        stat = path.stat()
+    except OSError:
+        return []
+    return list(_parsed_sweep(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_sweep(path: str, mtime_ns: int, size: int) -> tuple:
+    """Parsed once per version of the file (a job asks for its sweep's keys several times)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        overrides = sweep_command(OmegaConf.load(Path(sweep_dir) / "multirun.yaml"))
-        return OverridesParser.create().parse_overrides(overrides)
+        return tuple(OverridesParser.create().parse_overrides(sweep_command(OmegaConf.load(path))))
     except Exception:  # an unreadable or foreign multirun.yaml: the caller falls back to what it knows
-        return []
+        return ()
 
 
 def sweep_axes(overrides: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:

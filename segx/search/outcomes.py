@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +19,28 @@ from segx.search.trial import trial_overrides
 
 log = logging.getLogger(__name__)
 
+REPORTS_FILE = "segx-reports.jsonl"  # in Tune's experiment folder: every report in the order the scheduler saw it
+
 
 class TrialOutcomes(Callback):
     """In the driver: a trial the scheduler ended early gets its verdict file (segx.runs.record.STOP_FILE); one
     whose worker died after its retries is recorded as failed in its run directory."""
 
-    def __init__(self, sweep_dir: Path, space: SearchSpace, stopped_by: str) -> None:
-        self.sweep_dir, self.space, self.stopped_by = sweep_dir, space, stopped_by
+    def __init__(self, sweep_dir: Path, space: SearchSpace, stopped_by: str, reports: Path | None = None) -> None:
+        self.sweep_dir, self.space, self.stopped_by, self.reports = sweep_dir, space, stopped_by, reports
 
     def _run_dir(self, trial: Any) -> Path:
         return self.sweep_dir / str(trial.config[JOB_KEY])
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        """Appends the report to REPORTS_FILE: Tune calls this right after its scheduler judged the same result, so
+        the file's order is the scheduler's (segx.search.replay.replay_events replays it)."""
+        if self.reports is None or "score" not in result:
+            return
+        line = {"job": int(trial.config[JOB_KEY]), "epoch": int(result.get("epoch", 0)),
+                "score": float(result["score"]), "time": time.time()}
+        with open(self.reports, "a") as file:  # one short line per write: a killed driver leaves whole lines
+            file.write(json.dumps(line) + "\n")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_dir = self._run_dir(trial)

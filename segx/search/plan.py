@@ -4,6 +4,7 @@ confirmation stage), written by the tune sweeper into the sweep directory so a r
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ class SearchPlan:
     """A search's settings and stages; `confirm_jobs` are the job numbers of the confirmation stage."""
 
     search: str  # grid, random or optuna
-    scheduler: str  # asha, hyperband or none
+    scheduler: str  # sha, asha, hyperband or none
     trials: int  # of the search stage (jobs 0 … trials-1)
     max_t: int  # epochs a trial trains unless stopped
     grace_period: int = 1
@@ -27,17 +28,21 @@ class SearchPlan:
     parameters: dict[str, str] = field(default_factory=dict)  # key → "grid", "choice", "uniform" or "loguniform"
     confirm_jobs: list[int] = field(default_factory=list)
     confirm_seeds: list[int] = field(default_factory=list)
+    listed_rungs: list[int] | None = None  # hydra.sweeper.rungs, when given
 
     @property
     def rungs(self) -> list[float]:
-        """The epochs after which ASHA compares trials (grace_period · reduction_factor^k below max_t)."""
-        if self.scheduler != "asha" or self.reduction_factor <= 1:
+        """The epochs after which ASHA or successive halving compare trials: the listed ones, else
+        grace_period · reduction_factor^k below max_t (whole epochs for successive halving)."""
+        if self.scheduler not in ("asha", "sha") or self.reduction_factor <= 1:
             return []
+        if self.listed_rungs:
+            return [int(r) for r in self.listed_rungs]
         rungs, epoch = [], float(self.grace_period)
         while epoch < self.max_t:
-            rungs.append(epoch)
+            rungs.append(math.ceil(epoch) if self.scheduler == "sha" else epoch)
             epoch *= self.reduction_factor
-        return rungs
+        return sorted(set(rungs))
 
     @property
     def log_scale(self) -> set[str]:

@@ -31,26 +31,27 @@ def shown_hparams(swept: Sequence[str], hparams: Mapping[str, Any]) -> list[str]
     return shown[:SHOWN]
 
 
+def _kind(value: Any) -> tuple[str, Any]:
+    """The HParams data type of a value and the value as that type stores it (a protobuf Value field's name)."""
+    if isinstance(value, bool):
+        return "bool_value", value
+    if isinstance(value, int | float):
+        return "number_value", float(value)
+    return "string_value", str(value)
+
+
 def _hparam_info(name: str, value: Any, shown: bool) -> Any:
     from tensorboard.plugins.hparams import api_pb2
 
-    if isinstance(value, bool):
-        kind = api_pb2.DATA_TYPE_BOOL
-    elif isinstance(value, int | float):
-        kind = api_pb2.DATA_TYPE_FLOAT64
-    else:
-        kind = api_pb2.DATA_TYPE_STRING
+    kind = {"bool_value": api_pb2.DATA_TYPE_BOOL, "number_value": api_pb2.DATA_TYPE_FLOAT64,
+            "string_value": api_pb2.DATA_TYPE_STRING}[_kind(value)[0]]
     # `differs` is what TensorBoard's table sorts and ticks by: set for the keys it should open on.
     return api_pb2.HParamInfo(name=name, type=kind, differs=shown)
 
 
 def _set_value(field: Any, value: Any) -> None:
-    if isinstance(value, bool):
-        field.bool_value = value
-    elif isinstance(value, int | float):
-        field.number_value = float(value)
-    else:
-        field.string_value = str(value)
+    name, stored = _kind(value)
+    setattr(field, name, stored)
 
 
 def write_hparams(logger: LightningTensorBoardLogger, hparams: Mapping[str, Any], shown: Sequence[str],
