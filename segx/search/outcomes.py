@@ -19,7 +19,9 @@ from segx.search.trial import trial_overrides
 
 log = logging.getLogger(__name__)
 
-REPORTS_FILE = "segx-reports.jsonl"  # in Tune's experiment folder: every report in the order the scheduler saw it
+# In Tune's experiment folder: every report the scheduler judged, in its order (a trial's last epoch, reported once
+# its run has ended, reaches the scheduler as the trial's completion instead)
+REPORTS_FILE = "segx-reports.jsonl"
 
 
 class TrialOutcomes(Callback):
