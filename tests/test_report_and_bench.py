@@ -150,6 +150,12 @@ def test_a_finished_grid_gets_a_what_if_section_from_its_own_curves(tmp_path: Pa
     assert int(rows["asha"][2]) < 100
     assert "best configuration (`optimizer.lr=3`" in section and "(plots/what_if.png)" in section
     assert (tmp_path / "report" / "plots" / "what_if.png").stat().st_size > 5_000
+    # a large grid is replayed over fewer orders (at least 20), so the report stays quick
+    from segx.report.what_if import orders_for
+    from segx.search.replay import Grid
+
+    assert orders_for(Grid({f"c{i}": {"1": [0.5] * 25} for i in range(100)}, 25)) == 80
+    assert orders_for(Grid({f"c{i}": {"1": [0.5] * 50} for i in range(1000)}, 50)) == 20
     # a sweep in which a scheduler stopped trials has no such section
     metrics = tmp_path / "0" / "metrics.json"
     metrics.write_text(metrics.read_text().replace('"status": "completed"', '"status": "stopped"'))

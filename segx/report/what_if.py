@@ -15,7 +15,8 @@ from segx.runs.status import COMPLETED
 from segx.search.replay import DEFAULT_SCHEDULERS, Grid, grid_from_runs, replay_table
 
 PLOT_FILE = "what_if.png"
-ORDERS = 200  # trial orders per seed
+ORDERS = 200  # trial orders per seed; fewer for a large grid, so a report stays quick
+SIMULATED_EPOCHS = 200_000  # per scheduler: orders × seeds × configurations × epochs stay below it
 SCHEDULERS = ("sha", "asha")  # at the tune sweeper's defaults
 MIN_CONFIGS, MIN_EPOCHS = 4, 3  # a smaller grid has nothing to halve
 
@@ -26,6 +27,7 @@ class WhatIf:
 
     grid: Grid
     rows: list[dict[str, Any]]
+    orders: int  # trial orders per seed
 
 
 def what_if(runs: Sequence[Run], monitor: str) -> WhatIf | None:
@@ -37,7 +39,14 @@ def what_if(runs: Sequence[Run], monitor: str) -> WhatIf | None:
     if grid is None or len(grid.configs) < MIN_CONFIGS or grid.max_t < MIN_EPOCHS:
         return None
     chosen = {name: DEFAULT_SCHEDULERS[name] for name in SCHEDULERS}
-    return WhatIf(grid, replay_table(grid, chosen, workers=(1,), orders=ORDERS))
+    orders = orders_for(grid)
+    return WhatIf(grid, replay_table(grid, chosen, workers=(1,), orders=orders), orders)
+
+
+def orders_for(grid: Grid) -> int:
+    """ORDERS, or fewer (at least 20) where a grid is so large that they would simulate over SIMULATED_EPOCHS."""
+    size = len(grid.configs) * grid.max_t * len(grid.seeds)
+    return max(20, min(ORDERS, SIMULATED_EPOCHS // size))
 
 
 def write(runs: Sequence[Run], out_dir: Path, monitor: str) -> tuple[list[str], Figure | None]:
@@ -48,7 +57,7 @@ def write(runs: Sequence[Run], out_dir: Path, monitor: str) -> tuple[list[str], 
         (out_dir / PLOT_DIR / PLOT_FILE).unlink(missing_ok=True)
         return [], None
     grid = result.grid
-    caption = (f"Each scheduler replayed on this grid's curves over {ORDERS} trial orders × {len(grid.seeds)} "
+    caption = (f"Each scheduler replayed on this grid's curves over {result.orders} trial orders × {len(grid.seeds)} "
                "seed(s): the share of the grid's epochs it would have trained (median, bar to the 90th percentile) "
                "and how often its pick would have scored within noise of the grid's best (P(regret ≤ noise), bar: 95% "
                "Wilson interval; diamond: how often it picks the grid's own winner).")
@@ -66,8 +75,8 @@ def section(result: WhatIf, drawn: Figure | None, out_dir: Path, monitor: str) -
     lines = ["## What if a scheduler had run this grid", "",
              f"This grid trained every one of its {len(grid.configs)} configurations for all {grid.max_t} epochs. "
              "Replayed on its recorded curves (`segx.search.replay`, one trial at a time, "
-             f"{ORDERS} trial orders per seed), the tune sweeper's schedulers at their defaults (grace_period 2, "
-             "reduction_factor 3) would have trained, and found:", "",
+             f"{result.orders} trial orders per seed), the tune sweeper's schedulers at their defaults "
+             "(grace_period 2, reduction_factor 3) would have trained, and found:", "",
              "| scheduler | epochs trained (median) | 90th percentile | same winner | P(regret ≤ noise) "
              "| 95% interval |",
              "|---|---|---|---|---|---|"]
