@@ -43,7 +43,7 @@ class JobState:
 
 
 class Ladder:
-    """The rung bookkeeping of successive halving, free of Ray: the replay (segx.search.replay) drives it too."""
+    """The rung bookkeeping of successive halving, free of Ray (SuccessiveHalving below is its Ray Tune face)."""
 
     def __init__(self, num_trials: int, rungs: list[int], reduction_factor: float) -> None:
         self.num_trials, self.rungs, self.eta = int(num_trials), [int(r) for r in rungs], float(reduction_factor)

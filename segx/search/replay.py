@@ -62,7 +62,7 @@ class SimController:
 
 @dataclass
 class Outcome:
-    """One simulated search: epochs each trial trained and the best score it saw."""
+    """One simulated search: the epochs each trial trained."""
 
     epochs: list[int]
     max_t: int
