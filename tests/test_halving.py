@@ -168,6 +168,20 @@ def test_the_late_bloomer_survives_successive_halving_where_asha_drops_it() -> N
     assert asha["fraction_median"] < sha["fraction_median"] + 0.2  # ASHA is not simply training more
 
 
+def test_the_replay_s_sha_and_asha_are_the_tune_sweeper_s_defaults() -> None:
+    """The bench's headline rows and the report's "what if" replay the schedulers a user gets without options."""
+    from omegaconf import OmegaConf
+
+    from segx.search.replay import DEFAULT_SCHEDULERS
+    from tests.conftest import ROOT
+
+    shipped = OmegaConf.load(ROOT / "conf" / "hydra" / "sweeper" / "tune.yaml")
+    for kind in ("sha", "asha"):
+        assert DEFAULT_SCHEDULERS[kind] == {"kind": kind, "grace_period": shipped.grace_period,
+                                            "reduction_factor": shipped.reduction_factor}
+    assert shipped.rungs is None
+
+
 def test_replayed_schedulers_are_ray_s_own_objects_under_pause_and_stop() -> None:
     """HyperBand pauses and resumes trials, median stopping reads the live trials: both run in the simulation, and
     the top-k baseline trains k trials to the end."""

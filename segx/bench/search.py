@@ -21,13 +21,20 @@ OPTIMIZERS = ("sgd", "adam")  # 6 × 2 = 12 configurations
 SEEDS = (1, 2, 3)
 REAL_WORKERS = 2  # trials at once in the real searches (the replay they are checked against uses the same); the
 # recording runs as many at once as the CPUs allow: its curves do not depend on the order
-# The real searches: the tune sweeper's settings of the replay's schedulers that run end to end.
-REAL_SEARCHES = {"sha": ["hydra.sweeper.scheduler=sha", "hydra.sweeper.grace_period=2",
-                         "hydra.sweeper.reduction_factor=3"],
-                 "asha": ["hydra.sweeper.scheduler=asha", "hydra.sweeper.grace_period=2",
-                          "hydra.sweeper.reduction_factor=3"],
-                 "hyperband rf3": ["hydra.sweeper.scheduler=hyperband", "hydra.sweeper.reduction_factor=3"]}
+SWEEPER_KINDS = ("sha", "asha", "hyperband")  # the replay's schedulers the tune sweeper can run for real
 
+
+def sweeper_overrides(name: str) -> list[str]:
+    """The tune sweeper's settings of the replay's scheduler `name` (DEFAULT_SCHEDULERS), to run it end to end."""
+    arguments = DEFAULT_SCHEDULERS[name]
+    if arguments["kind"] not in SWEEPER_KINDS:
+        raise ValueError(f"{name} runs in the replay only; a real search takes one of {', '.join(SWEEPER_KINDS)}")
+    overrides = [f"hydra.sweeper.scheduler={arguments['kind']}"]
+    overrides += [f"hydra.sweeper.{key}={arguments[key]}" for key in ("grace_period", "reduction_factor")
+                  if key in arguments]
+    if arguments.get("rungs"):
+        overrides.append(f"hydra.sweeper.rungs=[{','.join(map(str, arguments['rungs']))}]")
+    return overrides
 
 def grid_overrides(sweep_dir: Path, data_root: Path, epochs: int, size: int, seeds: tuple[int, ...]) -> list[str]:
     """The benchmark's grid on generated shapes: a narrow U-Net, 12 configurations, each with `seeds`."""
@@ -72,9 +79,9 @@ def record_grid(workdir: Path, epochs: int = 12, size: int = 32) -> Grid:
 
 
 def real_search(workdir: Path, name: str, epochs: int, size: int) -> dict[str, Any]:
-    """One search of the grid with seed 1 under the scheduler `name` of REAL_SEARCHES, end to end."""
+    """One search of the grid with seed 1 under the replay's scheduler `name`, end to end."""
     sweep_dir = workdir / f"search-{name.replace(' ', '-')}"
-    _sweep([*grid_overrides(sweep_dir, workdir / "search-shapes", epochs, size, (1,)), *REAL_SEARCHES[name],
+    _sweep([*grid_overrides(sweep_dir, workdir / "search-shapes", epochs, size, (1,)), *sweeper_overrides(name),
             f"hydra.sweeper.max_concurrent_trials={REAL_WORKERS}"], f"{name} search")
     outcome = sweep_outcome(sweep_dir)
     outcome["fraction"] = outcome["epochs"] / (outcome["trials"] * epochs) if outcome["trials"] else None

@@ -69,6 +69,7 @@ def write(runs: Sequence[Run], out_dir: Path, monitor: str) -> tuple[list[str], 
 def section(result: WhatIf, drawn: Figure | None, out_dir: Path, monitor: str) -> list[str]:
     grid = result.grid
     seeds = len(grid.seeds)
+    defaults = DEFAULT_SCHEDULERS["sha"]
     noise = (f"the seed spread of the best configuration (`{grid.best_config()}`, std of its best {monitor} over "
              f"{seeds} seeds: {100 * grid.noise():.2f} points)" if seeds > 1 else
              "0 (one seed per configuration: the same winner or not)")
@@ -76,7 +77,8 @@ def section(result: WhatIf, drawn: Figure | None, out_dir: Path, monitor: str) -
              f"This grid trained every one of its {len(grid.configs)} configurations for all {grid.max_t} epochs. "
              "Replayed on its recorded curves (`segx.search.replay`, one trial at a time, "
              f"{result.orders} trial orders per seed), the tune sweeper's schedulers at their defaults "
-             "(grace_period 2, reduction_factor 3) would have trained, and found:", "",
+             f"(grace_period {defaults['grace_period']}, reduction_factor {defaults['reduction_factor']}) would have "
+             "trained, and found:", "",
              "| scheduler | epochs trained (median) | 90th percentile | same winner | P(regret ≤ noise) "
              "| 95% interval |",
              "|---|---|---|---|---|---|"]

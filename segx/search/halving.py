@@ -169,6 +169,7 @@ class SuccessiveHalving(FIFOScheduler):
         self.state_path = str(state_path) if state_path else None
         self._stalled_since: float | None = None
         self._loaded = False  # a Tuner restored from its pickle holds this object as it was first built
+        self._saved: dict[str, Any] | None = None  # the ladder as its file holds it
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         self._metric, self._mode = metric or self._metric, mode or self._mode
@@ -187,13 +188,17 @@ class SuccessiveHalving(FIFOScheduler):
         self._loaded = True
         if self.state_path and Path(self.state_path).is_file():
             self.restore(self.state_path)
+            self._saved = self.ladder.to_dict()
             log.info("Successive halving resumed from %s: rungs decided %s", self.state_path,
                      sum(self.ladder.decided))
 
     def _save(self) -> None:
-        if self.state_path:
-            Path(self.state_path).parent.mkdir(parents=True, exist_ok=True)
-            self.save(self.state_path)
+        """Rewrite the ladder's file when the ladder changed (most reports between rungs change nothing)."""
+        if not self.state_path or self.ladder.to_dict() == self._saved:
+            return
+        Path(self.state_path).parent.mkdir(parents=True, exist_ok=True)
+        self.save(self.state_path)
+        self._saved = self.ladder.to_dict()
 
     # --- Tune's calls ------------------------------------------------------------------------------------------
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
@@ -230,8 +235,9 @@ class SuccessiveHalving(FIFOScheduler):
 
     def _stop_others(self, tune_controller: Any, current: Trial | None, dropped: list[int]) -> None:
         """Stop the dropped trials that wait paused (or pending, after a resume); the reporting one gets STOP."""
+        gone = set(dropped)
         for trial in tune_controller.get_trials():
-            if trial is not current and _job(trial) in dropped and trial.status in (Trial.PAUSED, Trial.PENDING):
+            if trial is not current and _job(trial) in gone and trial.status in (Trial.PAUSED, Trial.PENDING):
                 tune_controller.stop_trial(trial)
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
