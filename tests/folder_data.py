@@ -50,3 +50,34 @@ def write_folder_dataset(root: Path, num_classes: int = 3, rgb_masks: bool = Fal
                     stored[: height // 8] = 0  # a band of "other": ignored after reduce_zero_label
                 Image.fromarray(stored.astype(np.uint8), mode="L").save(root / "annotations" / split / f"{name}.png")
     return root
+
+
+def write_binary_dataset(root: Path, count: int = 16, size: int = 40, seed: int = 0) -> Path:
+    """An electron-microscopy-like set in its authors' convention: greyscale masks of 0 (membrane) and 255 (cell),
+    a train split only (no val), ids in sub-folders (`stack_a/00`), classes.txt naming the two classes."""
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        stack = "stack_a" if index % 2 else "stack_b"
+        mask = np.full((size, size), 255, dtype=np.uint8)
+        for line in rng.integers(2, size - 2, size=3):  # membranes: thin dark lines between cells
+            mask[int(line):int(line) + 2, :] = 0
+            mask[:, int(line):int(line) + 2] = 0
+        image = np.where(mask[..., None] == 0, 40, 200).astype(np.uint8).repeat(3, axis=2)
+        image = np.clip(image.astype(np.int16) + rng.integers(0, 20, size=image.shape), 0, 255).astype(np.uint8)
+        for folder, array, suffix in (("images", image, ".png"), ("annotations", mask, ".png")):
+            path = root / folder / "train" / stack / f"{index:02d}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path)
+    (root / "classes.txt").write_text("membrane\ncell\n")
+    return root
+
+
+def save_palette_mask(path: Path, labels: np.ndarray, colours: list[list[int]], order: list[int]) -> None:
+    """Class ids `labels` drawn in `colours`, saved as a palette PNG whose index i holds class order[i]'s colour: the
+    per-file palette order of tools that number colours as they meet them."""
+    index_of = np.zeros(len(colours), dtype=np.uint8)
+    for index, cls in enumerate(order):
+        index_of[cls] = index
+    image = Image.fromarray(index_of[labels], mode="P")
+    image.putpalette([c for cls in order for c in colours[cls]])
+    image.save(path)

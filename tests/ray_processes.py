@@ -84,9 +84,10 @@ class OwnProcesses:
             pytest.fail(f"processes of the sweep are still running after it ended: {left}")
 
 
-def run_sweep(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_sweep(*overrides: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     """`train.py -m ...` on Ray, run by its Hydra main in this process (a new interpreter would spend seconds
-    importing what this one holds); Ctrl-C'd (instead of hanging) past `timeout` seconds. Checks that the tag
+    importing what this one holds); Ctrl-C'd (instead of hanging) past `timeout` seconds, a bound for a hang that a
+    machine several times slower than an idle one stays well within. Checks that the tag
     reached Ray's processes (so the check can see them) and that none of them outlives the sweep."""
     own, done = OwnProcesses(uuid.uuid4().hex), threading.Event()
     timed_out = threading.Event()
@@ -117,8 +118,8 @@ def run_sweep(*overrides: str, timeout: float = 300) -> subprocess.CompletedProc
     return result
 
 
-def interrupt_sweep(*overrides: str, ready: Callable[[], bool], timeout: float = 180,
-                    wait: float = 60) -> subprocess.CompletedProcess:
+def interrupt_sweep(*overrides: str, ready: Callable[[], bool], timeout: float = 600,
+                    wait: float = 300) -> subprocess.CompletedProcess:
     """`train.py -m ...` in a process of its own, Ctrl-C'd (SIGINT) once `ready()` holds; its output (stdout and
     stderr together) once it ended, and none of its processes left."""
     own = OwnProcesses(uuid.uuid4().hex)

@@ -217,16 +217,19 @@ def test_a_halving_grid_pauses_resumes_and_survives_ctrl_c_training_exactly_its_
                  "hydra.sweeper.ray.init.address=local", "hydra.sweeper.ray.init.num_gpus=2",
                  "hydra.sweeper.ray.init.num_cpus=2", f"hydra.sweep.dir={tmp_path}"]
 
-    def filling() -> bool:  # some trials wait at the first rung, the last ones have not reached it
+    def filling() -> bool:  # the first two trials wait at the first rung; the next two start their first epoch
         reached = [bool((read_record(tmp_path / str(n)) or {}).get("history")) for n in range(4)]
-        return sum(reached) >= 3
+        return sum(reached) >= 2
 
-    interrupted = interrupt_sweep(*overrides, ready=filling, wait=120)
+    # Ctrl-C once two trials wait at the rung. When the next two reach it too (a busy machine may be slow to deliver
+    # the signal) the rung may be decided before the driver stops: the outcome below is the same either way, so the
+    # test asserts only what holds in every order. The time limits guard against a hang, not a slow machine.
+    interrupted = interrupt_sweep(*overrides, ready=filling, timeout=900, wait=600)
     assert interrupted.returncode == 130, interrupted.stdout[-3000:]
     state = json.loads((tmp_path / ".tune" / "segx-halving.json").read_text())
-    assert state["rungs"] == [1, 2] and not state["decided"][0]
+    assert state["rungs"] == [1, 2], state
 
-    result = run_sweep(*overrides)
+    result = run_sweep(*overrides, timeout=1800)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-4000:]  # for the two failed trials only
     records = [read_record(tmp_path / str(n)) for n in range(6)]

@@ -211,13 +211,6 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
     assert _most_at_once(every_job) <= 2  # training spans, to the millisecond
     spans = _trial_spans(tmp_path / ".tune")  # whole trial processes (imports too), to the second
     assert spans[1][0] < spans[0][1] - 1, spans  # the first two trials ran side by side
-    assert [j["status"] for j in jobs[:2]] == [COMPLETED, COMPLETED] and all(j["epochs"] == 3 for j in jobs[:2])
-    for number, weak in enumerate(jobs[2:], 2):
-        assert weak["status"] == STOPPED and weak["stopped_at_epoch"] == 1 and weak["stopped_by"] == "ASHA"
-        raw = (tmp_path / str(number) / "metrics.json").read_text()
-        assert '"status": "stopped"' in raw  # final in the trial's own record, not only through the verdict file
-        assert weak["epochs"] == 1 and weak["best"]["val/miou"] >= 0  # its last score is kept
-    assert (tmp_path / ".tune").is_dir() and not list(tmp_path.glob("*/tensorboard"))
     # The replay (segx.search.replay) makes Ray's own ASHA decisions again, fed the reports in the order ASHA saw them
     from ray.tune.schedulers import ASHAScheduler
 
@@ -227,16 +220,28 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
                          stop_last_trials=False)
     decisions = replay_events(asha, recorded_events(tmp_path / ".tune"), 4)
     assert [decisions[n] for n in (2, 3)] == [(1, "STOP"), (1, "STOP")], decisions
-    # the good ones go on at every report it judged (the last epoch's, after the run ended, reaches it as the trial's
-    # completion instead)
-    assert [decisions[n] for n in (0, 1)] == [(2, "CONTINUE"), (2, "CONTINUE")], decisions
+    # Which good trial reaches the rung first is the machine's timing: the second may fall under the first's cut-off,
+    # as ASHA's rule says. So each good trial's record is checked against what the replayed ASHA decided for it.
+    cut = [n for n in (0, 1) if decisions[n][1] == "STOP"]
+    assert len(cut) <= 1, decisions
+    for n in (0, 1):
+        if n in cut:
+            assert (jobs[n]["status"], jobs[n]["stopped_at_epoch"]) == (STOPPED, 1), jobs[n]
+        else:  # it went on at every report ASHA judged (the last epoch's reaches it as the trial's completion)
+            assert jobs[n]["status"] == COMPLETED and jobs[n]["epochs"] == 3 and decisions[n] == (2, "CONTINUE")
+    for number, weak in enumerate(jobs[2:], 2):
+        assert weak["status"] == STOPPED and weak["stopped_at_epoch"] == 1 and weak["stopped_by"] == "ASHA"
+        raw = (tmp_path / str(number) / "metrics.json").read_text()
+        assert '"status": "stopped"' in raw  # final in the trial's own record, not only through the verdict file
+        assert weak["epochs"] == 1 and weak["best"]["val/miou"] >= 0  # its last score is kept
+    assert (tmp_path / ".tune").is_dir() and not list(tmp_path.glob("*/tensorboard"))
     # The second stage: the best configuration (lr=3e-3; seed aside) again with seeds 3 and 4, all 3 epochs.
     confirmed = [read_record(tmp_path / str(n)) for n in (4, 5)]
     assert [c["overrides"][-2:] for c in confirmed] == [["optimizer.lr=0.003", "seed=3"],
                                                        ["optimizer.lr=0.003", "seed=4"]]
     assert all(c["status"] == COMPLETED and c["epochs"] == 3 for c in confirmed)
     assert "seed=1" not in confirmed[0]["overrides"]
-    assert "6 jobs, 4 completed, 0 failed, 2 stopped early by the scheduler" in output
+    assert f"6 jobs, {4 - len(cut)} completed, 0 failed, {2 + len(cut)} stopped early by the scheduler" in output
     best = max((j for j in every_job if j["status"] == COMPLETED), key=lambda j: j["best"]["val/miou"])
     assert f"Best trial: job {every_job.index(best)}, val/miou {best['best']['val/miou']:.4f}" in output
     # In MLflow the stopped trials end KILLED (closed by the search, as Ray Tune ends their processes), the rest
@@ -246,23 +251,27 @@ def test_asha_stops_the_weak_trials_of_a_grid_two_to_a_simulated_gpu(shapes_root
     client = MlflowClient(tracking)
     runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("asha").experiment_id])}
     assert sorted(runs) == sorted(j["mlflow"]["run_id"] for j in every_job)
-    assert [runs[j["mlflow"]["run_id"]].info.status for j in every_job] == ["FINISHED"] * 2 + ["KILLED"] * 2 + \
-        ["FINISHED"] * 2
+    assert [runs[j["mlflow"]["run_id"]].info.status for j in every_job] == [
+        "KILLED" if j["status"] == STOPPED else "FINISHED" for j in every_job]
+    assert [j["status"] for j in every_job].count(STOPPED) == 2 + len(cut)
     assert [runs[j["mlflow"]["run_id"]].data.tags["segx.status"] for j in every_job[2:4]] == [STOPPED, STOPPED]
 
     report = write_report(collect_runs(tmp_path), tmp_path / "report", roots=[tmp_path])
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "asha** (rungs after epochs 1)" in text and "2 stopped early" in text
-    # The cost: 3 + 3 + 1 + 1 epochs of the 4 × 3 the grid would have trained, the confirmation's 6 beside it.
-    assert "8 epochs trained of the 12" in text and "67%" in text and "plus 6 epochs of confirmation" in text
+    assert "asha** (rungs after epochs 1)" in text and f"{2 + len(cut)} stopped early" in text
+    # The cost: 3 + 3 + 1 + 1 epochs of the 4 × 3 the grid would have trained (a good trial cut at its rung trains 1),
+    # the confirmation's 6 beside it.
+    trained = 8 - 2 * len(cut)
+    assert f"{trained} epochs trained of the 12" in text and f"{round(100 * trained / 12)}%" in text
+    assert "plus 6 epochs of confirmation" in text
     stopped = text.split("### Stopped early")[1].split("## ")[0]
     assert [line.split(" | ")[2] for line in stopped.splitlines() if line.startswith("| 2 ") or
             line.startswith("| 3 ")] == ["1", "1"]
     assert "Jobs without a result" not in text  # stopped trials are listed once, as stopped
-    assert "**Best:** `optimizer.lr=0.003`: val/miou " in text and "over 4 completed run(s), 2 of them from the " \
-        "confirmation stage" in text
+    assert "**Best:** `optimizer.lr=0.003`: val/miou " in text and f"over {4 - len(cut)} completed run(s), 2 of " \
+        "them from the confirmation stage" in text
     ranked = report.rows[0]
-    assert ranked["settings"]["optimizer.lr"] == "0.003" and ranked["runs"] == 4  # 2 searched + 2 confirmed seeds
+    assert ranked["settings"]["optimizer.lr"] == "0.003" and ranked["runs"] == 4 - len(cut)  # searched + confirmed
     assert (tmp_path / "report" / "plots" / "search_curves.png").stat().st_size > 10_000
 
 

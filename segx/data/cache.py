@@ -3,7 +3,9 @@
 Decoding a few thousand images and masks takes minutes on a small machine and is identical for every
 run of a sweep, so it is done once per (split, size, file list) and written atomically under a file
 lock: parallel sweep jobs build it once, and a build killed half-way leaves only a temp file behind.
-Every pair is checked while it is decoded; one message lists every bad file, grouped by problem.
+Every pair is checked while it is decoded; one message lists every bad file, grouped by problem. The label census
+(pixels per class, the ignored ones, the files' raw values and how each mask was read) is counted at the same time
+and kept in the cache.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import hashlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +32,7 @@ from segx.data.source import IGNORE_INDEX, SplitFiles
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the label census is kept beside the tensors
 
 
 @dataclass
@@ -42,6 +45,9 @@ class CachedSplit:
     images: torch.Tensor
     masks: torch.Tensor
     original_sizes: torch.Tensor  # int32 [N,2] (height, width) of the source files, for full-res scoring
+    census: dict | None = None  # counted in the mask files (see `MaskCensus`): {"labels": [256 pixel counts per
+                                #   label value, after mapping], "raw": {file value or colour: pixels}, "readings":
+                                #   {how masks were read: count}}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -95,24 +101,37 @@ class BadFile:
     problem: str
     path: str
     detail: str = ""
-    values: tuple[int, ...] = ()  # a "labels" problem's values outside the classes
+    values: tuple[int, ...] = ()  # a "labels" problem's values outside the classes; a "colour" one's colour codes
+
+
+def _common_values(bad: list[BadFile], problem: str, total: int | None) -> tuple[list[int], dict[int, int]]:
+    """The values of `problem` found in at least half of a split's `total` masks, and how many masks hold each."""
+    holders: Counter[int] = Counter(v for b in bad if b.problem == problem for v in b.values)
+    return sorted(v for v, n in holders.items() if total and n * 2 >= total), holders
 
 
 def _label_convention(bad: list[BadFile], total: int | None, ignore_index: int) -> str | None:
-    """When values outside the classes fill at least half of a split's masks, they are the dataset's way of marking
-    something (CamVid's void is 11), not damage: the sentence naming the keys that map them, else None."""
-    holders: dict[int, int] = {}
-    for b in bad:
-        for value in b.values:
-            holders[value] = holders.get(value, 0) + 1
-    common = sorted(v for v, n in holders.items() if total and n * 2 >= total)
-    if not common:
-        return None
-    counts = ", ".join(f"{v} in {holders[v]} of {total} masks" for v in common)
-    mapping = ", ".join(f"{v}: {ignore_index}" for v in common)
-    return (f"The values {counts} look like a label convention of the dataset rather than bad files: map them with "
-            f"data.label_map={{{mapping}}} (ignored; or onto a class index), or, for one value, make it the ignore "
-            f"index with data.ignore_index={common[0]}.")
+    """When values outside the classes (or colours outside the palette) fill at least half of a split's masks, they
+    are the dataset's way of marking something (CamVid's void is 11, an export's "unlabelled" grey), not damage: the
+    sentence naming the keys that map them, else None."""
+    sentences = []
+    common, holders = _common_values(bad, "labels", total)
+    if common:
+        counts = ", ".join(f"{v} in {holders[v]} of {total} masks" for v in common)
+        mapping = ", ".join(f"{v}: {ignore_index}" for v in common)
+        sentences.append(f"The values {counts} look like a label convention of the dataset rather than bad files: map "
+                         f"them with data.label_map={{{mapping}}} (ignored; or onto a class index), or, for one value, "
+                         f"make it the ignore index with data.ignore_index={common[0]}.")
+    common, holders = _common_values(bad, "colour", total)
+    if common:
+        names = [f"#{c:06X}" for c in common]
+        counts = ", ".join(f"{n} in {holders[c]} of {total} masks" for n, c in zip(names, common, strict=True))
+        quoted = ",".join(f"'{n}'" for n in names)
+        sentences.append(f"The colour(s) {counts} are a convention of the dataset (an 'unlabelled' colour, a "
+                         f"border), not damage: ignore them with "
+                         f"data.ignore_colours=[{quoted}], map them onto a class with colour keys of data.label_map "
+                         f"in a config file ('{names[0]}': 1), or add them to data.palette as classes of their own.")
+    return " ".join(sentences) or None
 
 
 def describe_bad_files(bad: list[BadFile], split: str, num_classes: int, fix: str,
@@ -215,11 +234,37 @@ def read_image(image_file: str | Path) -> torch.Tensor:
         return TF.pil_to_tensor(img.convert("RGB"))
 
 
+@dataclass
+class MaskCensus:
+    """The label census of some masks, counted in the files at their own size: pixels per label value after
+    mapping (class ids and the ignore index), per raw value of the files, and how many masks were read each way."""
+
+    labels: Counter[int] = field(default_factory=Counter)
+    raw: Counter[str] = field(default_factory=Counter)
+    readings: Counter[str] = field(default_factory=Counter)
+
+    RAW_KEPT = 64  # raw values (or colours) kept in the cache, the most frequent first: anti-aliased masks have many
+
+    def add(self, other: MaskCensus) -> None:
+        self.labels.update(other.labels)
+        self.raw.update(other.raw)
+        self.readings.update(other.readings)
+
+    def as_dict(self) -> dict:
+        """What the cache stores: plain ints, lists and str-keyed dicts (loadable with weights_only)."""
+        raw = dict(self.raw.most_common(self.RAW_KEPT))
+        left = sum(self.raw.values()) - sum(raw.values())
+        return {"labels": [int(self.labels.get(v, 0)) for v in range(256)], "raw": raw,
+                "raw_other": int(left), "readings": dict(self.readings)}
+
+
 def check_pair(
     image_file: str, mask_file: str, size: int, num_classes: int, ignore_index: int = IGNORE_INDEX,
     decoder: MaskDecoder | None = None, resize: str = "square", interpolation: str = "antialias",
+    census: MaskCensus | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None, list[BadFile]]:
-    """Decode and check one pair fully: (image, mask, original size) or None, and every problem found.
+    """Decode and check one pair fully: (image, mask, original size) or None, and every problem found; a good
+    mask's counts are added to `census`.
 
     Images are resized bilinear (see `resize_pair` for `interpolation`), masks with nearest neighbour so labels
     stay labels.
@@ -233,12 +278,15 @@ def check_pair(
     except Exception as error:  # whatever the decoder raises, this file cannot be used
         bad.append(BadFile("image", image_file, _pil_error(error, image_file)))
     decoder = decoder or MaskDecoder(ignore_index=ignore_index)
+    raw: dict[str, int] = {}
+    reading = ""
     try:
         with Image.open(mask_file) as msk:
             msk.load()
-            mask = torch.from_numpy(decoder.decode(msk))[None]
+            labels, raw, reading = decoder.read(msk)
+            mask = torch.from_numpy(labels)[None]
     except MaskProblem as problem:
-        bad.append(BadFile(problem.problem, mask_file, problem.detail))
+        bad.append(BadFile(problem.problem, mask_file, problem.detail, problem.values))
     except Exception as error:
         bad.append(BadFile("mask", mask_file, _pil_error(error, mask_file)))
     if mask is not None:
@@ -254,6 +302,11 @@ def check_pair(
         ))
     if bad or image is None or mask is None:
         return None, bad
+    if census is not None:
+        counts = torch.bincount(mask.flatten().long(), minlength=256)
+        census.labels.update({v: int(n) for v, n in enumerate(counts.tolist()) if n})
+        census.raw.update(raw)
+        census.readings[reading] += 1
     original = (int(image.shape[-2]), int(image.shape[-1]))
     image, mask = resize_pair(image, mask, size, resize, ignore_index, interpolation)
     return (image, mask[0], original), bad
@@ -275,12 +328,19 @@ def _build(
     masks = torch.empty((n, size, size), dtype=torch.uint8)
     original = torch.empty((n, 2), dtype=torch.int32)
     bad: list[BadFile] = []
+    census = MaskCensus()
+
+    def check(pair: tuple[str, str]) -> tuple[tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None,
+                                              list[BadFile], MaskCensus]:
+        own = MaskCensus()  # one per pair: threads never update a shared counter
+        return (*check_pair(pair[0], pair[1], size, num_classes, ignore_index, decoder, resize, interpolation, own),
+                own)
+
     # PIL decodes and resizes with the GIL released, so threads use every core without pickling tensors.
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        results = pool.map(lambda pair: check_pair(pair[0], pair[1], size, num_classes, ignore_index, decoder,
-                                                      resize, interpolation),
-                           zip(files.images, files.masks, strict=True))
-        for i, (decoded, problems) in enumerate(results):
+        results = pool.map(check, zip(files.images, files.masks, strict=True))
+        for i, (decoded, problems, counted) in enumerate(results):
+            census.add(counted)
             bad.extend(problems)
             if decoded is not None:
                 images[i], masks[i], original[i] = decoded[0], decoded[1], torch.tensor(decoded[2])
@@ -288,7 +348,7 @@ def _build(
                 progress(i + 1, n)
     if bad:
         raise DatasetUnavailableError(describe_bad_files(bad, split, num_classes, bad_files_fix, ignore_index, n))
-    return CachedSplit(split, size, list(files.ids), images, masks, original)
+    return CachedSplit(split, size, list(files.ids), images, masks, original, census.as_dict())
 
 
 def _cache_problem(blob: object, ids: list[str], size: int) -> str | None:
@@ -297,7 +357,7 @@ def _cache_problem(blob: object, ids: list[str], size: int) -> str | None:
         return f"it holds a {type(blob).__name__}, not a cache"
     if blob.get("format") != CACHE_FORMAT:
         return f"format {blob.get('format')!r}, this version writes {CACHE_FORMAT}"
-    missing = [key for key in ("ids", "images", "masks", "original_sizes") if key not in blob]
+    missing = [key for key in ("ids", "images", "masks", "original_sizes", "census") if key not in blob]
     if missing:
         return f"keys {', '.join(missing)} are missing"
     if blob["ids"] != list(ids):
@@ -357,7 +417,8 @@ def load_or_build(
             else:
                 problem = _cache_problem(blob, ids, size)
                 if problem is None:
-                    return CachedSplit(split, size, blob["ids"], blob["images"], blob["masks"], blob["original_sizes"])
+                    return CachedSplit(split, size, blob["ids"], blob["images"], blob["masks"], blob["original_sizes"],
+                                       blob["census"])
             log.warning("Cache %s cannot be used (%s); rebuilding it.", path, problem)
         start = last_report = time.perf_counter()
 
@@ -373,7 +434,7 @@ def load_or_build(
                         interpolation)
         blob = {
             "format": CACHE_FORMAT, "ids": cached.ids, "images": cached.images, "masks": cached.masks,
-            "original_sizes": cached.original_sizes,
+            "original_sizes": cached.original_sizes, "census": cached.census,
         }
         _atomic_save(blob, path)
         log.info("Cached %d %s images in %.1fs", len(ids), split, time.perf_counter() - start)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from segx.core.errors import ConfigError, DatasetUnavailableError, SegxError
 from segx.data.augment import augment_from_config
 from segx.data.cache import CachedSplit, check_interpolation, check_resize, load_or_build, read_image
+from segx.data.census import LabelCensus, check_census, check_label_options
 from segx.data.device_batches import DeviceBatches, EpochOrderSampler
 from segx.data.masks import MaskDecoder
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
@@ -172,6 +173,8 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         void_label: str = "ignore",
         interpolation: str = "antialias",
         channel_order: str = "rgb",
+        absent_classes: Sequence[str] | None = None,
+        max_ignored_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         self.source = source
@@ -201,6 +204,8 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.num_classes={num_classes} must be in 1..{source.ignore_index} (mask values "
                               f"0..num_classes-1 are classes, {source.ignore_index} is ignored).")
         self.class_names = class_names
+        self.absent_classes, self.max_ignored_fraction = check_label_options(absent_classes, max_ignored_fraction,
+                                                                             class_names)
         for name, split in (("data.train_split", train_split), ("data.val_split", val_split)):
             if source.splits is not None and split not in source.splits:
                 raise ConfigError(f"{name}={split!r} is not a split of this dataset; choose one of "
@@ -306,6 +311,21 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
             self.load_split(self.train_split)
         if stage in (None, "fit", "validate"):
             self.load_split(self.val_split)
+
+    def label_census(self, split: str) -> LabelCensus:
+        """What `split`'s mask files hold: pixels per class and ignored, raw values, how they were read."""
+        cached = self.load_split(split)
+        return LabelCensus.from_counts(split, cached.census, self.class_names, self.source.ignore_index)
+
+    def check_labels(self) -> list[LabelCensus]:
+        """The train and val censuses, after refusing a training split that cannot be what was meant (see
+        `segx.data.census.check_census`; data.absent_classes and data.max_ignored_fraction accept one knowingly)."""
+        censuses = [self.label_census(self.train_split)]
+        if self.val_split != self.train_split:
+            censuses.append(self.label_census(self.val_split))
+        check_census(censuses[0], self.class_names, self.source.ignore_index, self.absent_classes,
+                     self.max_ignored_fraction)
+        return censuses
 
     def class_frequencies(self) -> torch.Tensor:
         """Pixel frequencies of the training split, for class-weighted losses."""

@@ -6,6 +6,7 @@ SegNet's layout), or a split listed in a file: one id a line, or an image path a
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,38 +16,107 @@ import numpy as np
 from segx.core.errors import ConfigError, DatasetUnavailableError
 from segx.data.cache import name_list
 from segx.data.datamodule import CachedSegmentationDataModule
-from segx.data.masks import MaskDecoder
+from segx.data.masks import MaskDecoder, parse_colour
 from segx.data.palette import IGNORE_COLOUR, color_map
 from segx.data.source import IGNORE_INDEX, SegmentationSource, SplitFiles
 
+log = logging.getLogger(__name__)
+
 CLASS_FILES = ("classes.json", "classes.txt")  # looked for in data.root when data.class_names is not given
 MAX_CLASSES = 254  # uint8 masks: 255 is the ignore index, and one value is left for a reduced zero label
+CLASS_FILE_FORMS = ('a list of class names; {"classes": [names], "palette": [[r, g, b], ...]}; Supervisely\'s '
+                    '{"classes": [{"title": "Water", "color": "#50E3C2"}, ...]}; or {"Water": "#50E3C2", ...} '
+                    '(a colour per name, hex or [r, g, b])')
+
+
+def _class_file_error(path: Path, what: str) -> ConfigError:
+    return ConfigError(f"{path} {what}. segx reads these forms, in class-index order: {CLASS_FILE_FORMS}; or "
+                       "classes.txt with one name a line. Fix the file, or give data.class_names (and data.palette).")
+
+
+def _is_colour(value: Any) -> bool:
+    try:
+        parse_colour(value, "")
+    except ConfigError:
+        return False
+    return True
+
+
+def parse_class_file(payload: Any, path: Path) -> tuple[list[str], list[list[int]] | None]:
+    """Names and colours from a classes.json payload in one of `CLASS_FILE_FORMS`; never a dict as a name."""
+    if isinstance(payload, list):
+        if payload and all(isinstance(n, str) for n in payload):
+            return list(payload), None
+        raise _class_file_error(path, "holds a list whose items are not all class names (strings)")
+    if not isinstance(payload, dict) or not payload:
+        raise _class_file_error(path, f"holds {type(payload).__name__ if payload else 'nothing'}, not classes")
+    classes = payload.get("classes")
+    if isinstance(classes, list) and classes and all(isinstance(c, dict) for c in classes):  # Supervisely, CVAT
+        titles = [c.get("title", c.get("name")) for c in classes]
+        if not all(isinstance(t, str) and t for t in titles):
+            raise _class_file_error(path, "lists classes without a \"title\" (or \"name\")")
+        colours = [c.get("color", c.get("colour")) for c in classes]
+        if all(c is None for c in colours):
+            return titles, None
+        if not all(c is not None and _is_colour(c) for c in colours):
+            raise _class_file_error(path, "gives some classes no colour, or one that is not a colour")
+        return titles, [list(parse_colour(c, str(path))) for c in colours]
+    if isinstance(classes, list):
+        if not classes or not all(isinstance(n, str) for n in classes):
+            raise _class_file_error(path, "has a \"classes\" list whose items are not all names")
+        palette = payload.get("palette")
+        if palette is not None and not (isinstance(palette, list) and all(_is_colour(c) for c in palette)):
+            raise _class_file_error(path, "has a \"palette\" that is not a list of colours")
+        return list(classes), None if palette is None else [list(parse_colour(c, str(path))) for c in palette]
+    if "classes" not in payload and all(_is_colour(v) for v in payload.values()):  # {name: colour}
+        return [str(n) for n in payload], [list(parse_colour(c, str(path))) for c in payload.values()]
+    raise _class_file_error(path, f"has the keys {', '.join(map(str, list(payload)[:5]))}, in none of the forms")
 
 
 def read_class_file(root: Path) -> tuple[list[str], list[Any] | None] | None:
-    """Class names (and a palette, from JSON) from `root`/classes.json or classes.txt, None when neither exists.
-
-    classes.json: a list of names, or {"classes": [...], "palette": [[r, g, b], ...]}; classes.txt: one name a line.
-    """
+    """Class names (and a palette, from JSON) from `root`/classes.json or classes.txt, None when neither exists;
+    classes.json may take any of `CLASS_FILE_FORMS`."""
     json_file, text_file = (root / name for name in CLASS_FILES)
     if json_file.is_file():
         try:
             payload = json.loads(json_file.read_text())
         except (OSError, ValueError) as error:
-            raise ConfigError(f"{json_file} cannot be read as JSON ({error}); it should hold a list of class names "
-                              'or {"classes": [...], "palette": [[r, g, b], ...]}.') from None
-        names, palette = (payload, None) if isinstance(payload, list) else (payload.get("classes"),
-                                                                             payload.get("palette"))
-        if not isinstance(names, list) or not names:
-            raise ConfigError(f"{json_file} names no classes; it should hold a list of class names or "
-                              '{"classes": [...], "palette": [[r, g, b], ...]}.')
-        return [str(n) for n in names], palette
+            raise _class_file_error(json_file, f"cannot be read as JSON ({error})") from None
+        return parse_class_file(payload, json_file)
     if text_file.is_file():
         names = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
         if not names:
             raise ConfigError(f"{text_file} is empty; it should name one class a line, in class-index order.")
         return names, None
     return None
+
+
+BACKGROUND_NAMES = ("background", "_background_", "bg")  # the names `background_index: auto` takes as background
+
+
+def background_of(names: Sequence[str], background_index: int | str | None) -> int | None:
+    """The class `miou_no_bg` leaves out: `auto` finds the one named background (else none, so no real class is
+    dropped from a score); an index as given; None: no background class."""
+    if background_index == "auto":
+        return next((i for i, name in enumerate(names) if name.strip().lower() in BACKGROUND_NAMES), None)
+    if background_index is None:
+        return None
+    try:
+        index = int(background_index)
+    except (TypeError, ValueError):
+        index = -1
+    if not 0 <= index < len(names):
+        raise ConfigError(f"data.background_index={background_index} is not a class index (0..{len(names) - 1}); "
+                          "auto: the class named background, if any; null: the dataset has no background class.")
+    return index
+
+
+def line_fields(line: str) -> list[str]:
+    """A split list's line as its fields: tab-separated when it holds a tab (paths with spaces, 'Tile 1/x.jpg'),
+    else separated by white space."""
+    if "\t" in line:
+        return [field.strip() for field in line.split("\t") if field.strip()]
+    return line.split()
 
 
 # Colours for unlabelled pixels, in order of preference: VOC's cream, white, magenta, black.
@@ -69,7 +139,7 @@ def full_palette(colours: Sequence[Any] | None, num_classes: int, ignore_index: 
     """uint8 [256, 3]: the given colour of each class, else a generated one; the ignore index in `void_colour`."""
     palette = color_map(256)
     for index, colour in enumerate(colours or ()):
-        palette[index] = np.asarray([int(c) for c in colour], dtype=np.uint8)
+        palette[index] = np.asarray(parse_colour(colour, f"data.palette[{index}]"), dtype=np.uint8)
     palette[ignore_index] = void_colour(palette[:num_classes])
     if colours is not None and len(colours) != num_classes:
         raise ConfigError(f"data.palette has {len(colours)} colours for {num_classes} classes; give one [r, g, b] "
@@ -84,8 +154,13 @@ class FolderSource(SegmentationSource):
                  img_suffix: str = ".jpg", seg_map_suffix: str = ".png", split_lists: Mapping[str, str] | None = None,
                  class_names: Sequence[str] | None = None, palette: Sequence[Any] | None = None,
                  ignore_index: int = IGNORE_INDEX, mask_format: str = "auto", reduce_zero_label: bool = False,
-                 label_map: Mapping[Any, Any] | None = None, background_index: int | None = 0) -> None:
+                 label_map: Mapping[Any, Any] | None = None, background_index: int | str | None = "auto",
+                 val_fraction: float | None = None, val_seed: int = 0, train_split: str = "train",
+                 val_split: str = "val", ignore_colours: Sequence[Any] = ()) -> None:
         self.root = Path(root).expanduser().resolve()
+        self.train_split, self.val_split = str(train_split), str(val_split)
+        self.val_fraction, self.val_seed = check_val_fraction(val_fraction, val_seed, self.train_split,
+                                                              self.val_split)
         self.img_dir, self.ann_dir = str(img_dir), str(ann_dir)
         self.img_suffix, self.seg_map_suffix = str(img_suffix), str(seg_map_suffix)
         self.split_lists = dict(split_lists or {})
@@ -114,14 +189,11 @@ class FolderSource(SegmentationSource):
                               f"data.ignore_index={self.ignore_index}; set data.ignore_index to {len(names)} or more "
                               f"(255, the default, suits up to {MAX_CLASSES} classes).")
         self.classes = tuple(str(n) for n in names)
-        if background_index is not None and not 0 <= int(background_index) < len(self.classes):
-            raise ConfigError(f"data.background_index={background_index} is not a class index (0..{len(names) - 1}); "
-                              "null: the dataset has no background class.")
-        self.background_index = None if background_index is None else int(background_index)
+        self.background_index = background_of(self.classes, background_index)
         colours = palette if palette is not None else file_palette
         self.palette = full_palette(colours, len(self.classes), self.ignore_index)
         self.mask_decoder = MaskDecoder.from_config(mask_format, colours, label_map, reduce_zero_label,
-                                                    self.ignore_index)
+                                                    self.ignore_index, ignore_colours)
 
     def _split_dirs(self, split: str) -> tuple[Path, Path]:
         return split_folder(self.root, self.img_dir, split), split_folder(self.root, self.ann_dir, split)
@@ -162,9 +234,32 @@ class FolderSource(SegmentationSource):
         return SplitFiles(ids, [str(i) for i in images], [str(m) for m in masks])
 
     def split_files(self, split: str) -> SplitFiles:
+        if self.val_fraction is not None and split in (self.train_split, self.val_split):
+            return self._held_out(split)
+        return self._listed_split(split)
+
+    def _held_out(self, split: str) -> SplitFiles:
+        """data.val_fraction: a seeded share of the train split's files as the val split, the rest as train; the
+        val ids are kept in `held_out` (and so in metrics.json)."""
+        whole = self._listed_split(self.train_split)
+        count = len(whole.ids)
+        size = max(1, round(count * self.val_fraction))
+        if size >= count:
+            raise ConfigError(f"data.val_fraction={self.val_fraction:g} of the {count} {self.train_split} image(s) "
+                              "leaves none to train on; lower it, or give the dataset a val split of its own.")
+        chosen = set(np.random.default_rng(self.val_seed).permutation(count)[:size].tolist())
+        keep = [i for i in range(count) if (i in chosen) == (split == self.val_split)]
+        if split == self.val_split and self.held_out is None:
+            log.info("data.val_fraction=%g: %d of the %d %s images held out as the %s split (data.val_seed=%d)",
+                     self.val_fraction, size, count, self.train_split, self.val_split, self.val_seed)
+            self.held_out = {"from": self.train_split, "fraction": self.val_fraction, "seed": self.val_seed,
+                             "ids": [whole.ids[i] for i in keep]}
+        return SplitFiles(*([column[i] for i in keep] for column in whole))
+
+    def _listed_split(self, split: str) -> SplitFiles:
         images_dir, masks_dir = self._split_dirs(split)
         list_file = self._list_file(split)
-        lines = [line.split() for line in list_file.read_text().splitlines() if line.strip()] if list_file else []
+        lines = [line_fields(line) for line in list_file.read_text().splitlines() if line.strip()] if list_file else []
         if lines and all(len(line) == 2 for line in lines):
             return self._listed_pairs(split, list_file, lines)
         expected = len(lines[0]) if lines and len(lines[0]) in (1, 2) else 1  # as the first line, throughout
@@ -173,7 +268,8 @@ class FolderSource(SegmentationSource):
             raise DatasetUnavailableError(
                 f"Line {odd} of the {split} list {list_file} (data.split_lists.{split}) holds "
                 f"{len(lines[odd - 1])} entries: a list holds one image id a line, or an image path and its mask "
-                "path a line, throughout.")
+                "path a line, throughout. Paths that hold spaces ('Tile 1/images/x.jpg') are read when a tab "
+                "separates the two paths of a line.")
         listed = [line[0] for line in lines] if list_file else None
         if listed is None:
             if not images_dir.is_dir():
@@ -181,7 +277,7 @@ class FolderSource(SegmentationSource):
                     f"No {split} images: {images_dir} does not exist. data=folder reads <data.root>/<data.img_dir>/"
                     f"<split>/<id>{self.img_suffix} and <data.root>/<data.ann_dir>/<split>/<id>{self.seg_map_suffix}"
                     f" (data.root={self.root}, data.img_dir={self.img_dir}, data.ann_dir={self.ann_dir}); put the "
-                    "files there or point those keys at where they are.")
+                    f"files there or point those keys at where they are.{self._no_split_hint(split)}")
             ids = sorted(str(p.relative_to(images_dir))[: -len(self.img_suffix)]
                          for p in images_dir.rglob(f"*{self.img_suffix}") if p.is_file())
             found = masks_dir.rglob(f"*{self.seg_map_suffix}") if masks_dir.is_dir() else ()
@@ -212,9 +308,34 @@ class FolderSource(SegmentationSource):
                                           f"data.img_suffix={self.img_suffix!r}.")
         return SplitFiles(ids, images, mask_files)
 
+    def _no_split_hint(self, split: str) -> str:
+        if split != self.val_split:
+            return ""
+        return (f" A dataset without a {split} split can hold out part of {self.train_split} with data.val_fraction="
+                f"0.1 (seeded by data.val_seed), or list the files of each split with data.split_lists="
+                f"{{{self.train_split}: train.txt, {split}: val.txt}}.")
+
     def bad_files_fix(self, split: str) -> str:
         return (f"Replace these files with good ones, or remove them (image and mask) from "
                 f"{self.root}, and run again.")
+
+
+def check_val_fraction(fraction: Any, seed: Any, train_split: str,
+                       val_split: str) -> tuple[float | None, int]:
+    """`data.val_fraction` (null, or in (0, 1)) and `data.val_seed` (a whole number), checked."""
+    if fraction is None:
+        return None, 0
+    try:
+        value, seed = float(fraction), int(seed)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 < value < 1:
+        raise ConfigError(f"data.val_fraction={fraction} must be null (the dataset's own val split) or in (0, 1), "
+                          "the share of the train split held out as val, e.g. 0.1; data.val_seed a whole number.")
+    if train_split == val_split:
+        raise ConfigError(f"data.val_fraction holds out part of data.train_split={train_split} as the val split, "
+                          f"but data.val_split is {val_split} too; leave data.val_split at val.")
+    return value, int(seed)
 
 
 SPLIT_FIELD = "{split}"  # in data.img_dir / data.ann_dir: the split's name goes there (SegNet's '{split}annot')
@@ -253,11 +374,14 @@ class FolderDataModule(CachedSegmentationDataModule):
                  img_suffix: str = ".jpg", seg_map_suffix: str = ".png", split_lists: Mapping[str, str] | None = None,
                  class_names: Sequence[str] | None = None, palette: Sequence[Any] | None = None,
                  ignore_index: int = IGNORE_INDEX, mask_format: str = "auto", reduce_zero_label: bool = False,
-                 label_map: Mapping[Any, Any] | None = None, background_index: int | None = 0,
+                 label_map: Mapping[Any, Any] | None = None, background_index: int | str | None = "auto",
+                 val_fraction: float | None = None, val_seed: int = 0, ignore_colours: Sequence[Any] = (),
                  num_classes: int | None = None, **options: Any) -> None:
         source = FolderSource(root, img_dir, ann_dir, img_suffix, seg_map_suffix, split_lists, class_names, palette,
-                              ignore_index, mask_format, reduce_zero_label, label_map, background_index)
+                              ignore_index, mask_format, reduce_zero_label, label_map, background_index,
+                              val_fraction, val_seed, options.get("train_split", "train"),
+                              options.get("val_split", "val"), ignore_colours)
         super().__init__(source=source, num_classes=num_classes, **options)
 
 
-__all__ = ["FolderDataModule", "FolderSource", "read_class_file", "full_palette"]
+__all__ = ["FolderDataModule", "FolderSource", "read_class_file", "parse_class_file", "full_palette"]

@@ -36,6 +36,7 @@ class SegmentationSource(ABC):
     splits: tuple[str, ...] | None = None  # the split names it knows, when they are fixed; None: any name
     mask_decoder: MaskDecoder | None = None  # how its mask files read as class ids; None: index images as they are
     background_index: int | None = 0  # the class miou_no_bg leaves out; None: the dataset has no background
+    held_out: dict | None = None  # a val split held out of train: {"from", "fraction", "seed", "ids"}, once listed
 
     def prepare(self) -> None:
         """Make the files exist (download, generate); called before any split is listed, so it must be cheap

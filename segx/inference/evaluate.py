@@ -45,7 +45,15 @@ def save_palette_png(labels: np.ndarray, path: Path, palette: np.ndarray | None 
     """A label map as a palette PNG (the format VOC's own masks use), in `palette`'s colours (default VOC's)."""
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
     image.putpalette((VOC_PALETTE if palette is None else palette).flatten().tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)  # ids may hold sub-folders (Cityscapes' cities)
     image.save(path)
+
+
+def prediction_path(pred_dir: Path, image_id: str) -> Path:
+    """Where an image's predicted mask goes: `<pred_dir>/<id>.png`, sub-folders of the id kept, never outside
+    `pred_dir` (an id from a list of absolute paths loses its root, and `..` its climb)."""
+    parts = [part for part in Path(image_id).parts if part not in ("..", ".", Path(image_id).anchor)]
+    return pred_dir.joinpath(*parts).with_name(f"{parts[-1]}.png") if parts else pred_dir / "_.png"
 
 
 def window_scale(original_sizes: torch.Tensor, image_size: int, resize: str) -> float:
@@ -118,7 +126,7 @@ def evaluate_checkpoint(
     def score(index: int, pred: torch.Tensor, mask: torch.Tensor) -> None:
         confmat.update(pred, mask.to(target).long())
         if save_predictions:
-            save_palette_png(pred[0].cpu().numpy(), pred_dir / f"{cached.ids[index]}.png", datamodule.palette)
+            save_palette_png(pred[0].cpu().numpy(), prediction_path(pred_dir, cached.ids[index]), datamodule.palette)
 
     scale = None
     if slider is not None:
@@ -145,7 +153,7 @@ def evaluate_checkpoint(
                 confmat.update(preds, cached.masks[begin:end].to(target).long())
                 if save_predictions:
                     for i, pred in enumerate(preds.cpu().numpy()):
-                        save_palette_png(pred, pred_dir / f"{cached.ids[begin + i]}.png", datamodule.palette)
+                        save_palette_png(pred, prediction_path(pred_dir, cached.ids[begin + i]), datamodule.palette)
                 continue
             for i in range(end - begin):
                 height, width = (int(v) for v in cached.original_sizes[begin + i])

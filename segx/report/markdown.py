@@ -138,7 +138,8 @@ def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], run
                   f"Each model at its best {' / '.join(f'`{k}`' for k in lrs)} by mean {' / '.join(monitors)} (the "
                   "study's method: the learning rate tuned for each model, then the models compared).", "",
                   markdown_table(tuned, ["model", *others, *lrs]), ""]
-    lines += [*study, *_unfinished(runs, roots, search.stopped if search else ()), *_figures(figures, out_dir)]
+    lines += [*study, *_unfinished(runs, roots, search.stopped if search else ()), *_label_census(runs, roots),
+              *_figures(figures, out_dir)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -162,6 +163,37 @@ def _scores_table(run: Run) -> list[str]:
                  f"{train_loss:.4f}" if isinstance(train_loss, int | float) else "—", _pct(entry.get("train/acc"))]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, *(["", STUDY_FOOTNOTE] if study else [])]
+
+
+def _label_census(runs: Sequence[Run], roots: Sequence[Path] = ()) -> list[str]:
+    """The label census (pixels per class and ignored, per split) each distinct dataset of `runs` trained on, from
+    metrics.json's `label_census`; the jobs it belongs to when the runs saw more than one."""
+    groups: dict[str, tuple[dict, list[Run]]] = {}
+    for run in runs:
+        census = run.record.get("label_census")
+        if isinstance(census, dict) and census:
+            key = repr(sorted((split, sorted(counts.items())) for split, counts in census.items()))
+            groups.setdefault(key, (census, []))[1].append(run)
+    lines = []
+    for census, members in groups.values():
+        splits = list(census)
+        names = list(dict.fromkeys(name for split in splits for name in census[split]))
+        totals = {split: sum(census[split].values()) or 1 for split in splits}
+        title = "## Label census" if len(groups) == 1 else \
+            f"## Label census of {', '.join(_job_name(r, roots) for r in members[:5])}" \
+            f"{' and more' if len(members) > 5 else ''}"
+        lines += [title, "", "Pixels of each class in the mask files, at their own size, after `data.label_map`; "
+                  "`ignored` are pixels of the ignore index, never scored.", "",
+                  "| class | " + " | ".join(f"{_escape(s)} pixels | {_escape(s)} %" for s in splits) + " |",
+                  "|---|" + "---:|---:|" * len(splits)]
+        for name in names:
+            cells = []
+            for split in splits:
+                pixels = census[split].get(name, 0)
+                cells += [f"{pixels:,}", f"{100 * pixels / totals[split]:.1f}"]
+            lines.append(f"| {_escape(name)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def run_markdown(run: Run, figures: list[Figure], out_dir: Path, study: Sequence[str] = ()) -> str:
@@ -192,5 +224,5 @@ def run_markdown(run: Run, figures: list[Figure], out_dir: Path, study: Sequence
         lines += ["## IoU per class at the best epoch", "", "| class | IoU % |", "|---|---:|"]
         lines += [f"| {_escape(name)} | {_pct(value)} |" for name, value in ious]
         lines += ["", "— : class absent from ground truth and prediction.", ""]
-    lines += [*study, *_figures(figures, out_dir)]
+    lines += [*_label_census([run]), *study, *_figures(figures, out_dir)]
     return "\n".join(line for line in lines).rstrip() + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Mo
 from segx.core.errors import ConfigError
 from segx.core.files import write_json_atomic
 from segx.core.job_console import ON_CONSOLE
+from segx.data.census import census_record, census_table
 from segx.data.datamodule import gpu_share
 from segx.inference.predictor import Predictor, inference_precision
 from segx.inference.timing import time_prediction
@@ -244,6 +246,24 @@ def _take_the_datasets_classes(model_cfg: DictConfig, num_classes: int) -> None:
                           "drop the override (the model takes the dataset's count) or fix data.class_names.")
 
 
+def logging_interval(trainer_cfg: DictConfig, train_images: int, batch_size: int) -> int | None:
+    """`trainer.log_every_n_steps` lowered to the batches of one epoch (Lightning warns, and logs no train/* curve
+    within an epoch, when an epoch is shorter); None when the configured interval already fits."""
+    configured = trainer_cfg.get("log_every_n_steps")
+    if not isinstance(configured, int) or configured < 1:
+        return None
+    batches = math.ceil(train_images / max(1, batch_size))
+    limit = trainer_cfg.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+        batches = min(batches, limit)
+    elif isinstance(limit, float) and 0 < limit < 1:
+        batches = max(1, int(batches * limit))
+    devices = trainer_cfg.get("devices")
+    if isinstance(devices, int) and devices > 1:  # under DDP each rank steps through its shard
+        batches = math.ceil(batches / devices)
+    return max(1, batches) if batches < configured else None
+
+
 def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> float:
     """Fit the configured model and write `metrics.json`; returns the best value of `monitor` (for sweepers).
 
@@ -300,6 +320,14 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     if monitor == "val/miou_no_bg" and datamodule.background_index is None:
         raise ConfigError("monitor=val/miou_no_bg needs a background class, but this dataset has none "
                           "(data.background_index=null); monitor val/miou instead, or set data.background_index.")
+    # The label census, before the loss weighs the classes by it: labels read the wrong way stop the run here.
+    censuses = datamodule.check_labels()
+    record.fields["label_census"] = census_record(censuses)
+    record.fields["mask_readings"] = {census.split: census.readings for census in censuses}
+    if datamodule.source.held_out is not None:  # data.val_fraction: which images validate this run
+        record.fields["val_held_out"] = datamodule.source.held_out
+    log.info("Label census (pixels of the mask files at their own size, after data.label_map):\n%s",
+             "\n".join(census_table(censuses)))
     loss = build_loss(cfg.loss, class_frequencies=datamodule.class_frequencies)
     module = SegmentationModule(
         net, loss, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
@@ -334,11 +362,17 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
             and not any(isinstance(c, ModelSummary) for c in configured)):
         # The layer table as a log record (the job's train.log), not Rich's print to the console the sweep shares.
         callbacks.append(ModelSummary())
-    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # a user's own wins
+    arguments: dict[str, Any] = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # a
+    # user's own plugins win
+    interval = logging_interval(cfg.trainer, len(datamodule.load_split(datamodule.train_split)), datamodule.batch_size)
+    if interval is not None:
+        log.info("trainer.log_every_n_steps=%s is more than an epoch's %d batches: train/* is logged every %d steps",
+                 cfg.trainer.log_every_n_steps, interval, interval)
+        arguments["log_every_n_steps"] = interval
     trainer: pl.Trainer = instantiate(
         cfg.trainer, precision=runtime.precision, strategy=runtime.strategy, sync_batchnorm=runtime.sync_batchnorm,
         benchmark=runtime.benchmark, enable_progress_bar=show_progress,
-        logger=logger, callbacks=callbacks, default_root_dir=str(run_dir), **plugins,
+        logger=logger, callbacks=callbacks, default_root_dir=str(run_dir), **arguments,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     for stopper in trainer.early_stopping_callbacks:  # callbacks=[default,early_stopping]

@@ -1,5 +1,5 @@
 """Stops training at the first batch whose loss is NaN, infinite or exploded far beyond its start, before a
-checkpoint of it is written."""
+checkpoint of it is written; and a run whose loss is exactly zero from its first steps, which learns nothing."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ class NonFiniteLossError(SegxError):
     """The training loss became NaN or infinite: the run diverged."""
 
 
+class ZeroLossError(SegxError):
+    """The training loss was exactly zero from the first step on: nothing labelled reaches the loss."""
+
+
 def _loss_of(outputs: Any) -> torch.Tensor | None:
     """The training step's loss as Lightning hands it to `on_train_batch_end` (a dict with "loss", or the tensor)."""
     loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -42,13 +46,20 @@ class StopOnNonFiniteLoss(pl.Callback):
     loss is not finite (one boolean all-reduce per check), so no rank waits for the others forever.
     """
 
-    def __init__(self, check_every_n_steps: int | None = None, max_loss_ratio: float | None = 1e4) -> None:
+    def __init__(self, check_every_n_steps: int | None = None, max_loss_ratio: float | None = 1e4,
+                 zero_loss_steps: int | None = 10) -> None:
         if check_every_n_steps is not None and int(check_every_n_steps) < 1:
             raise ConfigError(f"callbacks.stop_on_nonfinite_loss.check_every_n_steps={check_every_n_steps} must be "
                             "at least 1 (or null for the device's default).")
         if max_loss_ratio is not None and not float(max_loss_ratio) > 1:
             raise ConfigError(f"callbacks.stop_on_nonfinite_loss.max_loss_ratio={max_loss_ratio} must be more than 1 "
                               "(or null: stop on NaN and infinity only).")
+        if zero_loss_steps is not None and int(zero_loss_steps) < 1:
+            raise ConfigError(f"callbacks.stop_on_nonfinite_loss.zero_loss_steps={zero_loss_steps} must be at least 1 "
+                              "(or null: never stop on a zero loss).")
+        self.zero_loss_steps = None if zero_loss_steps is None else int(zero_loss_steps)
+        self._zeros = 0  # losses of exactly 0 since training began, while no other value was seen
+        self._learning = False  # a non-zero loss was seen: the zero check is over
         self.check_every_n_steps = check_every_n_steps
         self.max_loss_ratio = None if max_loss_ratio is None else float(max_loss_ratio)
         self._first: float | None = None  # the first finite loss of this process's training (the ratio's base)
@@ -93,10 +104,36 @@ class StopOnNonFiniteLoss(pl.Callback):
         if self.max_loss_ratio is not None and self._first is not None:
             good &= values.abs() <= self._first * self.max_loss_ratio  # finite, yet 8e31: diverged all the same
         diverged_here = not bool(good.all())
-        if trainer.strategy.reduce_boolean_decision(diverged_here, all=False):
+        zero_here = self._zero_from_the_start(trainer, values)
+        # One decision for both checks: every rank takes part in the same collective at every check.
+        if trainer.strategy.reduce_boolean_decision(diverged_here or zero_here, all=False):
+            if zero_here and not diverged_here:
+                raise ZeroLossError(self.zero_message(*batches[-1]))
             first = int((~good).nonzero()[0, 0]) if diverged_here else len(batches) - 1
             value = float(values[first]) if diverged_here else 0.0
             raise NonFiniteLossError(self.message(trainer, value, *batches[first], local=diverged_here))
+
+    def _zero_from_the_start(self, trainer: pl.Trainer, values: torch.Tensor) -> bool:
+        """Whether every loss so far was exactly 0, for `zero_loss_steps` steps or the whole first epoch."""
+        if self.zero_loss_steps is None or self._learning:
+            return False
+        if bool((values != 0).any()):
+            self._learning = True
+            return False
+        self._zeros += len(values)
+        epoch = trainer.num_training_batches
+        needed = min(self.zero_loss_steps, int(epoch)) if math.isfinite(epoch) and epoch > 0 else self.zero_loss_steps
+        return self._zeros >= needed
+
+    def zero_message(self, epoch: int, step: int, lr: float | None, batch_idx: int) -> str:
+        """One paragraph: the loss was 0 from the start, the usual reasons, what to check."""
+        return (f"The training loss was exactly 0 for each of the first {self._zeros} steps (to epoch {epoch}, step "
+                f"{step}), so the network learns nothing, and training was stopped. A loss of 0 from the start means "
+                "no labelled pixel reaches it: masks whose second class is stored as 255, the ignore value (0/255 "
+                "binary masks: set data.label_map={255: 1}), or a class-weighted loss (loss=weighted_ce) whose only "
+                "labelled class weighs 0. Check the label census at the top of train.log against what the masks "
+                "should hold, then start a new run; callbacks.stop_on_nonfinite_loss.zero_loss_steps=null turns this "
+                "check off.")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
