@@ -171,6 +171,7 @@ def test_the_census_refuses_a_class_never_labelled_and_a_mostly_ignored_split_un
     with pytest.raises(ConfigError, match=r"class\(es\) 'star' .* data.absent_classes=\[star\]"):
         _folder(root, class_names=four).check_labels()
     assert _folder(root, class_names=four, absent_classes=["star"]).check_labels()[0].pixels["star"] == 0
+    assert _folder(root, class_names=four, absent_classes="any").check_labels()[0].pixels["star"] == 0
     with pytest.raises(ConfigError, match="data.absent_classes names 'moon'"):
         _folder(root, class_names=four, absent_classes=["moon"])
     mostly = {0: 255}  # background ignored: most of each mask

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from segx.core.errors import ConfigError
 
 IGNORED = "ignored"  # the census's key for pixels of the ignore index
+ANY = "any"  # data.absent_classes=any: no class needs a labelled pixel (a small subset of a large dataset)
 RAW_SHOWN = 6  # raw values named in a message or the table, the most frequent first
 
 
@@ -91,7 +92,8 @@ def check_census(train: LabelCensus, class_names: Sequence[str], ignore_index: i
     key that fixes it or accepts it: classes with no labelled pixel, most pixels ignored, 0/255 binary masks."""
     seen = (f"The {train.split} split's {train.masks} masks hold the raw values {train.raw_text()} (read as "
             f"{train.readings_text()})")
-    missing = [name for name in class_names if train.pixels[name] == 0 and name not in absent_classes]
+    accepted = class_names if ANY in absent_classes else absent_classes
+    missing = [name for name in class_names if train.pixels[name] == 0 and name not in accepted]
     if missing and _binary_0_255(train, class_names, ignore_index):
         raise ConfigError(
             f"{seen}: only 0 and 255. 255 is the ignore value (data.ignore_index), so class {class_names[1]!r} has no "
@@ -105,7 +107,8 @@ def check_census(train: LabelCensus, class_names: Sequence[str], ignore_index: i
             f"{seen}, and class(es) {names} of data.class_names have no labelled pixel among them, so a network cannot "
             f"learn them. Check that data.class_names is in the masks' index order, and data.label_map or "
             f"data.palette against the raw values above (the census table above has every class). To train anyway "
-            f"(a class that appears only in val or test), set data.absent_classes=[{', '.join(missing)}].")
+            f"(a class that appears only in val or test), set data.absent_classes=[{', '.join(missing)}] (or "
+            f"data.absent_classes={ANY}: a small subset of a dataset).")
     if train.ignored_share > max_ignored_fraction:
         raise ConfigError(
             f"{seen}, and {100 * train.ignored_share:.1f}% of their pixels are ignored (the value "
@@ -118,11 +121,13 @@ def check_census(train: LabelCensus, class_names: Sequence[str], ignore_index: i
 def check_label_options(absent_classes: Sequence[str] | None, max_ignored_fraction: float,
                         class_names: Sequence[str]) -> tuple[tuple[str, ...], float]:
     """`data.absent_classes` (names of data.class_names) and `data.max_ignored_fraction` (in [0, 1]), checked."""
+    if isinstance(absent_classes, str):  # `any`, or one name given without its list
+        absent_classes = [absent_classes]
     absent = tuple(str(n) for n in (absent_classes or ()))
-    unknown = [n for n in absent if n not in class_names]
+    unknown = [n for n in absent if n not in class_names and n != ANY]
     if unknown:
         raise ConfigError(f"data.absent_classes names {', '.join(repr(n) for n in unknown)}, which is not a class; "
-                          f"choose among {', '.join(class_names)}.")
+                          f"choose among {', '.join(class_names)}, or give {ANY} to accept every class absent.")
     try:
         fraction = float(max_ignored_fraction)
     except (TypeError, ValueError):
