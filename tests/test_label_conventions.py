@@ -49,6 +49,8 @@ def test_binary_0_255_masks_are_refused_then_trained_as_meant_with_their_census_
     assert refused.returncode == 2, output[-3000:]
     assert "only 0 and 255" in output and "data.label_map={255: 1}" in output and "Traceback" not in output
     assert "data.absent_classes=[cell]" in output and read_record(tmp_path / "a").get("history") is None
+    assert output.index("Label census") < output.index("only 0 and 255")  # the table stands above the refusal
+    assert read_record(tmp_path / "a")["label_census"]["train"]["cell"] == 0
 
     zero = run_in_process("train.py", *BINARY, f"data.root={root}", *SMALL, "loss=weighted_ce",
                           "data.absent_classes=[cell]", "data.max_ignored_fraction=1",

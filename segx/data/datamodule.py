@@ -317,12 +317,15 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         cached = self.load_split(split)
         return LabelCensus.from_counts(split, cached.census, self.class_names, self.source.ignore_index)
 
-    def check_labels(self) -> list[LabelCensus]:
-        """The train and val censuses, after refusing a training split that cannot be what was meant (see
+    def label_censuses(self) -> list[LabelCensus]:
+        """The censuses of the train split and (when it is another) the val split."""
+        splits = dict.fromkeys([self.train_split, self.val_split])
+        return [self.label_census(split) for split in splits]
+
+    def check_labels(self, censuses: list[LabelCensus] | None = None) -> list[LabelCensus]:
+        """The censuses, after refusing a training split that cannot be what was meant (see
         `segx.data.census.check_census`; data.absent_classes and data.max_ignored_fraction accept one knowingly)."""
-        censuses = [self.label_census(self.train_split)]
-        if self.val_split != self.train_split:
-            censuses.append(self.label_census(self.val_split))
+        censuses = censuses or self.label_censuses()
         check_census(censuses[0], self.class_names, self.source.ignore_index, self.absent_classes,
                      self.max_ignored_fraction)
         return censuses

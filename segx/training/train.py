@@ -320,14 +320,16 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     if monitor == "val/miou_no_bg" and datamodule.background_index is None:
         raise ConfigError("monitor=val/miou_no_bg needs a background class, but this dataset has none "
                           "(data.background_index=null); monitor val/miou instead, or set data.background_index.")
-    # The label census, before the loss weighs the classes by it: labels read the wrong way stop the run here.
-    censuses = datamodule.check_labels()
+    # The label census, before the loss weighs the classes by it: shown and recorded first, so a refusal below
+    # (labels read the wrong way) has the table above it and in metrics.json.
+    censuses = datamodule.label_censuses()
     record.fields["label_census"] = census_record(censuses)
     record.fields["mask_readings"] = {census.split: census.readings for census in censuses}
     if datamodule.source.held_out is not None:  # data.val_fraction: which images validate this run
         record.fields["val_held_out"] = datamodule.source.held_out
     log.info("Label census (pixels of the mask files at their own size, after data.label_map):\n%s",
              "\n".join(census_table(censuses)))
+    datamodule.check_labels(censuses)
     loss = build_loss(cfg.loss, class_frequencies=datamodule.class_frequencies)
     module = SegmentationModule(
         net, loss, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
@@ -362,8 +364,8 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
             and not any(isinstance(c, ModelSummary) for c in configured)):
         # The layer table as a log record (the job's train.log), not Rich's print to the console the sweep shares.
         callbacks.append(ModelSummary())
-    arguments: dict[str, Any] = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # a
-    # user's own plugins win
+    # A user's own plugins win over the atomic checkpoint writer.
+    arguments: dict[str, Any] = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
     interval = logging_interval(cfg.trainer, len(datamodule.load_split(datamodule.train_split)), datamodule.batch_size)
     if interval is not None:
         log.info("trainer.log_every_n_steps=%s is more than an epoch's %d batches: train/* is logged every %d steps",
