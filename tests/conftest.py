@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model=unet_small", "model.encoder_widths=[16,32]", "model.bottleneck_width=64"]
 TINY_SHAPES = ["data=shapes", "data.num_train=96", "data.num_val=16", "data.min_size=48", "data.max_size=80",
                "data.image_size=32", "data.batch_size=8"]
+# Only where a test's output is irrelevant and the progress bar is not what it covers: the end-to-end tests of the
+# headline commands (a run, a sweep, trainer=ddp, evaluate, the study presets) run with the shipped bar.
 QUIET = ["trainer.enable_progress_bar=false"]
 
 
@@ -81,7 +83,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> 
     """One short real training run on shapes, shared by the tests that inspect its outputs."""
     run_dir = tmp_path_factory.mktemp("run")
     run_in_process(
-        "train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}", "optimizer.lr=3e-3",
+        "train.py", *TINY_MODEL, *TINY_SHAPES, f"data.root={shapes_root}", "optimizer.lr=3e-3",
         "optimizer.decay=1e-3", "trainer.max_epochs=10", "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}",
     )
     return run_dir

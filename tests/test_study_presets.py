@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from segx import report
 from segx.runs.record import read_record
 from segx.runs.status import COMPLETED
-from tests.conftest import QUIET, ROOT, TINY_SHAPES, run_in_process
+from tests.conftest import ROOT, TINY_SHAPES, run_in_process
 
 PRESET_JOBS = {"optimizer_grid": 36, "loss_grid": 42, "size_study": 9, "best_setting": 3, "compare_models": 36}
 # The study's comparisons as its code ran them: one chained 75-epoch run per model or loss, no seeds.
@@ -131,7 +131,7 @@ def test_preset_smoke_sweep_on_shapes(name: str, shapes_root: Path, tmp_path: Pa
     # Presets of the study's U-Net alone sweep optimizers, rates and losses, not the network: a narrow U-Net of the
     # same depth runs their jobs in a fraction of the time. Model-comparing presets keep their networks whole.
     narrow = SMOKE_NETWORKS if name == "compare_models" else [] if name == "size_study" else NARROW_UNET
-    result = run_in_process("train.py", "-m", f"experiment={name}", *TINY_SHAPES, *QUIET, *SMOKE, *narrow,
+    result = run_in_process("train.py", "-m", f"experiment={name}", *TINY_SHAPES, *SMOKE, *narrow,
                              f"data.root={shapes_root}", f"hydra.sweep.dir={tmp_path}")
     runs = sorted((p.parent for p in tmp_path.glob("*/metrics.json")), key=lambda p: int(p.name))
     assert len(runs) == PRESET_JOBS[name] // 3, result.stdout[-3000:]
@@ -165,7 +165,7 @@ def test_chained_smoke_sweep_reports_the_studys_points(name: str, shapes_root: P
     """The study's comparisons as its code ran them, 3 windows of 1 epoch per network or loss, and their report."""
     smoke = [o for o in SMOKE if not o.startswith(("trainer.max_epochs", "hydra.sweeper.params.seed"))]
     narrow = SMOKE_NETWORKS if name == "compare_models_chained" else NARROW_UNET
-    run_in_process("train.py", "-m", f"experiment={name}", *TINY_SHAPES, *QUIET, *smoke, *narrow,
+    run_in_process("train.py", "-m", f"experiment={name}", *TINY_SHAPES, *smoke, *narrow,
                    "trainer.max_epochs=3", f"data.root={shapes_root}", f"hydra.sweep.dir={tmp_path}")
     records = [read_record(p.parent) for p in sorted(tmp_path.glob("*/metrics.json"))]
     assert len(records) == 4 and all(r["status"] == COMPLETED for r in records), [r.get("error") for r in records]

@@ -57,7 +57,7 @@ def ray_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
     data_root = tmp_path_factory.mktemp("fresh_data") / "shapes"
     # A whole epoch (12 batches), not SHORT's 2: jobs of a few seconds, so the two running side by side overlap
     # even when one worker process starts a second later than the other.
-    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, *QUIET, "trainer.max_epochs=1", "trainer.limit_val_batches=1",
+    result = run_sweep(*TINY_MODEL, *TINY_SHAPES, "trainer.max_epochs=1", "trainer.limit_val_batches=1",
                        f"data.root={data_root}", "optimizer=sgd,adam", "seed=1,2", *SIMULATED_GPUS,
                        f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -386,7 +386,9 @@ def odd_val_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
 
 
 def ddp_overrides(root: Path) -> list[str]:
-    return [*TINY_MODEL, *QUIET, *DDP, "data=shapes", f"data.root={root}", "data.num_train=16", "data.num_val=13",
+    """A 2-rank gloo run with the shipped callbacks, progress bar included: rank 0's bar reads the epoch's logged
+    values while the other ranks are in the module's hooks, the deadlock users met."""
+    return [*TINY_MODEL, *DDP, "data=shapes", f"data.root={root}", "data.num_train=16", "data.num_val=13",
             "data.min_size=48", "data.max_size=80", "data.image_size=32", "data.batch_size=4",
             "data.val_batch_size=4"]
 
@@ -412,6 +414,60 @@ def test_ddp_job_inside_a_multirun_spawns_its_ranks(odd_val_root: tuple, tmp_pat
         assert job["final"]["val/pixels"] == labelled and job["best"]["val/miou"] >= 0
 
 
+def _ranks_running(own: OwnProcesses, job: int) -> bool:
+    """Whether the job's process has started its other ranks (a process of the test's besides the job's)."""
+    return any(pid != job for pid in own.alive())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, sig", [("sweep job", signal.SIGKILL), ("run", signal.SIGTERM)])
+def test_no_rank_outlives_its_ddp_job(odd_val_root: tuple, tmp_path: Path, kind: str, sig: signal.Signals) -> None:
+    """The job's process of a DDP sweep job (ddp_spawn ranks) killed with SIGKILL, and of a single `ddp` run (ranks
+    1..n run the command line again) ended with SIGTERM: within 60 s none of its ranks is left."""
+    root, _ = odd_val_root
+    own = OwnProcesses(uuid.uuid4().hex)
+    command = [sys.executable, str(ROOT / "train.py"), *(["-m"] if kind == "sweep job" else []),
+               *ddp_overrides(root), "trainer.max_epochs=200",
+               f"hydra.{'sweep' if kind == 'sweep job' else 'run'}.dir={tmp_path}"]
+    with subprocess.Popen(command, cwd=ROOT, env={**os.environ, TAG: own.tag, "HYDRA_FULL_ERROR": "0"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as job:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / ("0/metrics.json" if kind == "sweep job" else "metrics.json")).is_file() \
+                or not _ranks_running(own, job.pid):
+            assert job.poll() is None and time.monotonic() < deadline, "the DDP job did not start its ranks"
+            time.sleep(0.5)
+        time.sleep(2)  # into training: every rank inside its epochs
+        ranks = {pid: name for pid, name in own.alive().items() if pid != job.pid}
+        assert ranks, "no rank besides the job's process"
+        job.send_signal(sig)
+        job.wait(timeout=120)
+    own.wait_until_gone(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_answering_fails_the_run_within_the_collective_timeout(odd_val_root: tuple,
+                                                                                tmp_path: Path) -> None:
+    """Rank 1 hangs at the end of the first epoch; rank 0 waits in the epoch's all_gather. With
+    distributed.collective_timeout_s=10 the run fails in one paragraph naming rank 0 and the hook, the record says
+    failed, and the hung rank ends with its job."""
+    root, _ = odd_val_root
+    own = OwnProcesses(uuid.uuid4().hex)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *ddp_overrides(root), "trainer.max_epochs=2",
+                             "distributed.collective_timeout_s=10",
+                             "+callbacks.hang={_target_: tests.faults.HangOnRank, rank: 1, seconds: 900}",
+                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, TAG: own.tag, "HYDRA_FULL_ERROR": "0"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert time.monotonic() - started < 590  # the timeout fired: without it the rank would wait 900 s
+    assert "Rank 0 of this DDP run waited 10 s in a collective" in output
+    assert "in on_train_epoch_end (segx/training/module.py" in output
+    record = read_record(tmp_path)
+    assert record["status"] == FAILED and "another rank never answered" in record["error"]
+    own.wait_until_gone(timeout=60)  # the hung rank 1 went with its job
+
+
 def _can_mount_a_small_dev_shm() -> bool:
     if shutil.which("unshare") is None:
         return False
@@ -427,7 +483,7 @@ def test_a_ddp_sweep_job_needs_no_dev_shm_for_its_data_and_compiles_in_its_ranks
     """ddp_spawn pickles the data module to its ranks: with the loaded splits that goes through /dev/shm (Docker's
     is 64 MB, VOC trainaug's cache 690 MB). Here the train split (2.6 MB) is larger than the run's /dev/shm (1 MB).
     And run.compile survives into the spawned ranks, which recompile (`configure_model`)."""
-    command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY_MODEL, *QUIET, *DDP, "data=shapes",
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY_MODEL, *DDP, "data=shapes",
                f"data.root={tmp_path / 'shapes'}", "data.num_train=160", "data.num_val=8", "data.min_size=64",
                "data.max_size=80", "data.image_size=64", "data.batch_size=8", "trainer.limit_train_batches=2",
                "trainer.limit_val_batches=1", "run.compile=eager", "seed=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]

@@ -20,7 +20,7 @@ CHANCE_MIOU = 0.05  # all-background on shapes: ~0.7 IoU for one class out of 21
 
 @pytest.mark.slow
 def test_fast_dev_run_through_hydra(shapes_root: Path, tmp_path: Path) -> None:
-    run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+    run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, f"data.root={shapes_root}",
                     "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path}")
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert read_json(tmp_path / "metrics.json")["parameters"]["trainable"] > 0
@@ -135,7 +135,7 @@ def _opening_columns(experiment: object) -> list[str]:
 @pytest.mark.slow
 def test_resume_from_last_checkpoint_continues_training(trained_run: Path, shapes_root: Path,
                                                         tmp_path: Path) -> None:
-    run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+    run_in_process("train.py", *TINY_MODEL, *TINY_SHAPES, f"data.root={shapes_root}",
                     "optimizer.lr=3e-3", "optimizer.decay=1e-3", "trainer.max_epochs=11", "logger=csv",
                     f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}")
     metrics = read_json(tmp_path / "metrics.json")
@@ -150,7 +150,7 @@ def test_resume_from_last_checkpoint_continues_training(trained_run: Path, shape
 @pytest.mark.slow
 def test_two_job_multirun_leaves_two_run_dirs_named_by_overrides_in_tensorboard(shapes_root: Path,
                                                                                   tmp_path: Path) -> None:
-    run_in_process("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, *QUIET, f"data.root={shapes_root}",
+    run_in_process("train.py", "-m", *TINY_MODEL, *TINY_SHAPES, f"data.root={shapes_root}",
                     "trainer.max_epochs=1", "trainer.limit_train_batches=2", "seed=1,2",
                     f"hydra.sweep.dir={tmp_path}")
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.json"))

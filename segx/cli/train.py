@@ -1,6 +1,11 @@
 """Train a segmentation network: `segx-train` or `python train.py model=unet_small optimizer=sgd optimizer.lr=1e-3`."""
 
+# ruff: noqa: E402  # the rank check comes before the other imports
 from __future__ import annotations
+
+from segx.core.ranks import end_with_the_job_if_a_rank
+
+end_with_the_job_if_a_rank()  # first, before the imports below take seconds: a DDP rank must not outlive its job
 
 import logging
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from segx.data.voc import IGNORE_INDEX, VOC_CLASSES
 from segx.inference.checkpoint import CHECKPOINT_KEY
@@ -28,10 +29,13 @@ class SegmentationModule(pl.LightningModule):
     """Wraps a network mapping [N,3,H,W] to logits [N,C,H,W] with a loss, an optimizer and the metrics.
 
     Metrics are confusion matrices accumulated over the whole epoch and reduced once at its end (see
-    `segx.metrics.confusion`). `run_config` (the resolved Hydra config) is stored in every checkpoint so that
-    `evaluate.py ckpt=...` can rebuild the network and its data without any other file. `study_metrics` also logs
-    the study's own Keras readings (`segx.metrics.study`: not mIoU) as `{train,val}/study_meaniou` and
-    `{train,val}/study_iou_no_bg`, only to reproduce its curves.
+    `segx.metrics.confusion`); the epoch's mean loss likewise. Every reduction over DDP ranks happens in the module's
+    own epoch-end hooks, which every rank runs in the same order: nothing is logged with `sync_dist`, whose reduction
+    Lightning starts wherever the logged values are first read (the progress bar reads them on rank 0 only).
+    `run_config` (the resolved Hydra config) is stored in every checkpoint so that `evaluate.py ckpt=...` can rebuild
+    the network and its data without any other file. `study_metrics` also logs the study's own Keras readings
+    (`segx.metrics.study`: not mIoU) as `{train,val}/study_meaniou` and `{train,val}/study_iou_no_bg`, only to
+    reproduce its curves.
     """
 
     def __init__(
@@ -66,6 +70,9 @@ class SegmentationModule(pl.LightningModule):
         num_classes = len(self.class_names)
         self.train_confmat = confusion_matrix_metric(num_classes, ignore_index)
         self.val_confmat = confusion_matrix_metric(num_classes, ignore_index)
+        # The epoch's loss, weighted by batch size (NaN kept: a diverged epoch must not read as fine).
+        self.train_loss_mean = MeanMetric(nan_strategy="disable")
+        self.val_loss_mean = MeanMetric(nan_strategy="disable")
         self.val_confusion_matrix: torch.Tensor | None = None
         self.study_metrics = bool(study_metrics)
         if self.study_metrics:  # the study's Keras readings of IoU, only to reproduce its curves
@@ -93,7 +100,7 @@ class SegmentationModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Epoch scores come from confusion matrices torchmetrics already summed over the DDP ranks, so every
         # rank logs the same value: Lightning's advice to sync them (one warning per class) does not apply.
-        synced = (rf"(train|val)(/acc|/miou|/miou_no_bg|/m\w+|/pixels|/lr|/study_meaniou|/study_iou_no_bg"
+        synced = (rf"(train|val)(/loss|/acc|/miou|/miou_no_bg|/m\w+|/pixels|/lr|/study_meaniou|/study_iou_no_bg"
                   rf"|/({'|'.join(PER_CLASS_SCORES)})/.+|_miou)")
         warnings.filterwarnings("ignore", message=rf".*self\.log\('{synced}',.*sync_dist")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own code
@@ -112,7 +119,8 @@ class SegmentationModule(pl.LightningModule):
         if self.study_metrics:
             for metric in self._study_metrics(stage).values():
                 metric.update(logits.detach(), masks)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0], sync_dist=True)
+        (self.train_loss_mean if stage == "train" else self.val_loss_mean).update(loss.detach(),
+                                                                                 weight=images.shape[0])
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -131,13 +139,18 @@ class SegmentationModule(pl.LightningModule):
         return {f"{stage}/{name}": getattr(self, f"{stage}_{name}") for name in names}
 
     def _log_scores(self, stage: str) -> None:
+        """The epoch's scores, each reduced over the DDP ranks here (every rank, same order), then logged as the
+        plain values they are."""
         confmat = self.train_confmat if stage == "train" else self.val_confmat
         counts = confmat.compute()
         scores = segmentation_scores(counts, self.class_names, self.background_index, self.fscore_beta)
         confmat.reset()
+        mean_loss = self.train_loss_mean if stage == "train" else self.val_loss_mean
+        loss = mean_loss.compute()
+        mean_loss.reset()
         if stage == "val":  # the epoch's whole val confusion matrix, for metrics.json (rows: ground truth)
             self.val_confusion_matrix = counts.detach().long().cpu()
-        metrics = {f"{stage}/acc": scores["pixel_acc"], f"{stage}/miou": scores["miou"]}
+        metrics = {f"{stage}/loss": loss, f"{stage}/acc": scores["pixel_acc"], f"{stage}/miou": scores["miou"]}
         if stage == "val":
             if scores["miou_no_bg"] is not None:
                 metrics["val/miou_no_bg"] = scores["miou_no_bg"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -93,6 +94,19 @@ class Runtime:
     strategy: Any
     sync_batchnorm: bool
     benchmark: bool = False
+    collective_timeout_s: float | None = None  # DDP: a rank waiting longer than this in a collective fails the run
+
+    def trainer_strategy(self) -> Any:
+        """What the Trainer gets: a DDP strategy named by string is built with the collective timeout (Lightning's
+        registry gives its class and arguments); any other strategy as it was configured."""
+        if not isinstance(self.strategy, str) or self.collective_timeout_s is None:
+            return self.strategy
+        from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
+
+        entry = StrategyRegistry[self.strategy] if self.strategy in StrategyRegistry else None
+        if entry is None or not issubclass(entry["strategy"], DDPStrategy):
+            return self.strategy
+        return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=self.collective_timeout_s))
 
     def record(self) -> dict[str, str]:
         strategy = self.strategy if isinstance(self.strategy, str) else type(self.strategy).__name__
@@ -100,8 +114,20 @@ class Runtime:
                 "strategy": strategy}
 
 
-def resolve_runtime(trainer: Any, in_sweep: bool) -> Runtime:
-    """The Trainer settings segx resolves itself, from the `trainer` config node."""
+def check_collective_timeout(seconds: Any) -> float:
+    """`distributed.collective_timeout_s` as a positive number of seconds."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0:
+        raise ConfigError(f"distributed.collective_timeout_s={seconds!r} must be a positive number of seconds (300, "
+                          "the default, fails a run whose ranks wait 5 minutes for one another).")
+    return value
+
+
+def resolve_runtime(trainer: Any, in_sweep: bool, collective_timeout_s: Any = 300) -> Runtime:
+    """The Trainer settings segx resolves itself, from the `trainer` config node (and the collective timeout)."""
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -126,6 +152,7 @@ def resolve_runtime(trainer: Any, in_sweep: bool) -> Runtime:
         precision=precision_for(trainer.get("precision", "auto"), accelerator),
         strategy=strategy, sync_batchnorm=sync_batchnorm,
         benchmark=resolve_benchmark(trainer.get("benchmark"), cuda, bool(trainer.get("deterministic"))),
+        collective_timeout_s=check_collective_timeout(collective_timeout_s),
     )
 
 

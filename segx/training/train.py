@@ -39,8 +39,10 @@ from segx.tracking.run import TrackedRun, start_tracking
 from segx.tracking.settings import is_mlflow_node, logger_nodes
 from segx.training.callbacks import RunSummary
 from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
+from segx.training.callbacks.end_with_job import EndWithJob
 from segx.training.callbacks.run_summary import EpochListener
 from segx.training.checkpoint_io import AtomicCheckpointIO
+from segx.training.collectives import CollectiveTimeoutError, collective_timeout_message, is_collective_timeout
 from segx.training.losses import build_loss
 from segx.training.module import SegmentationModule
 from segx.training.resume_check import check_resume
@@ -282,7 +284,8 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
         record.fields["chained_trials"] = chained
         log.info("Chained trials: %d × %d epochs of one model and optimizer, each window scored by its maximum "
                  "(the study's protocol)", chained["trials"], chained["epochs_per_trial"])
-    runtime = resolve_runtime(cfg.trainer, in_sweep=job.multirun)
+    runtime = resolve_runtime(cfg.trainer, in_sweep=job.multirun,
+                              collective_timeout_s=(cfg.get("distributed") or {}).get("collective_timeout_s", 300))
     record.start(**runtime.record())
     share = gpu_share()
     if share < 1:  # e.g. hydra.launcher.ray.remote.num_gpus=0.5: data.on_device=auto budgets that share
@@ -359,7 +362,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
                          provenance=record.fields, listeners=[c for c in configured if isinstance(c, EpochListener)],
                          hparams_shown=shown_hparams(swept, hparams))
-    callbacks = [*configured, summary, CheckpointOnInterrupt()]
+    callbacks = [*configured, summary, CheckpointOnInterrupt(), EndWithJob()]
     if (job.in_worker and cfg.trainer.get("enable_model_summary") is not False
             and not any(isinstance(c, ModelSummary) for c in configured)):
         # The layer table as a log record (the job's train.log), not Rich's print to the console the sweep shares.
@@ -372,11 +375,18 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
                  cfg.trainer.log_every_n_steps, interval, interval)
         arguments["log_every_n_steps"] = interval
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, precision=runtime.precision, strategy=runtime.strategy, sync_batchnorm=runtime.sync_batchnorm,
+        cfg.trainer, precision=runtime.precision, strategy=runtime.trainer_strategy(),
+        sync_batchnorm=runtime.sync_batchnorm,
         benchmark=runtime.benchmark, enable_progress_bar=show_progress,
         logger=logger, callbacks=callbacks, default_root_dir=str(run_dir), **arguments,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except Exception as error:  # a rank that stopped answering: one paragraph, the record failed, exit status 2
+        if trainer.world_size > 1 and is_collective_timeout(error):
+            raise CollectiveTimeoutError(collective_timeout_message(error, trainer.global_rank,
+                                                                    runtime.collective_timeout_s)) from error
+        raise
     for stopper in trainer.early_stopping_callbacks:  # callbacks=[default,early_stopping]
         if stopper.stopped_epoch:
             record.note(early_stopped_at_epoch=int(stopper.stopped_epoch) + 1)

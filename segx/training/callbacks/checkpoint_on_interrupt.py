@@ -31,6 +31,14 @@ class CheckpointOnInterrupt(pl.Callback):
         if signal_name is None or not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.dirpath:
             return
         path = Path(checkpoint.dirpath) / "last.ckpt"
+        if trainer.world_size > 1:
+            # A signal reaches the ranks at different points, and a checkpoint needs every rank in it: saving would
+            # wait on ranks that are elsewhere (or already gone). The last epoch's last.ckpt is the resume point.
+            if trainer.is_global_zero:
+                log.warning("%s in a %d-process run: no checkpoint is saved mid-epoch (it needs every rank); resume "
+                            "with ckpt_path=last from the last epoch's last.ckpt (hydra.run.dir=%s)", signal_name,
+                            trainer.world_size, path.parent.parent)
+            return
         if self._epoch_of_last_batch != trainer.current_epoch:
             # Before the epoch's first batch: Lightning would resume such a state as an epoch already run (no
             # training, no validation). The last.ckpt of the epoch before holds the same weights and step.
