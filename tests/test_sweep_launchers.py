@@ -550,3 +550,23 @@ def test_the_devices_recorded_are_those_the_run_trains_on(monkeypatch: pytest.Mo
     assert visible_devices("gpu", "0,2") == "4,6" and visible_devices("gpu", [1]) == "5"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert visible_devices("cpu", 1) == "cpu"
+
+
+def test_a_collective_timeout_is_told_with_its_rank_and_hook_from_a_spawned_rank_s_traceback() -> None:
+    from segx.training.collectives import collective_timeout_message, is_collective_timeout
+    from segx.training.runtime import check_collective_timeout
+
+    spawned = RuntimeError(
+        "\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n"
+        '  File "/x/pytorch_lightning/trainer/call.py", line 48, in _call_and_handle_interrupt\n'
+        '  File "/x/segx/training/module.py", line 171, in on_validation_epoch_end\n'
+        '  File "/x/segx/training/module.py", line 140, in _log_scores\n'
+        "RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 300000ms for recv operation")
+    assert is_collective_timeout(spawned) and not is_collective_timeout(RuntimeError("out of memory"))
+    message = collective_timeout_message(spawned, 0, 300.0)
+    assert message.startswith("Rank 1 of this DDP run waited 300 s in a collective")
+    assert "in on_validation_epoch_end (segx/training/module.py:171)" in message
+    assert "distributed.collective_timeout_s" in message and "Timed out waiting 300000ms" in message
+    assert check_collective_timeout("60") == 60.0
+    with pytest.raises(ConfigError, match="distributed.collective_timeout_s=0"):
+        check_collective_timeout(0)

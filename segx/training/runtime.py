@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -95,18 +94,6 @@ class Runtime:
     sync_batchnorm: bool
     benchmark: bool = False
     collective_timeout_s: float | None = None  # DDP: a rank waiting longer than this in a collective fails the run
-
-    def trainer_strategy(self) -> Any:
-        """What the Trainer gets: a DDP strategy named by string is built with the collective timeout (Lightning's
-        registry gives its class and arguments); any other strategy as it was configured."""
-        if not isinstance(self.strategy, str) or self.collective_timeout_s is None:
-            return self.strategy
-        from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
-
-        entry = StrategyRegistry[self.strategy] if self.strategy in StrategyRegistry else None
-        if entry is None or not issubclass(entry["strategy"], DDPStrategy):
-            return self.strategy
-        return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=self.collective_timeout_s))
 
     def record(self) -> dict[str, str]:
         strategy = self.strategy if isinstance(self.strategy, str) else type(self.strategy).__name__

@@ -39,6 +39,7 @@ from segx.tracking.run import TrackedRun, start_tracking
 from segx.tracking.settings import is_mlflow_node, logger_nodes
 from segx.training.callbacks import RunSummary
 from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
+from segx.training.callbacks.collective_timeout import CollectiveTimeout
 from segx.training.callbacks.end_with_job import EndWithJob
 from segx.training.callbacks.run_summary import EpochListener
 from segx.training.checkpoint_io import AtomicCheckpointIO
@@ -362,7 +363,8 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
                          provenance=record.fields, listeners=[c for c in configured if isinstance(c, EpochListener)],
                          hparams_shown=shown_hparams(swept, hparams))
-    callbacks = [*configured, summary, CheckpointOnInterrupt(), EndWithJob()]
+    callbacks = [*configured, summary, CheckpointOnInterrupt(), EndWithJob(),
+                 CollectiveTimeout(runtime.collective_timeout_s)]
     if (job.in_worker and cfg.trainer.get("enable_model_summary") is not False
             and not any(isinstance(c, ModelSummary) for c in configured)):
         # The layer table as a log record (the job's train.log), not Rich's print to the console the sweep shares.
@@ -375,8 +377,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
                  cfg.trainer.log_every_n_steps, interval, interval)
         arguments["log_every_n_steps"] = interval
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, precision=runtime.precision, strategy=runtime.trainer_strategy(),
-        sync_batchnorm=runtime.sync_batchnorm,
+        cfg.trainer, precision=runtime.precision, strategy=runtime.strategy, sync_batchnorm=runtime.sync_batchnorm,
         benchmark=runtime.benchmark, enable_progress_bar=show_progress,
         logger=logger, callbacks=callbacks, default_root_dir=str(run_dir), **arguments,
     )

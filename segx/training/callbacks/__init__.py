@@ -1,6 +1,7 @@
 """Lightning callbacks, one file each; the names here are the `_target_`s of conf/callbacks/."""
 
 from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
+from segx.training.callbacks.collective_timeout import CollectiveTimeout
 from segx.training.callbacks.end_with_job import EndWithJob
 from segx.training.callbacks.epoch_progress_bar import EpochProgressBar
 from segx.training.callbacks.prediction_grid import PredictionGridLogger
@@ -10,6 +11,6 @@ from segx.training.callbacks.stop_on_nonfinite_loss import NonFiniteLossError, S
 from segx.training.callbacks.tune_report import TuneReport
 
 __all__ = [
-    "CheckpointOnInterrupt", "EndWithJob", "EpochProgressBar", "NonFiniteLossError", "PredictionGridLogger",
-    "RunCheckpoint", "RunSummary", "StopOnNonFiniteLoss", "TuneReport",
+    "CheckpointOnInterrupt", "CollectiveTimeout", "EndWithJob", "EpochProgressBar", "NonFiniteLossError",
+    "PredictionGridLogger", "RunCheckpoint", "RunSummary", "StopOnNonFiniteLoss", "TuneReport",
 ]
