@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import traceback
 
 from segx.core.errors import SegxError, find_in_chain
 
-log = logging.getLogger(__name__)
-
 # What a collective past its timeout raises: gloo's RuntimeError, NCCL's watchdog (a DistBackendError).
-TIMEOUT_MARKERS = ("Timed out waiting", "Watchdog caught collective operation timeout", "wait timeout",
+TIMEOUT_MARKERS = ("Timed out waiting", "Watchdog caught collective operation timeout",
                    "collective operation timeout")
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
 _SPAWNED_RANK = re.compile(r"Process (\d+) terminated with the following error")
@@ -43,7 +40,7 @@ def _frames(error: BaseException) -> list[tuple[str, int, str]]:
 
 
 def where_it_waited(error: BaseException) -> str | None:
-    """The hook the rank was in when its collective timed out ('on_train_epoch_end, segx/training/module.py:175'):
+    """The hook the rank was in when its collective timed out ('on_train_epoch_end (segx/training/module.py:175)'):
     the innermost Lightning hook or step of the traceback."""
     hooks = [frame for frame in _frames(error) if frame[2].startswith("on_") or frame[2].endswith("_step")]
     if not hooks:
