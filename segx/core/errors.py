@@ -12,16 +12,19 @@ class SegxError(RuntimeError):
     """A problem with the user's data, config or files; the message names the culprit and the fix."""
 
 
-def find_in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> BaseException | None:
-    """The first exception in `error`'s chain (itself, then each `__cause__` or `__context__`) that is `wanted`."""
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then each `__cause__` or `__context__` behind it, each once."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
-        if wanted(current):
-            return current
+        yield current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return None
+
+
+def find_in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in `error`'s chain (itself, then each `__cause__` or `__context__`) that is `wanted`."""
+    return next((current for current in exception_chain(error) if wanted(current)), None)
 
 
 def find_user_error(error: BaseException) -> SegxError | None:

@@ -289,8 +289,10 @@ def check_pair(
         bad.append(BadFile(problem.problem, mask_file, problem.detail, problem.values))
     except Exception as error:
         bad.append(BadFile("mask", mask_file, _pil_error(error, mask_file)))
-    if mask is not None:
-        values = torch.unique(mask)
+    counts = None
+    if mask is not None:  # one count per label value serves both the check and the census
+        counts = torch.bincount(mask.flatten().long(), minlength=256)
+        values = counts.nonzero().flatten()
         wrong = values[(values >= num_classes) & (values != ignore_index)].tolist()
         if wrong:
             shown = ", ".join(map(str, wrong[:5])) + (", ..." if len(wrong) > 5 else "")
@@ -302,8 +304,7 @@ def check_pair(
         ))
     if bad or image is None or mask is None:
         return None, bad
-    if census is not None:
-        counts = torch.bincount(mask.flatten().long(), minlength=256)
+    if census is not None and counts is not None:  # counts: set, as the mask was read
         census.labels.update({v: int(n) for v, n in enumerate(counts.tolist()) if n})
         census.raw.update(raw)
         census.readings[reading] += 1

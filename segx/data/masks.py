@@ -32,11 +32,6 @@ class MaskProblem(ValueError):
 HEX_COLOUR = re.compile(r"#?([0-9a-fA-F]{6})")
 
 
-def hex_colour(rgb: Sequence[int]) -> str:
-    """'#50E3C2' for (80, 227, 194): how annotation tools (Supervisely, CVAT) and the label census write colours."""
-    return "#{:02X}{:02X}{:02X}".format(*(int(c) for c in rgb))
-
-
 def parse_colour(value: Any, name: str) -> tuple[int, int, int]:
     """A colour given as [r, g, b] or as a hex string ('#50E3C2', as annotation tools write them)."""
     if isinstance(value, str):

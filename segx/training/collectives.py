@@ -6,7 +6,7 @@ import os
 import re
 import traceback
 
-from segx.core.errors import SegxError, find_in_chain
+from segx.core.errors import SegxError, exception_chain, find_in_chain
 
 # What a collective past its timeout raises: gloo's RuntimeError, NCCL's watchdog (a DistBackendError).
 TIMEOUT_MARKERS = ("Timed out waiting", "Watchdog caught collective operation timeout",
@@ -29,13 +29,9 @@ def _frames(error: BaseException) -> list[tuple[str, int, str]]:
     """(file, line, function) of every frame in `error`'s chain, outermost first; a spawned rank's traceback comes
     as text in the message."""
     frames: list[tuple[str, int, str]] = []
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in exception_chain(error):
         frames += [(f.filename, f.lineno or 0, f.name) for f in traceback.extract_tb(current.__traceback__)]
         frames += [(file, int(line), name) for file, line, name in _FRAME.findall(str(current))]
-        current = current.__cause__ or current.__context__
     return frames
 
 
