@@ -5,6 +5,7 @@ other Ray on the machine."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,7 +36,7 @@ class RayNodes:
     only the processes these commands started (found by a tag in their environment)."""
 
     def __init__(self, root: Path, workers: int = 1, gpus: int = 1, cpus: int = 2) -> None:
-        self.port, self.home = free_port(), root / "home"
+        self.port, self.home, self.root, self.added = free_port(), root / "home", root, 0
         (self.home / ".ray").mkdir(parents=True, exist_ok=True)
         (self.home / ".ray" / "auth_token").write_text(os.urandom(16).hex())
         self.address = f"127.0.0.1:{self.port}"
@@ -51,6 +52,11 @@ class RayNodes:
         except BaseException:
             self.stop()
             raise
+
+    def add_node(self, gpus: int = 1, cpus: int = 2) -> KillableNode:
+        """One more raylet joining the cluster, with processes of its own: `KillableNode.kill()` ends it alone."""
+        self.added += 1  # its temp folder beside the others (a socket's path may not exceed 107 bytes)
+        return KillableNode(self, self.root / f"added{self.added}", gpus, cpus)
 
     def env(self, **changes: str | None) -> dict[str, str]:
         """A driver's environment on this machine: the cluster's HOME (its token), no RAY_AUTH_MODE or RAY_ADDRESS
@@ -77,6 +83,38 @@ class RayNodes:
 
     def stop(self) -> None:
         """SIGKILL to every process of this cluster; waits until they are gone."""
+        self.own.kill()
+        deadline = time.monotonic() + 20
+        while self.own.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+class KillableNode:
+    """A raylet that joined a `RayNodes` cluster and can be SIGKILLed alone, as a machine that dies would be."""
+
+    def __init__(self, cluster: RayNodes, root: Path, gpus: int, cpus: int) -> None:
+        self.own, self.temp_dir = OwnProcesses(uuid.uuid4().hex), root
+        env = {**cluster.env(), "RAY_AUTH_MODE": "token", TAG: self.own.tag}
+        command = [RAY, "start", f"--address={cluster.address}", f"--temp-dir={root}", f"--num-gpus={gpus}",
+                   f"--num-cpus={cpus}", "--disable-usage-stats"]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        self.own.record()
+        cluster.own.known.update(self.own.known)  # the cluster's stop() ends it too
+        if result.returncode != 0:
+            self.kill()
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+
+    @property
+    def node_id(self) -> str:
+        """Its Ray node id, as its raylet logged it."""
+        for log in sorted(self.temp_dir.glob("session_*/logs/raylet.out")):
+            found = re.search(r"Raylet of id, ([0-9a-f]{56})", log.read_text(errors="replace"))
+            if found:
+                return found.group(1)
+        raise RuntimeError(f"no node id in the raylet log under {self.temp_dir}")
+
+    def kill(self) -> None:
+        """SIGKILL to the raylet and every process it started; waits until they are gone."""
         self.own.kill()
         deadline = time.monotonic() + 20
         while self.own.alive() and time.monotonic() < deadline:

@@ -96,6 +96,47 @@ def test_the_scheduler_limits_the_trials_training_at_once_itself_and_never_waits
     assert scheduler.on_trial_result(controller, late, {"epoch": 1, "score": 0.9}) == "STOP"
 
 
+def test_a_trial_retried_after_a_lost_worker_keeps_its_place_at_the_rung() -> None:
+    """Tune requeues a trial whose worker was lost with on_trial_error then on_trial_add: the rung waits for it and
+    judges it with the others. A trial that fails for good (no retry left) leaves the rung instead."""
+    from ray.tune.experiment import Trial
+
+    from segx.search.halving import SuccessiveHalving
+    from segx.search.replay import SimController
+
+    def search() -> tuple[SuccessiveHalving, SimController, list[Trial]]:
+        scheduler = SuccessiveHalving(3, [2], 3, max_t=4)
+        trials = [Trial("segx", config={"_job": n}, stub=True, max_failures=1) for n in range(3)]
+        controller = SimController(scheduler, trials)
+        for trial in trials:
+            scheduler.on_trial_add(controller, trial)
+            trial.status = Trial.RUNNING
+        assert scheduler.on_trial_result(controller, trials[0], {"epoch": 1, "score": 0.9}) == "CONTINUE"
+        for trial in trials[1:]:  # the other two wait at the rung
+            assert scheduler.on_trial_result(controller, trial, {"epoch": 2, "score": 0.5}) == "PAUSE"
+            trial.status = Trial.PAUSED
+        return scheduler, controller, trials
+
+    scheduler, controller, trials = search()
+    lost = trials[0]  # its node died after epoch 1: Tune's _try_recover
+    lost.run_metadata.num_failures, lost.status = 1, Trial.ERROR
+    scheduler.on_trial_error(controller, lost)
+    lost.status = Trial.PENDING
+    scheduler.on_trial_add(controller, lost)
+    assert not any(scheduler.ladder.decided) and scheduler.choose_trial_to_run(controller) is lost
+    lost.status = Trial.RUNNING
+    assert scheduler.on_trial_result(controller, lost, {"epoch": 1, "score": 0.9}) == "CONTINUE"  # its resume
+    assert scheduler.on_trial_result(controller, lost, {"epoch": 2, "score": 0.8}) == "CONTINUE"  # judged: best
+    assert [t.status for t in trials[1:]] == [Trial.TERMINATED, Trial.TERMINATED]
+    assert scheduler.ladder.jobs[0].scores == {"0": 0.8}
+
+    scheduler, controller, trials = search()
+    failed = trials[0]  # failed again with no retry left: Tune's final on_trial_error, the trial still RUNNING
+    failed.run_metadata.num_failures = 2
+    scheduler.on_trial_error(controller, failed)
+    assert scheduler.ladder.decided == [True] and scheduler.ladder.jobs[1].state == "running"  # job 1 goes on
+
+
 def test_the_ladder_survives_a_save_and_refuses_another_search_s_state(tmp_path: Path) -> None:
     from segx.search.halving import SuccessiveHalving
 
@@ -147,6 +188,15 @@ def test_the_parts_of_ray_tune_successive_halving_relies_on_are_there() -> None:
     from ray.tune.execution import tune_controller
 
     assert "TUNE_MAX_PENDING_TRIALS_PG" in inspect.getsource(tune_controller._get_max_pending_trials)
+    # a trial whose worker was lost is marked ERROR (by _schedule_trial_stop) before it is requeued, and the
+    # requeue calls on_trial_error then on_trial_add: successive halving tells a retry from a final failure by it
+    recover = inspect.getsource(TuneController._try_recover)
+    assert recover.index("_schedule_trial_stop") < recover.index("_requeue_trial")
+    requeue = inspect.getsource(TuneController._requeue_trial)
+    assert requeue.index("on_trial_error") < requeue.index("on_trial_add")
+    assert "Trial.ERROR if exception" in inspect.getsource(TuneController._schedule_trial_stop)
+    # a function trial's actor stops without waiting for its run (segx.search.trial.end_the_run_first waits)
+    assert "session.finish(timeout=0)" in inspect.getsource(FunctionTrainable.cleanup)
 
 
 def test_the_late_bloomer_survives_successive_halving_where_asha_drops_it() -> None:
@@ -252,6 +302,12 @@ def test_a_halving_grid_pauses_resumes_and_survives_ctrl_c_training_exactly_its_
         else:
             assert (raw["status"], raw["stopped_at_epoch"], raw["stopped_by"]) == (STOPPED, epochs[n],
                                                                                  "successive halving"), raw
-    assert "resuming from" in output and "Successive halving, rung 1 (epoch 1): 3 of 6" in output
+    # every pause and stop ended its run before its process exited: no crash dump, and each attempt says how it ended
+    assert "Fatal Python error" not in interrupted.stdout + output and "SIGABRT" not in interrupted.stdout + output
+    attempts = [a for r in records[:4] for a in r["attempts"]]
+    assert all("ended" in a and "ended_at" in a for a in attempts), attempts
+    assert any(a["ended"].startswith("ended by Ray Tune after epoch 1: paused at a rung") for a in attempts)
+    assert all(r["started_at"] == r["attempts"][0]["started_at"] for r in records[:4])
+    assert "resumes after epoch" in output and "Successive halving, rung 1 (epoch 1): 3 of 6" in output
     assert "6 jobs, 1 completed, 2 failed, 3 stopped early by the scheduler" in output
     assert "start the search again in a new hydra.sweep.dir" in output

@@ -137,3 +137,28 @@ def test_a_wrong_name_or_value_is_one_clear_message(override: str, code: int, me
                              f"hydra.run.dir={tmp_path}", check=False)
     output = result.stdout + result.stderr
     assert result.returncode == code and message in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_a_run_resumed_at_an_epoch_boundary_has_the_history_of_one_never_interrupted(shapes_root: Path,
+                                                                                      tmp_path: Path) -> None:
+    """On the CPU, bit for bit: the batch order, the augmentation's random stream and the global generators (dropout)
+    carry on from the checkpoint as if the run had never stopped. A network with dropout, flips and rescaling on."""
+    common = ["model=pspnet", "model.widths=[8,16,16,16]", "model.head_channels=16", "model.blocks_per_stage=1",
+              "model.dropout=0.5", *TINY_SHAPES[:-1],
+              "data.batch_size=16", f"data.root={shapes_root}", "trainer.max_epochs=4", "logger=none",
+              "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "data.augment.hflip=true",
+              "data.augment.scale_min=0.75", "data.augment.scale_max=1.25", "seed=7"]
+    run_in_process("train.py", *common, f"hydra.run.dir={tmp_path / 'straight'}")
+    resumed = [*common, "+callbacks.interrupt._target_=tests.crash.CtrlCAtEpochStart",
+               "+callbacks.interrupt.epoch=2", f"hydra.run.dir={tmp_path / 'resumed'}"]
+    assert run_in_process("train.py", *resumed, check=False).returncode == 130
+    run_in_process("train.py", *resumed, "ckpt_path=last")
+
+    def history(name: str) -> list[dict]:
+        return [{k: v for k, v in h.items() if "second" not in k and "time" not in k}
+                for h in read_json(tmp_path / name / "metrics.json")["history"]]
+
+    straight = history("straight")
+    assert [h["epoch"] for h in straight] == [0, 1, 2, 3]
+    assert history("resumed") == straight  # every metric of every epoch, the two after the resume included

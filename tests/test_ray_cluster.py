@@ -3,13 +3,14 @@ authentication on, each node with one simulated GPU; the shipped launcher and sw
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,96 @@ def test_a_node_that_lacks_something_is_told_what(tmp_path: Path) -> None:
     assert problems[0].startswith("its segx code or configs differ")
     assert f"it does not see the sweep directory {sweep_dir}" in problems[1]
     assert problems[2] == f"data.root {tmp_path / 'absent'} does not exist there"
+
+
+# -- a node that dies mid-sweep ------------------------------------------------------------------------------
+
+def sweep_killing_a_node(nodes: RayNodes, sweep_dir: Path, before_kill: Callable[[dict], bool],
+                         *overrides: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
+    """A sweep on the cluster plus one more node (1 simulated GPU), which is SIGKILLed as soon as a job running
+    there has a record that `before_kill` accepts. Returns the finished sweep and the number of the job hit."""
+    node = nodes.add_node()
+    node_id, own = node.node_id, OwnProcesses(uuid.uuid4().hex)
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    process = subprocess.Popen(command, cwd=ROOT, env={**nodes.env(RAY_ADDRESS=nodes.address), TAG: own.tag},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    hit, deadline = None, time.monotonic() + timeout
+    try:
+        while hit is None and process.poll() is None and time.monotonic() < deadline:
+            for run_dir in sweep_dir.glob("*/metrics.json"):
+                record = read_record(run_dir.parent) or {}
+                attempts = record.get("attempts") or [{}]
+                if attempts[-1].get("node") == node_id and before_kill(record):
+                    hit = int(run_dir.parent.name)
+                    node.kill()
+                    break
+            time.sleep(0.1)
+        output, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+        node.kill()
+        own.wait_until_gone()
+    (sweep_dir / "console.txt").write_text(output)  # for a look after the test
+    assert hit is not None, f"no job of the sweep ran on the node to kill:\n{output[-4000:]}"
+    return subprocess.CompletedProcess(command, process.returncode, output, ""), hit
+
+
+def test_a_node_lost_under_the_gpus_launcher_is_named_and_its_job_resumes_on_another(
+        nodes: RayNodes, shapes_root: Path, tmp_path: Path) -> None:
+    """Three jobs on three 1-GPU nodes; the node of one is killed after its first epoch. The console names the job,
+    the node and the retry; the job resumes on a surviving node from its last.ckpt, with no epoch lost or trained
+    twice, and its record keeps its first start and lists both attempts."""
+    sweep_dir = tmp_path / "sweep"
+    command = [*TINY_MODEL, *TINY_SHAPES, "trainer.max_epochs=4", "trainer.limit_train_batches=4",
+               "trainer.limit_val_batches=1", f"data.root={shapes_root}", "seed=1,2,3", "hydra/launcher=gpus"]
+    result, hit = sweep_killing_a_node(nodes, sweep_dir, lambda record: len(record.get("history") or []) >= 1,
+                                       *command)
+    output = result.stdout
+    assert result.returncode == 0, output[-5000:]
+    assert re.search(rf"Job {hit} lost its (node|worker process)\S* .*node [0-9a-f]{{56}} \(host .*\).*It is queued "
+                     rf"for retry 1 of 3 \(hydra.launcher.ray.remote.max_retries\): it will resume after epoch \d "
+                     "from its last.ckpt", output), output[-5000:]
+    assert re.search(rf"\(job {hit} pid=\d+.*Job {hit} resumes after epoch \d from .*last.ckpt \(attempt 2, status "
+                     r"was retrying\)", output), output[-5000:]
+    record = read_record(sweep_dir / str(hit))
+    assert record["status"] == COMPLETED and [e["epoch"] for e in record["history"]] == [0, 1, 2, 3]
+    first, second = record["attempts"]
+    assert first["ended"].startswith("lost") and second["ended"] == COMPLETED
+    assert first["node"] != second["node"] and second["from_epoch"] >= 1
+    assert record["started_at"] == first["started_at"] < second["started_at"]
+    assert "retry" not in record and "Fatal Python error" not in output
+    assert all(r["status"] == COMPLETED for r in (read_record(sweep_dir / str(n)) for n in range(3)))
+    assert re.search(r"3 jobs, 3 completed, 0 failed, 1 retried after a lost worker", output), output[-3000:]
+    # the same command again: the driver skips the three completed jobs without starting a worker for any
+    again = sweep(nodes.env(RAY_ADDRESS=nodes.address), *command, f"hydra.sweep.dir={sweep_dir}")
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert all(f"Job {n} completed earlier in {sweep_dir / str(n)}: skipped" in again.stdout for n in range(3))
+    assert not re.search(r"\(job \d pid=", again.stdout), again.stdout[-3000:]
+
+
+def test_a_halving_trial_whose_node_dies_before_its_rung_is_retried_and_judged_there(
+        nodes: RayNodes, shapes_root: Path, tmp_path: Path) -> None:
+    """4 trials of successive halving (one rung, after epoch 3, η 3) on three 1-GPU nodes; the node of one trial is
+    killed after its first epoch. Tune retries it on a surviving node; the rung waits for it and is decided over all
+    4 trials, and the trial's record lists both attempts."""
+    sweep_dir = tmp_path / "sweep"
+    result, hit = sweep_killing_a_node(
+        nodes, sweep_dir, lambda record: len(record.get("history") or []) == 1,
+        *TINY_MODEL, *TINY_SHAPES, "trainer.max_epochs=5", "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1", f"data.root={shapes_root}", "optimizer.lr=0.01,0.02,0.05,0.1",
+        "hydra/sweeper=tune", "hydra.sweeper.scheduler=sha", "hydra.sweeper.rungs=[3]")
+    output = result.stdout
+    assert result.returncode == 0, output[-5000:]
+    assert re.search(rf"Job {hit} lost its (node|worker process).*It is queued for retry 1 of 3 "
+                     r"\(hydra.sweeper.ray.remote.max_retries\)", output), output[-5000:]
+    assert "Successive halving, rung 1 (epoch 3): 1 of 4 trial(s) go on" in output, output[-5000:]
+    state = json.loads((sweep_dir / ".tune" / "segx-halving.json").read_text())
+    assert all("0" in job["scores"] for job in state["jobs"].values()), state  # all 4 judged at the rung
+    record = read_record(sweep_dir / str(hit))
+    assert [e["epoch"] for e in record["history"]][:3] == [0, 1, 2]
+    assert record["attempts"][0]["ended"].startswith("lost") and record["attempts"][1]["from_epoch"] >= 1
+    assert record["started_at"] == record["attempts"][0]["started_at"]
+    assert "Fatal Python error" not in output and "SIGABRT" not in output
+    assert re.search(r"4 jobs, 1 completed, 0 failed, 3 stopped early by the scheduler, 1 retried after a lost "
+                     "worker", output), output[-3000:]

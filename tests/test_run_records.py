@@ -246,3 +246,58 @@ def test_a_sweep_with_a_stopped_job_succeeds_and_says_so(tmp_path: Path, caplog:
     SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert "2 jobs, 1 completed, 0 failed, 1 stopped early by the scheduler" in caplog.text
     assert [r.reason for r in find_runs([tmp_path])] == ["", "stopped by ASHA at epoch 1"]
+
+
+def test_a_job_s_attempts_keep_its_first_start_and_say_how_each_ended(tmp_path: Path) -> None:
+    """A job whose worker is lost waits as `retrying`; its next attempt keeps the first `started_at` and adds itself
+    to `attempts`; a failure after the retries keeps the start too (not the failure's time)."""
+    from segx.runs.record import lost_attempts
+    from segx.runs.retries import retry_line
+    from segx.runs.status import RETRYING, RUNNING
+
+    job = JobInfo(run_dir=tmp_path, multirun=True, num=3, overrides=["seed=1"], launcher="gpus")
+    first = JobRecord(job)
+    first.start(devices="0")
+    first.note(history=[{"epoch": 0.0}, {"epoch": 1.0}])
+    started = first.fields["started_at"]
+
+    line = retry_line(3, tmp_path, "The node with node id abc has been marked dead", 1, 3, "max_retries")
+    assert line.startswith(f"Job 3 lost its node, host {first.fields['host']}; Ray said: The node with node id abc")
+    assert line.endswith("It is queued for retry 1 of 3 (max_retries): it will resume after epoch 2 from its "
+                         "last.ckpt.")
+    waiting = read_record(tmp_path)
+    assert (waiting["status"], waiting["retry"], waiting["retries"]) == (RETRYING, 1, 3)
+    assert waiting["attempts"][0]["ended"].startswith("lost its node: The node with node id abc")
+    assert find_runs([tmp_path])[0].reason.startswith("waiting for retry 1 of 3 after its worker was lost")
+
+    second = JobRecord(job, resumes=waiting)  # the retry, in another process
+    second.start(devices="0")
+    resumed = read_record(tmp_path)
+    assert resumed["status"] == RUNNING and "retry" not in resumed and resumed["started_at"] == started
+    assert [a.get("from_epoch") for a in resumed["attempts"]] == [0, 2] and "ended" not in resumed["attempts"][1]
+
+    record_worker_death(tmp_path, 3, ["seed=1"], "gpus", "The Ray worker running job 3 died and was retried 3 "
+                                                         "time(s)")
+    failed = read_record(tmp_path)
+    assert failed["status"] == FAILED and failed["started_at"] == started < failed["ended_at"]
+    assert len(failed["attempts"]) == 2 and failed["attempts"][1]["ended"].startswith("failed: The Ray worker")
+    assert lost_attempts(failed) == 1
+
+
+def test_a_running_record_whose_process_is_gone_says_so(tmp_path: Path) -> None:
+    """Killed with its driver (SIGKILL): the record still says running, the sweep's summary and the report say
+    that its process has ended."""
+    import json
+    import socket
+    import subprocess
+
+    from segx.runs.ownership import OWNER_FILE
+
+    JobRecord(JobInfo(run_dir=tmp_path, multirun=True, num=0, overrides=[])).start()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(ended.stdout)  # a process that has ended: its pid is free (reused only after the range wraps)
+    (tmp_path / OWNER_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "since": "x"}))
+    assert find_runs([tmp_path])[0].reason.startswith(f"status running, but its process (pid {pid} on this host) "
+                                                      "has ended without recording how")
+    (tmp_path / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "x"}))
+    assert find_runs([tmp_path])[0].reason.startswith("status running: still training")

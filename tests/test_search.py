@@ -3,6 +3,7 @@ and a real Ray Tune experiment with ASHA on 2 simulated GPUs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -121,8 +122,6 @@ def test_a_stop_verdict_makes_a_running_record_stopped_but_leaves_a_completed_on
 
 
 def test_a_stopped_trial_s_own_record_is_final_once_the_search_ends(tmp_path: Path) -> None:
-    import json
-
     from segx.runs.record import finalize_stopped
 
     for job, status in enumerate(("running", "completed", "running")):
@@ -170,8 +169,6 @@ def _most_at_once(records: list[dict]) -> int:
 
 def _trial_spans(experiment: Path) -> dict[int, tuple[float, float]]:
     """Each trial's (start, last report) in seconds, from Tune's own result.json: job number → span."""
-    import json
-
     spans = {}
     for results in experiment.glob("*/result.json"):
         rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
@@ -302,6 +299,12 @@ def test_a_seeded_tpe_search_over_a_mixed_space_runs_the_configurations_its_seed
     assert all(r["status"] == COMPLETED for r in ran)
     assert [r["overrides"][-3:] for r in ran] == [[f"{k}={t[k]}" for k in ("optimizer", "optimizer.lr",
                                                                           "data.batch_size")] for t in expected]
+    # Tune (and Optuna through it) got each trial's one epoch, the run's last, with segx's own score
+    told = {}
+    for results in (tmp_path / "search" / ".tune").glob("*/result.json"):
+        lines = [json.loads(line) for line in results.read_text().splitlines()]
+        told[int(lines[0]["config"]["_job"])] = [(line["epoch"], line["score"]) for line in lines]
+    assert told == {n: [(1, r["history"][-1]["val/miou"])] for n, r in enumerate(ran)}
     report = write_report(collect_runs(tmp_path / "search"), tmp_path / "report", roots=[tmp_path / "search"])
     figure = next(f for f in report.figures if f.name == "score_vs_parameters.png")
     assert figure.path is not None and "`optimizer.lr`, `data.batch_size`, coloured by `optimizer`" in figure.caption

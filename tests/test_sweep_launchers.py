@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -157,6 +158,16 @@ def test_a_dead_worker_is_retried_and_then_isolated(shapes_root: Path, tmp_path:
     assert retried["status"] == COMPLETED and (tmp_path / "0" / "killed-once").exists()
     assert dead["status"] == FAILED and "worker running job 1 died" in dead["error"]
     assert "retried 1 time(s)" in dead["error"]
+    # the console names the job, where it ran and its retry; the final failure is one line
+    assert re.search(r"Job 0 lost its worker process on node [0-9a-f]{56} \(host \S+\); Ray said: .* It is queued "
+                     r"for retry 1 of 1 \(hydra.launcher.ray.remote.max_retries\): it will start again\.", output), \
+        output[-4000:]
+    assert output.count("Job 1 failed: The Ray worker running job 1 died") == 1, output[-4000:]
+    # each record lists its attempts; the first start is kept, the failure's time is its end only
+    assert [a["ended"].split(":")[0] for a in retried["attempts"]] == ["lost its worker", COMPLETED]
+    assert retried["started_at"] == retried["attempts"][0]["started_at"]
+    assert [a["ended"].split(":")[0] for a in dead["attempts"]] == ["lost its worker", "failed"]
+    assert dead["started_at"] < dead["ended_at"]
     assert output.count("The Ray cluster has no GPU (1 node(s), 2 CPU(s)): running the 2 job(s) on CPUs "
                         "instead of hydra.launcher.ray.remote.num_gpus=1 each") == 1
     assert retried["devices"] == "cpu"
@@ -320,9 +331,16 @@ def test_a_killed_sweep_resumes_its_interrupted_job_from_last_ckpt(shapes_root: 
     assert killed["status"] == "running" and 1 <= killed["epochs"] < 15
 
     result = run_in_process("train.py", *command[2:])
-    assert "resuming from" in result.stdout + result.stderr
+    assert re.search(r"Job \d resumes after epoch \d+ from \S+last.ckpt \(attempt 2, status was running\)",
+                     result.stdout + result.stderr), result.stdout[-3000:]
     [resumed] = records(tmp_path)
     assert resumed["status"] == COMPLETED
+    # the first start is kept; the killed attempt is said to have ended without a word, the second to complete
+    killed_attempt, last_attempt = resumed["attempts"]
+    assert resumed["started_at"] == killed["started_at"] == killed_attempt["started_at"]
+    assert killed_attempt["ended"].startswith("its process ended without recording how") and "ended_at" not in \
+        killed_attempt
+    assert (last_attempt["ended"], last_attempt["from_epoch"]) == (COMPLETED, killed["epochs"])
     assert [int(h["epoch"]) for h in resumed["history"]] == list(range(15))
     # the epochs before the kill came back from the checkpoint with their scores
     assert [h["val/miou"] for h in resumed["history"][: killed["epochs"]]] == [h["val/miou"] for h in killed["history"]]

@@ -24,9 +24,10 @@ from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segx.core.errors import ConfigError, first_line
-from segx.runs.job import job_end_line, record_worker_death, stop_message
+from segx.runs.job import JobInfo, finished_earlier, job_end_line, record_worker_death, skipped, stop_message
 from segx.runs.record import read_record
-from segx.runs.status import CTRL_C, EXIT_CODES, RUNNING
+from segx.runs.retries import lost_worker_errors, retry_line
+from segx.runs.status import ACTIVE, CTRL_C, EXIT_CODES, FAILED
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,18 @@ _MORE_FROM = {
 
 def _run_dir(sweep_config: Any) -> Path:
     return Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+
+
+def _finished(idx: int, overrides: list[str], sweep_config: DictConfig) -> JobReturn | None:
+    """The job's result when its run directory holds it completed or stopped (see segx.runs.job.finished_earlier)."""
+    run_dir = _run_dir(sweep_config)
+    job = JobInfo(run_dir=run_dir, multirun=True, num=idx, overrides=list(overrides), launcher="gpus")
+    previous = finished_earlier(job)
+    if previous is None:
+        return None
+    return JobReturn(overrides=list(overrides), cfg=sweep_config, hydra_cfg=sweep_config, working_dir=str(run_dir),
+                     task_name=str(sweep_config.hydra.job.name), status=JobStatus.COMPLETED,
+                     _return_value=skipped(job, previous))
 
 
 def _number(amount: float) -> str:
@@ -194,6 +207,15 @@ class GpuLauncher(RayLauncher):
         log.info("Launching %d jobs on Ray (%s GPU(s) each) into %s", len(job_overrides), remote.get("num_gpus", 0),
                  sweep_dir)
 
+        # The launcher retries a lost worker itself (Ray's own retry is silent and leaves the record as it was):
+        # it names the job and the node it lost on the console and in the job's record.
+        retries, lost_worker = int(remote.get("max_retries", 3) or 0), lost_worker_errors()
+
+        def submit(idx: int, sweep_config: DictConfig) -> Any:
+            return launch_job_on_ray(self.hydra_context,
+                                     OmegaConf.create({**remote, "max_retries": 0, "name": f"job {idx}"}),
+                                     sweep_config, self.task_function, Singleton.get_state())
+
         launched = []
         for offset, overrides in enumerate(job_overrides):
             idx = initial_job_idx + offset
@@ -202,23 +224,41 @@ class GpuLauncher(RayLauncher):
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = f"job_id_for_{idx}"
                 sweep_config.hydra.job.num = idx
-            ref = launch_job_on_ray(self.hydra_context, OmegaConf.create({**remote, "name": f"job {idx}"}),
-                                    sweep_config, self.task_function, Singleton.get_state())
-            launched.append((idx, list(overrides), sweep_config, ref))
+            launched.append((idx, list(overrides), sweep_config, None))
 
         results: dict[int, JobReturn] = {}
-        pending = {item[3]: item for item in launched}
+        for n, (idx, overrides, sweep_config, _) in enumerate(launched):
+            # a re-run of the sweep skips its completed jobs here, without starting a Ray worker for each
+            done = _finished(idx, overrides, sweep_config)
+            if done is not None:
+                results[idx] = done
+            else:
+                launched[n] = (idx, overrides, sweep_config, submit(idx, sweep_config))
+        pending = {item[3]: item for item in launched if item[3] is not None}
+        lost: dict[int, int] = {}  # job → workers lost so far
         try:
             while pending:  # as the jobs finish, in any order
                 [ref], _ = ray.wait(list(pending), num_returns=1)
                 idx, overrides, sweep_config, _ = item = pending.pop(ref)
                 try:
                     results[idx] = ray.get(ref)
+                except lost_worker as error:
+                    lost[idx] = lost.get(idx, 0) + 1
+                    if lost[idx] > retries:
+                        results[idx] = self._worker_died(idx, overrides, sweep_config, retries, error)
+                    else:
+                        log.warning("%s", retry_line(idx, _run_dir(sweep_config), error, lost[idx], retries,
+                                                     "hydra.launcher.ray.remote.max_retries"))
+                        again = submit(idx, sweep_config)
+                        pending[again] = (idx, overrides, sweep_config, again)
+                        continue
                 except ray.exceptions.RayError as error:
-                    results[idx] = self._worker_died(idx, overrides, sweep_config, remote, error)
+                    results[idx] = self._worker_died(idx, overrides, sweep_config, lost.get(idx, 0), error)
                 if pending and (read_record(_run_dir(sweep_config)) or {}).get("shared_failure"):
                     self._stop(item, list(pending.values()))  # its paragraph names the job and its error
-                log.info("%s", job_end_line(idx, _run_dir(sweep_config)))  # the job's own lines stay in its log
+                # the job's own lines stay in its log; a failure's line is its one error line on this console
+                ended = job_end_line(idx, _run_dir(sweep_config))
+                log.log(logging.ERROR if ended.startswith(f"Job {idx} {FAILED}") else logging.INFO, "%s", ended)
         except KeyboardInterrupt:
             self._interrupted(list(pending.values()))
         if own_ray:  # now, not at interpreter exit: a process that runs more than one sweep gets a Ray each
@@ -239,7 +279,7 @@ class GpuLauncher(RayLauncher):
             record = read_record(run_dir)
             if record is None:
                 not_started += 1
-            elif record.get("status") == RUNNING:
+            elif record.get("status") in ACTIVE:
                 record_worker_death(run_dir, idx, list(filter_overrides(overrides)), "gpus", why)
                 running += 1
         return running, not_started
@@ -265,14 +305,12 @@ class GpuLauncher(RayLauncher):
         sys.exit(EXIT_CODES[CTRL_C])
 
     @staticmethod
-    def _worker_died(idx: int, overrides: list[str], sweep_config: object, remote: dict,
+    def _worker_died(idx: int, overrides: list[str], sweep_config: object, retried: int,
                      error: BaseException) -> JobReturn:
         run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
-        retries = remote.get("max_retries", 3)
         summary = first_line(error)
-        message = (f"The Ray worker running job {idx} died and was retried {retries} time(s) "
+        message = (f"The Ray worker running job {idx} died and was retried {retried} time(s) "
                    f"(hydra.launcher.ray.remote.max_retries); Ray said: {summary}")
-        log.error("Job %d: %s", idx, message)
         record_worker_death(run_dir, idx, list(filter_overrides(overrides)), "gpus", message)
         # Recorded as failed in its run directory; returned as a finished job so the sweep reports it
         # with the others (SweepSummary) instead of Hydra raising before the summary.

@@ -127,6 +127,9 @@ class TuneSweeper(Sweeper):
         # A trial that failed before its first validated epoch ends without a score; Tune's strict check would then
         # abort the whole experiment instead of recording one failed trial.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # A trial's own errors are caught and recorded by its job; what reaches Tune is a lost worker, which the
+        # search names in one line (segx.search.outcomes) while Tune's traceback stays in the trial's error file.
+        os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"
         if self.scheduler_name == "sha":
             # Tune keeps one trial pending for a searcher of its own kind; a resumed search's trials that wait at a
             # rung come back pending, so the grid's later trials would never be created to fill that rung.
@@ -156,7 +159,7 @@ class TuneSweeper(Sweeper):
         from segx.runs.record import finalize_stopped
         from segx.search.outcomes import REPORTS_FILE, TrialOutcomes
         from segx.search.plan import SearchPlan, space_kinds, write_plan
-        from segx.search.trial import run_trial
+        from segx.search.trial import end_the_run_first, run_trial
 
         assert self.config is not None
         if self.check_resources:
@@ -176,6 +179,10 @@ class TuneSweeper(Sweeper):
         class Trial(function):  # type: ignore[misc, valid-type]
             def __repr__(self) -> str:  # Ray prefixes an actor's output with it: "(job 3 pid=...)", as the gpus
                 return f"job {self.config.get('_job', '?')}"  # launcher's jobs, instead of "(run_trial pid=...)"
+
+            def cleanup(self) -> None:  # a pause or a stop: the run ends before its process does
+                end_the_run_first()
+                super().cleanup()
 
         trainable = tune.with_resources(
             Trial, {"cpu": float(remote.get("num_cpus") or 0), "gpu": float(remote.get("num_gpus") or 0)})
@@ -336,12 +343,12 @@ def _record_interrupted(results: Any, sweep_dir: Path, space: Any) -> None:
     (as a single run's would be) and the sweep exits 130; the same command resumes them from their last.ckpt."""
     from segx.runs.job import record_worker_death
     from segx.runs.record import read_record
-    from segx.runs.status import CTRL_C, EXIT_CODES, RUNNING
+    from segx.runs.status import ACTIVE, CTRL_C, EXIT_CODES
     from segx.search.searchers import JOB_KEY
     from segx.search.trial import trial_overrides
 
     running = [result.config for result in results if result.config and JOB_KEY in result.config
-               and (read_record(sweep_dir / str(result.config[JOB_KEY])) or {}).get("status") == RUNNING]
+               and (read_record(sweep_dir / str(result.config[JOB_KEY])) or {}).get("status") in ACTIVE]
     if not running:
         return
     for config in running:

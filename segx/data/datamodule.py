@@ -18,14 +18,15 @@ from segx.core.errors import ConfigError, DatasetUnavailableError, SegxError
 from segx.data.augment import augment_from_config
 from segx.data.cache import CachedSplit, check_interpolation, check_resize, load_or_build, read_image
 from segx.data.census import LabelCensus, check_census, check_label_options
-from segx.data.device_batches import DeviceBatches, EpochOrderSampler
+from segx.data.device_batches import EPOCH_SEED_STRIDE, DeviceBatches, EpochOrderSampler
 from segx.data.masks import MaskDecoder
 from segx.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from segx.data.source import IGNORE_INDEX, SegmentationSource, SplitFiles
 
 log = logging.getLogger(__name__)
 
-AUGMENT_SEED_STRIDE = 1_000_003  # rank r augments with seed + 1 + r * stride: streams apart, rank 0 unchanged
+# Rank r augments epoch e with generator seed (seed + 1 + r * stride) * EPOCH_SEED_STRIDE + e: streams apart
+AUGMENT_SEED_STRIDE = 1_000_003
 ON_DEVICE_CHOICES = ("auto", True, False)
 VOID_LABELS = ("ignore", "background")
 
@@ -215,6 +216,7 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else self.root / "segx-cache"
         self.seed = _whole("seed", seed)
         self.augment = augment_from_config(augment, seed=self.seed + 1, ignore_index=source.ignore_index)
+        self._augment_epoch: int | None = None  # the epoch the augmentation stream was last seeded for
         self.on_device = check_on_device(on_device)  # refused before any data is read
         self.on_device_memory_fraction = check_memory_fraction(on_device_memory_fraction)
         self.normalizer = Normalize(_channel_values("data.mean", mean), _channel_values("data.std", std, positive=True),
@@ -305,8 +307,7 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         return state
 
     def setup(self, stage: str | None = None) -> None:
-        # Each DDP rank augments its own shard: the same flips on every rank would halve their variety.
-        self.augment.reseed(self.seed + 1 + AUGMENT_SEED_STRIDE * self._rank_and_world()[0])
+        self._augment_epoch = None  # reseeded at the first training batch
         if stage in (None, "fit"):
             self.load_split(self.train_split)
         if stage in (None, "fit", "validate"):
@@ -421,6 +422,12 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
                       training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """A uint8 batch on its device → normalised float images and long masks, augmented when `training`."""
         images, masks = batch
+        if training and self._augment_epoch != self._current_epoch():
+            # Each epoch's augmentation stream starts from (seed, rank, epoch), as its batch order does, so a run
+            # resumed at an epoch boundary augments as if it had never stopped.
+            self._augment_epoch = self._current_epoch()
+            rank_seed = self.seed + 1 + AUGMENT_SEED_STRIDE * self._rank_and_world()[0]
+            self.augment.reseed(rank_seed * EPOCH_SEED_STRIDE + self._augment_epoch)
         if training:  # flips move bytes: cheaper on uint8 than on floats, and they commute with normalising
             images, masks = self.augment.flip(images, masks)
         images, masks = self.normalize(images), masks.long()

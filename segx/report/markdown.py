@@ -12,6 +12,7 @@ from segx.report.figures import Figure
 from segx.report.runs import Configuration, Run, common_overrides, varying_keys
 from segx.report.search import Search, search_markdown
 from segx.report.tables import STUDY_FOOTNOTE, STUDY_HEADERS, STUDY_METRICS, lr_keys, markdown_table, tuned_per_model
+from segx.runs.record import lost_attempts
 from segx.runs.status import STOPPED
 
 
@@ -110,12 +111,15 @@ def sweep_markdown(rows: list[dict[str, Any]], configs: list[Configuration], run
     completed = sum(r.completed for r in runs)
     failed = sum(r.ended_badly for r in runs)
     stopped = sum(r.status == STOPPED for r in runs)  # by a search's scheduler: scores so far, not a failure
+    retried = sum(lost_attempts(r.record) > 0 for r in runs)
     monitors = sorted({c.monitor for c in configs})
     monitor_names = ", ".join(f"`{m}`" for m in monitors)
     lines = [f"# Sweep report: {', '.join(f'`{r}`' for r in roots)}", "",
              f"{_stamp()} from {len(runs)} jobs in {len(configs)} configurations: {completed} completed, "
              f"{stopped} stopped early by the search's scheduler, {failed} failed, "
-             f"{len(runs) - completed - failed - stopped} running.", "",
+             f"{len(runs) - completed - failed - stopped} running"
+             + (f"; {retried} of them retried after a lost worker (each attempt is listed under `attempts` in its "
+                "metrics.json)." if retried else "."), "",
              f"Each job's scores are those of its best epoch, the one its monitor ({monitor_names}) picked. "
              "A configuration's mean, max and std (sample standard deviation) are over its completed jobs, which "
              f"differ only by `{over}`; configurations are ranked by the mean, with the max beside it (the study "
@@ -207,6 +211,13 @@ def run_markdown(run: Run, figures: list[Figure], out_dir: Path, study: Sequence
              + f"; {epochs} epochs; host {record.get('host', '?')}, devices {record.get('devices', '?')}, precision "
                f"{record.get('precision', '?')}; started {record.get('started_at', '?')}, ended "
                f"{record.get('ended_at', '—')}.", ""]
+    attempts = record.get("attempts") or []
+    if len(attempts) > 1:  # resumed: after a lost worker, a pause at a search's rung, or an interruption
+        lines += [f"Trained in {len(attempts)} attempts:", "",
+                  *(f"{n}. from epoch {a.get('from_epoch', '?')}, host {a.get('host', '?')}"
+                    + (f" (Ray node `{str(a['node'])[:12]}…`)" if a.get("node") else "")
+                    + f", {a.get('started_at', '?')} to {a.get('ended_at', '?')}: {_escape(str(a.get('ended', '?')))}"
+                    for n, a in enumerate(attempts, 1)), ""]
     if run.settings:
         lines += ["## Settings", "", " ".join(f"`{_escape(k)}={_escape(v)}`" for k, v in run.settings.items()), "",
                   *_pasteable(_typed(run.overrides), "To train it again:"), ""]

@@ -16,8 +16,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from segx.core.errors import first_line
+from segx.runs.ownership import gone_owner
 from segx.runs.record import RECORD_FILE, read_record
-from segx.runs.status import COMPLETED, FAILED, RUNNING, STATUSES, STOPPED
+from segx.runs.status import COMPLETED, FAILED, RETRYING, RUNNING, STATUSES, STOPPED
 
 MISSING, UNREADABLE = "missing", "unreadable"  # no metrics.json / one that cannot be parsed
 
@@ -27,7 +28,7 @@ class RunDirectory:
     """One training run's directory and how it ended."""
 
     run_dir: Path
-    status: str  # running | completed | failed | stopped | missing | unreadable
+    status: str  # running | retrying | completed | failed | stopped | missing | unreadable
     record: dict[str, Any] = field(default_factory=dict)  # metrics.json ({} when missing or unreadable)
 
     @property
@@ -64,9 +65,16 @@ class RunDirectory:
         if self.status == STOPPED:
             return (f"stopped by {self.record.get('stopped_by') or 'the search scheduler'} at epoch "
                     f"{self.record.get('stopped_at_epoch', '?')}")
-        if self.status == RUNNING:
+        if self.status in (RUNNING, RETRYING):
             epochs = self.record.get("history")
             count = len(epochs) if isinstance(epochs, list) else 0
+            gone = gone_owner(self.run_dir)
+            if gone is not None:
+                return (f"status {self.status}, but its process ({gone}) has ended without recording how: killed, or "
+                        f"its sweep's driver was (epochs recorded: {count}); the same command resumes it")
+            if self.status == RETRYING:
+                return (f"waiting for retry {self.record.get('retry', '?')} of {self.record.get('retries', '?')} "
+                        f"after its worker was lost (epochs recorded: {count})")
             return f"status running: still training, or stopped without a word (epochs recorded: {count})"
         if self.status == MISSING:
             return "no metrics.json: the job ended (or is starting) before training began"

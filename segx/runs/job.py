@@ -24,7 +24,7 @@ from segx.core.ranks import is_rank_zero
 from segx.runs.overrides import job_count, split_override, varying_keys
 from segx.runs.ownership import RunDirTakenError, claim_run_dir, release_run_dir
 from segx.runs.record import DEFAULT_MONITOR, JobRecord, best_value, read_record
-from segx.runs.status import COMPLETED, CTRL_C, EXIT_CODES, STOPPED, StopRequested, describe_exit, interruption
+from segx.runs.status import CTRL_C, EXIT_CODES, FINAL, StopRequested, describe_exit, interruption
 
 log = logging.getLogger(__name__)
 
@@ -161,24 +161,26 @@ def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
                 " ".join(job.overrides),
             )
             return float("nan")
-        if previous.get("status") in (COMPLETED, STOPPED):
-            monitor = str(previous.get("monitor", DEFAULT_MONITOR))
-            log.info("Job %s %s earlier in %s: skipped (best %s %.4f)", job.num, previous["status"], job.run_dir,
-                     monitor, best_value(previous, monitor), extra=ON_CONSOLE)
-            return best_value(previous, monitor)
+        if previous.get("status") in FINAL:
+            return skipped(job, previous)
         if cfg.get("ckpt_path") is None and (job.run_dir / LAST_CHECKPOINT).is_file():
-            log.info("Job %s was interrupted (status %s): resuming from %s", job.num, previous.get("status"),
-                     job.run_dir / LAST_CHECKPOINT, extra=ON_CONSOLE)
+            history = previous.get("history")
+            log.info("Job %s resumes after epoch %d from %s (attempt %d, status was %s)", job.num,
+                     len(history) if isinstance(history, list) else 0, job.run_dir / LAST_CHECKPOINT,
+                     len(previous.get("attempts") or []) + 1, previous.get("status"), extra=ON_CONSOLE)
             with open_dict(cfg):
                 cfg.ckpt_path = "last"
 
-    record = JobRecord(job)
+    # A sweep job's earlier attempts (and a run resumed from its own last.ckpt) stay in the record it carries on.
+    resumes = previous if previous is not None else _resumed_record(cfg, job)
+    record = JobRecord(job, resumes=resumes)
     try:
         with open_dict(cfg):
             cfg.ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), job.run_dir)
         value = train(cfg, job, record)
     except StopRequested as stop:
         if stop.recorded_elsewhere:
+            record.end_attempt(f"ended by Ray Tune after epoch {stop.epoch}: paused at a rung, or stopped")
             log.info("Job %s ended by Ray Tune after epoch %d: the search records why (its scheduler, or Ctrl-C)",
                      job.num, stop.epoch)
         else:
@@ -223,6 +225,33 @@ def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
     return value
 
 
+def finished_earlier(job: JobInfo) -> dict[str, Any] | None:
+    """The record of this sweep job when its run directory already holds it completed or stopped (a launcher skips
+    it without starting a worker), else None."""
+    previous = read_record(job.run_dir)
+    if previous is None or previous.get("status") not in FINAL:
+        return None
+    recorded = previous.get("overrides")
+    return previous if recorded is None or _same_job(list(recorded), job) else None
+
+
+def skipped(job: JobInfo, previous: dict[str, Any]) -> float:
+    """Say that the job is skipped, having ended earlier; its best score is its result."""
+    monitor = str(previous.get("monitor", DEFAULT_MONITOR))
+    log.info("Job %s %s earlier in %s: skipped (best %s %.4f)", job.num, previous["status"], job.run_dir,
+             monitor, best_value(previous, monitor), extra=ON_CONSOLE)
+    return best_value(previous, monitor)
+
+
+def _resumed_record(cfg: DictConfig, job: JobInfo) -> dict[str, Any] | None:
+    """The record of this run directory when the run resumes its own last.ckpt (ckpt_path=last or auto)."""
+    ckpt = cfg.get("ckpt_path")
+    own = job.run_dir / LAST_CHECKPOINT
+    if ckpt in ("last", "auto") or (ckpt is not None and Path(str(ckpt)).resolve() == own.resolve()):
+        return read_record(job.run_dir) if own.is_file() else None
+    return None
+
+
 def shared_failure(error: BaseException, job: JobInfo) -> bool:
     """A dataset that cannot be read fails every job that reads it: True when the sweep varies no data setting,
     so every other job of the sweep would fail the same way."""
@@ -259,9 +288,17 @@ def _release_cuda_memory() -> None:
 
 
 def record_worker_death(run_dir: Path, job_num: int, overrides: list[str], launcher: str, error: str) -> None:
-    """For launchers: the worker process of a job died (killed, out of host memory) after its retries."""
+    """For launchers: the worker process of a job died (killed, out of host memory) after its retries. Its first
+    start and its attempts are kept; the launcher's process adds no attempt of its own."""
     job = JobInfo(run_dir=run_dir, multirun=True, num=job_num, overrides=overrides, launcher=launcher)
-    JobRecord(job).fail(error)
+    earlier = read_record(run_dir) or {}
+    record = JobRecord(job)
+    record.fields["attempts"] = earlier.get("attempts") or []  # the launcher's own process ran no attempt
+    if "started_at" in earlier:
+        record.fields["started_at"] = earlier["started_at"]
+    else:  # it never started: no start time to give it
+        record.fields.pop("started_at")
+    record.fail(error)
 
 
 def job_end_line(job_num: int, run_dir: Path) -> str:

@@ -61,3 +61,22 @@ def release_run_dir(run_dir: str | Path) -> None:
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def gone_owner(run_dir: str | Path) -> str | None:
+    """'pid N on this host' when the run directory's last owner ran on this machine and has ended (a run still
+    recorded as running was killed, or its sweep's driver was); None when it lives, or runs elsewhere."""
+    try:
+        owner = json.loads((Path(run_dir) / OWNER_FILE).read_text() or "{}")
+        pid = int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if owner.get("host") != socket.gethostname():
+        return None  # another machine's process: this one cannot tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"pid {pid} on this host"
+    except PermissionError:  # alive, another user's
+        return None
+    return None

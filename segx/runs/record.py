@@ -7,7 +7,9 @@ Every run directory's `metrics.json` says whether the run is `running`, `complet
 from __future__ import annotations
 
 import json
+import os
 import socket
+import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from segx.core.files import write_json_atomic
 from segx.core.ranks import is_rank_zero
-from segx.runs.status import COMPLETED, FAILED, RUNNING, STOPPED
+from segx.runs.status import COMPLETED, FAILED, RETRYING, RUNNING, STOPPED
 
 if TYPE_CHECKING:
     from segx.runs.job import JobInfo
@@ -26,6 +28,8 @@ RECORD_FILE = "metrics.json"
 STOP_FILE = "stopped.json"
 DEFAULT_MONITOR = "val/miou"  # the score a run's best epoch is picked by when its record names none
 ENDING_FIELDS = ("error", "ended_at", "stopped_at_epoch", "stopped_by", "interrupted_by")  # how a run ended
+LOST = "lost"  # how an attempt whose worker went away ended (the start of its `ended`)
+RETRY_FIELDS = ("retry", "retries")  # a job waiting for its launcher's next attempt: which one, of how many
 
 
 def utc_now() -> str:
@@ -76,6 +80,47 @@ def finalize_stopped(sweep_dir: str | Path) -> list[Path]:
     return rewritten
 
 
+def ray_node() -> str | None:
+    """The id of the Ray node this process runs on, None outside a Ray worker (Ray is not imported for it)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # a driver, or a Ray without a runtime context here: no node to name
+        return None
+
+
+def new_attempt(started_at: str, epochs_before: int) -> dict[str, Any]:
+    """One process's turn at a run: where it ran, when it started, and the epochs recorded before it."""
+    return {"host": socket.gethostname(), "node": ray_node(), "pid": os.getpid(), "started_at": started_at,
+            "from_epoch": epochs_before}
+
+
+def end_attempt(record: dict[str, Any], how: str, at: str | None = None) -> None:
+    """Close the record's last attempt, if still open, with `how` it ended (a word, or a line for a loss)."""
+    attempts = record.get("attempts") or []
+    if attempts and "ended_at" not in attempts[-1]:
+        attempts[-1].update(ended_at=at or utc_now(), ended=how)
+
+
+def record_retry(run_dir: str | Path, why: str, retry: int, retries: int) -> dict[str, Any] | None:
+    """From a launcher: the job's worker was lost (`why`) and it waits for attempt `retry` of `retries` retries.
+    Its status becomes `retrying` and its open attempt ends with `why`; the record as written is returned."""
+    record = _read_json(Path(run_dir) / RECORD_FILE)
+    if record is None:  # lost before its first record: its retry starts it afresh
+        return None
+    end_attempt(record, why if why.startswith(LOST) else f"{LOST}: {why}")
+    record.update(status=RETRYING, retry=retry, retries=retries)
+    write_json_atomic(Path(run_dir) / RECORD_FILE, record)
+    return record
+
+
+def lost_attempts(record: dict[str, Any]) -> int:
+    """How many times the run lost its worker (its process killed, its node dead) and was retried."""
+    return sum(str(a.get("ended", "")).startswith(LOST) for a in record.get("attempts") or [])
+
+
 def best_value(record: dict[str, Any], monitor: str = DEFAULT_MONITOR) -> float:
     """The monitored score at the best epoch, NaN when the run recorded none (what a sweeper gets back)."""
     value = (record.get("best") or {}).get(monitor)
@@ -89,12 +134,20 @@ class JobRecord:
     zero writes: the other processes of a DDP run keep quiet.
     """
 
-    def __init__(self, job: JobInfo) -> None:
+    def __init__(self, job: JobInfo, resumes: dict[str, Any] | None = None) -> None:
+        """`resumes`: the record of the run this one carries on (same run directory, resumed from its last.ckpt):
+        its first `started_at` and its attempts are kept, this process's attempt added to them."""
         self.path = job.run_dir / RECORD_FILE
         self.write = is_rank_zero()
+        now, resumes = utc_now(), resumes or {}
+        attempts = [dict(a) for a in resumes.get("attempts") or []]
+        if attempts and "ended_at" not in attempts[-1]:  # its process ended without a word (killed with its driver)
+            attempts[-1]["ended"] = "its process ended without recording how (killed, or its driver was)"
+        history = resumes.get("history")
+        attempts.append(new_attempt(now, len(history) if isinstance(history, list) else 0))
         self.fields: dict[str, Any] = {
             "status": RUNNING, "host": socket.gethostname(), "launcher": job.launcher, "job": job.num,
-            "overrides": job.overrides, "started_at": utc_now(),
+            "overrides": job.overrides, "started_at": resumes.get("started_at", now), "attempts": attempts,
         }
         # Called with `fields` once the run has ended and metrics.json says so (e.g. to close its MLflow run).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -102,9 +155,9 @@ class JobRecord:
     def start(self, **fields: Any) -> None:
         """Mark the run as running (again, when resumed), with `fields` such as devices and precision."""
         self.fields.update(fields, status=RUNNING)
-        for key in ENDING_FIELDS:  # of an earlier attempt
+        for key in (*ENDING_FIELDS, *RETRY_FIELDS):  # of an earlier attempt
             self.fields.pop(key, None)
-        self._update(drop=ENDING_FIELDS)
+        self._update(drop=(*ENDING_FIELDS, *RETRY_FIELDS))
 
     def note(self, **fields: Any) -> None:
         """Add results measured outside training (e.g. prediction timing) to metrics.json."""
@@ -112,20 +165,31 @@ class JobRecord:
         self._update()
 
     def complete(self) -> None:
-        self.fields.update(status=COMPLETED, ended_at=utc_now())
-        self._update(drop=("error",))
+        now = utc_now()
+        end_attempt(self.fields, COMPLETED, now)
+        self.fields.update(status=COMPLETED, ended_at=now)
+        self._update(drop=("error", *RETRY_FIELDS))
         self._ended()
 
     def fail(self, error: str) -> None:
-        self.fields.update(status=FAILED, error=error, ended_at=utc_now())
-        self._update(on_full_disk_in_place=True)  # a run that failed for a full disk still says so
+        now = utc_now()
+        end_attempt(self.fields, f"{FAILED}: {error.splitlines()[0] if error else ''}".rstrip(": "), now)
+        self.fields.update(status=FAILED, error=error, ended_at=now)
+        self._update(on_full_disk_in_place=True, drop=RETRY_FIELDS)  # a run that failed for a full disk says so
         self._ended()
 
     def stop(self, epoch: int, by: str) -> None:
         """Ended early by a search scheduler at `epoch`: its scores so far are its result, not a failure."""
-        self.fields.update(status=STOPPED, stopped_at_epoch=int(epoch), stopped_by=by, ended_at=utc_now())
-        self._update(drop=("error",))
+        now = utc_now()
+        end_attempt(self.fields, f"{STOPPED} by {by} after epoch {int(epoch)}", now)
+        self.fields.update(status=STOPPED, stopped_at_epoch=int(epoch), stopped_by=by, ended_at=now)
+        self._update(drop=("error", *RETRY_FIELDS))
         self._ended()
+
+    def end_attempt(self, how: str) -> None:
+        """This process's attempt ends without ending the run (Ray Tune paused or stopped it at a report)."""
+        end_attempt(self.fields, how)
+        self._update()
 
     def _ended(self) -> None:
         if self.write:

@@ -6,9 +6,13 @@ from __future__ import annotations
 import sys
 
 RUNNING, COMPLETED, FAILED, STOPPED = "running", "completed", "failed", "stopped"
+#: A sweep job whose worker was lost (its node died, say) and that waits for its launcher's next attempt.
+RETRYING = "retrying"
 #: Endings a re-run of the same sweep leaves as they are (a stopped job's verdict is the scheduler's).
 FINAL = (COMPLETED, STOPPED)
-STATUSES = (RUNNING, COMPLETED, FAILED, STOPPED)
+#: A job that has not ended yet: training, or waiting to train again.
+ACTIVE = (RUNNING, RETRYING)
+STATUSES = (RUNNING, RETRYING, COMPLETED, FAILED, STOPPED)
 
 CTRL_C, SIGTERM = "Ctrl-C", "SIGTERM"
 #: The shell's exit codes for the two signals (Lightning's own exit after SIGTERM would be 0, after Ctrl-C 1).

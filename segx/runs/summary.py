@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segx.runs.discovery import RunDirectory, find_runs
 from segx.runs.overrides import sweep_axes, sweep_command
+from segx.runs.record import lost_attempts
 from segx.runs.status import COMPLETED, STOPPED
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,10 @@ class SweepSummary(Callback):
         runs, failed = unfinished_jobs(sweep_dir)
         completed = sum(r.status == COMPLETED for r in runs)
         stopped = sum(r.status == STOPPED for r in runs)
-        log.info("Sweep %s: %d jobs, %d completed, %d failed%s", sweep_dir, len(runs), completed, len(failed),
-                 f", {stopped} stopped early by the scheduler" if stopped else "")
+        retried = sum(lost_attempts(r.record) > 0 for r in runs)
+        log.info("Sweep %s: %d jobs, %d completed, %d failed%s%s", sweep_dir, len(runs), completed, len(failed),
+                 f", {stopped} stopped early by the scheduler" if stopped else "",
+                 f", {retried} retried after a lost worker" if retried else "")
         if not failed:
             return
         lines = [f"  {run.run_dir}: {run.reason}" for run in failed]

@@ -7,6 +7,7 @@ The rules:
   max(1, ⌊population / η⌋), ranked by score at the rung's epoch, ties to the lower job number;
 - a trial that ends by itself (failed, or completed early) before a rung leaves it and the rung is decided among the
   others, still keeping ⌊population / η⌋ (never more than arrived); a NaN score ranks last;
+- a trial whose worker was lost and that Tune retries keeps its place: the rung waits for its score;
 - the rung state is written to a JSON file beside Tune's experiment state after every change, so a search resumed
   after Ctrl-C or a killed driver makes the same decisions.
 """
@@ -222,6 +223,9 @@ class SuccessiveHalving(FIFOScheduler):
         self._ended(tune_controller, trial)
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        if will_retry(trial):  # Tune requeues it (on_trial_add follows): it still owes its rung a score
+            log.info("Successive halving: job %d lost its worker and is retried; its rung waits for it", _job(trial))
+            return
         self._ended(tune_controller, trial)
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
@@ -277,6 +281,12 @@ class SuccessiveHalving(FIFOScheduler):
     def debug_string(self) -> str:
         decided = sum(self.ladder.decided)
         return f"Using successive halving: rungs at epochs {self.ladder.rungs}, {decided} decided."
+
+
+def will_retry(trial: Any) -> bool:
+    """Tune calls on_trial_error both for a trial it requeues after a lost worker and for one that failed for good;
+    only the first has already been marked ERROR (TuneController._try_recover stops it before it requeues it)."""
+    return trial.status == Trial.ERROR and trial.should_recover()
 
 
 def _job(trial: Any) -> int:

@@ -12,15 +12,16 @@ from ray.tune import Callback
 
 from segx.runs.job import job_end_line, record_worker_death
 from segx.runs.record import read_record, write_stop_verdict
-from segx.runs.status import RUNNING
+from segx.runs.retries import retry_line
+from segx.runs.status import ACTIVE
 from segx.search.searchers import JOB_KEY
 from segx.search.space import SearchSpace
 from segx.search.trial import trial_overrides
 
 log = logging.getLogger(__name__)
 
-# In Tune's experiment folder: every report the scheduler judged, in its order (a trial's last epoch, reported once
-# its run has ended, reaches the scheduler as the trial's completion instead)
+# In Tune's experiment folder: every report the scheduler judged, in its order (a trial's last epoch is reported once
+# its run has ended and recorded it)
 REPORTS_FILE = "segx-reports.jsonl"
 
 
@@ -47,16 +48,35 @@ class TrialOutcomes(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_dir = self._run_dir(trial)
         record = read_record(run_dir)
-        if record is None or record.get("status") != RUNNING:  # the run ended by itself and said how
+        if record is None or record.get("status") not in ACTIVE:  # the run ended by itself and said how
             log.info("%s", job_end_line(int(trial.config[JOB_KEY]), run_dir))
             return
         epoch = (trial.last_result or {}).get("epoch")
         write_stop_verdict(run_dir, epoch, self.stopped_by)
         log.info("Trial %s stopped by %s after epoch %s", run_dir.name, self.stopped_by, epoch)
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Tune requeues a trial whose worker was lost: its record says it waits, and the console which job it is."""
+        log.warning("%s", retry_line(int(trial.config[JOB_KEY]), self._run_dir(trial), _error(trial),
+                                     int(trial.run_metadata.num_failures), int(trial.max_failures),
+                                     "hydra.sweeper.ray.remote.max_retries"))
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         job = int(trial.config[JOB_KEY])
-        message = (f"The Ray worker running trial {job} died and was retried as hydra.sweeper.ray.remote.max_retries "
-                   "allows; see Tune's error file in the sweep's .tune folder")
+        retried = max(0, int(trial.run_metadata.num_failures) - 1)
+        message = (f"The Ray worker running trial {job} died and was retried {retried} time(s) "
+                   f"(hydra.sweeper.ray.remote.max_retries); Ray said: {_error(trial)}")
         log.error("Trial %d: %s", job, message)
         record_worker_death(self._run_dir(trial), job, trial_overrides(trial.config, self.space), "tune", message)
+
+
+def _error(trial: Any) -> str:
+    """The first line of the error Tune wrote for a trial's last failure (its error file, local to the driver), or a
+    word when there is none."""
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
+        text = ""
+    last = text.rsplit("Failure # ", 1)[-1].splitlines()[1:]  # "Failure # n (occurred at ...)" heads each failure
+    said = [line.strip() for line in last if line.strip()]
+    return said[0] if said else "the worker's process or node went away"

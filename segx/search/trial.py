@@ -12,6 +12,8 @@ from omegaconf import DictConfig, open_dict
 from segx.search.searchers import JOB_KEY
 from segx.search.space import SearchSpace
 
+RUN_END_S = 300.0  # the longest a paused or stopped trial's actor waits for its run to end before it exits
+
 
 def trial_overrides(config: dict[str, Any], space: SearchSpace) -> list[str]:
     """The overrides of the trial Tune hands this `config`: the shared settings, then the trial's values."""
@@ -39,7 +41,8 @@ def run_trial(config: dict[str, Any], *, hydra_context: Any, master_config: Dict
     HydraConfig.instance().set_config(sweep_config)
     done = run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-    _report_last_epoch(Path(str(done.working_dir)), monitor)
+    # the run's own folder (Hydra's working_dir is where the process runs, the launch folder without chdir)
+    _report_last_epoch(Path(str(done.hydra_cfg.hydra.runtime.output_dir)), monitor)
 
 
 def _report_last_epoch(run_dir: Path, monitor: str) -> None:
@@ -57,3 +60,24 @@ def _report_last_epoch(run_dir: Path, monitor: str) -> None:
         report_to_tune(int(history[-1]["epoch"]) + 1, float(score))
     except StopRequested:
         pass
+
+
+def end_the_run_first() -> None:
+    """Before a trial's actor exits (Tune pauses or stops a trial by ending its actor): tell the run to stop and
+    wait for it to end, its teardown and its record included. Tune itself waits for none of it, while the run,
+    reporting asynchronously, is already training its next epoch; a process that exits under it can abort
+    ("Fatal Python error") or leave a half-written file."""
+    import time
+
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    if session is None or not session.training_started:
+        return
+    deadline = time.monotonic() + RUN_END_S
+    while session.training_thread.is_alive() and time.monotonic() < deadline:
+        # Each report waits on the lock and then exits the thread when asked to stop, the wrapper's own last
+        # report (after the run returned) included: keep both set until the thread is gone.
+        session.stop_event.set()
+        session.continue_lock.release()
+        session.training_thread.join(timeout=0.2)

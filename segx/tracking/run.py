@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from segx.core.errors import first_line
 from segx.runs.discovery import find_runs
 from segx.runs.record import ENDING_FIELDS, RECORD_FILE, JobRecord, read_record
-from segx.runs.status import COMPLETED, RUNNING, STOPPED
+from segx.runs.status import ACTIVE, COMPLETED, RUNNING, STOPPED
 from segx.tracking.registry import register_checkpoint
 from segx.tracking.settings import TrackingSettings, mlflow_nodes, tracking_settings
 from segx.tracking.store import client, prepare_experiment
@@ -40,7 +40,7 @@ def mlflow_status(record: dict[str, Any]) -> str:
         return "FINISHED"
     if status == STOPPED or record.get("interrupted_by"):
         return "KILLED"
-    return "RUNNING" if status == RUNNING else "FAILED"
+    return "RUNNING" if status in ACTIVE else "FAILED"
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

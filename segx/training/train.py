@@ -41,6 +41,7 @@ from segx.training.callbacks import RunSummary
 from segx.training.callbacks.checkpoint_on_interrupt import CheckpointOnInterrupt
 from segx.training.callbacks.collective_timeout import CollectiveTimeout
 from segx.training.callbacks.end_with_job import EndWithJob
+from segx.training.callbacks.exact_resume import ExactResume
 from segx.training.callbacks.run_summary import EpochListener
 from segx.training.checkpoint_io import AtomicCheckpointIO
 from segx.training.collectives import CollectiveTimeoutError, collective_timeout_message, is_collective_timeout
@@ -363,7 +364,7 @@ def train(cfg: DictConfig, job: JobInfo, record: JobRecord | None = None) -> flo
     summary = RunSummary(run_dir / "metrics.json", parameters=counts, hparams=hparams, monitor=monitor,
                          provenance=record.fields, listeners=[c for c in configured if isinstance(c, EpochListener)],
                          hparams_shown=shown_hparams(swept, hparams))
-    callbacks = [*configured, summary, CheckpointOnInterrupt(), EndWithJob(),
+    callbacks = [*configured, summary, CheckpointOnInterrupt(), EndWithJob(), ExactResume(),
                  CollectiveTimeout(runtime.collective_timeout_s)]
     if (job.in_worker and cfg.trainer.get("enable_model_summary") is not False
             and not any(isinstance(c, ModelSummary) for c in configured)):
