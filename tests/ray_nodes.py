@@ -53,10 +53,11 @@ class RayNodes:
             self.stop()
             raise
 
-    def add_node(self, gpus: int = 1, cpus: int = 2) -> KillableNode:
-        """One more raylet joining the cluster, with processes of its own: `KillableNode.kill()` ends it alone."""
+    def add_node(self, gpus: int = 1, cpus: int = 2, **env: str) -> KillableNode:
+        """One more raylet joining the cluster, with processes of its own (and `env` added to their environment):
+        `KillableNode.kill()` ends it alone."""
         self.added += 1  # its temp folder beside the others (a socket's path may not exceed 107 bytes)
-        return KillableNode(self, self.root / f"added{self.added}", gpus, cpus)
+        return KillableNode(self, self.root / f"added{self.added}", gpus, cpus, env)
 
     def env(self, **changes: str | None) -> dict[str, str]:
         """A driver's environment on this machine: the cluster's HOME (its token), no RAY_AUTH_MODE or RAY_ADDRESS
@@ -92,9 +93,9 @@ class RayNodes:
 class KillableNode:
     """A raylet that joined a `RayNodes` cluster and can be SIGKILLed alone, as a machine that dies would be."""
 
-    def __init__(self, cluster: RayNodes, root: Path, gpus: int, cpus: int) -> None:
+    def __init__(self, cluster: RayNodes, root: Path, gpus: int, cpus: int, env: dict[str, str]) -> None:
         self.own, self.temp_dir = OwnProcesses(uuid.uuid4().hex), root
-        env = {**cluster.env(), "RAY_AUTH_MODE": "token", TAG: self.own.tag}
+        env = {**cluster.env(), **env, "RAY_AUTH_MODE": "token", TAG: self.own.tag}
         command = [RAY, "start", f"--address={cluster.address}", f"--temp-dir={root}", f"--num-gpus={gpus}",
                    f"--num-cpus={cpus}", "--disable-usage-stats"]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)

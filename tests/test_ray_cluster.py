@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from segx.runs.ray_cluster import cluster_address
 from segx.runs.record import read_record
 from segx.runs.status import COMPLETED
 from tests.conftest import QUIET, ROOT, TINY_MODEL, TINY_SHAPES
+from tests.faults import HOLD_ENV
 from tests.ray_nodes import RayNodes, free_port
 from tests.ray_processes import TAG, OwnProcesses
 from tests.test_sweep_launchers import overlap, records
@@ -75,18 +76,6 @@ def test_a_gpus_sweep_joins_the_cluster_with_the_shipped_config(nodes: RayNodes,
         assert "Config:" in (tmp_path / str(n) / "train.log").read_text()
     assert "Config:" not in output and "Trainable params" not in output
     assert len(output.splitlines()) < 40, output
-
-
-def test_a_tune_search_joins_the_cluster_named_by_ray_address(nodes: RayNodes, shapes_root: Path,
-                                                               tmp_path: Path) -> None:
-    result = sweep(nodes.env(RAY_ADDRESS=nodes.address), *TINY_MODEL, *TINY_SHAPES, *QUIET, *ONE_EPOCH,
-                   "trainer.limit_train_batches=2", f"data.root={shapes_root}", "optimizer.lr=0.01,0.1",
-                   "hydra/sweeper=tune", "hydra.sweeper.scheduler=none", f"hydra.sweep.dir={tmp_path}")
-    output = result.stdout
-    assert result.returncode == 0, output[-5000:]
-    assert "hydra.sweeper.ray.init.object_store_memory" in output and "not applied" in output
-    assert "its 2 node(s) run this code" in output
-    assert [read_record(tmp_path / str(n))["status"] for n in range(2)] == [COMPLETED, COMPLETED]
 
 
 def test_a_wrong_token_is_one_paragraph_and_starts_nothing(nodes: RayNodes, shapes_root: Path,
@@ -175,13 +164,15 @@ def test_a_node_that_lacks_something_is_told_what(tmp_path: Path) -> None:
 
 # -- a node that dies mid-sweep ------------------------------------------------------------------------------
 
-def sweep_killing_a_node(nodes: RayNodes, sweep_dir: Path, before_kill: Callable[[dict], bool],
-                         *overrides: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
-    """A sweep on the cluster plus one more node (1 simulated GPU), which is SIGKILLed as soon as a job running
-    there has a record that `before_kill` accepts. Returns the finished sweep and the number of the job hit."""
-    node = nodes.add_node()
+def sweep_killing_a_node(nodes: RayNodes, sweep_dir: Path, *overrides: str,
+                         timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
+    """A sweep on the cluster plus one more node (1 simulated GPU), where a job holds as its second epoch starts
+    (tests.faults.HoldOnMarkedNode) and the node is then SIGKILLed. Returns the finished sweep and the number of the
+    job hit."""
+    node = nodes.add_node(**{HOLD_ENV: "1"})
     node_id, own = node.node_id, OwnProcesses(uuid.uuid4().hex)
-    command = [sys.executable, str(ROOT / "train.py"), "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *overrides,
+               "+callbacks.hold._target_=tests.faults.HoldOnMarkedNode", f"hydra.sweep.dir={sweep_dir}"]
     process = subprocess.Popen(command, cwd=ROOT, env={**nodes.env(RAY_ADDRESS=nodes.address), TAG: own.tag},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     hit, deadline = None, time.monotonic() + timeout
@@ -190,7 +181,7 @@ def sweep_killing_a_node(nodes: RayNodes, sweep_dir: Path, before_kill: Callable
             for run_dir in sweep_dir.glob("*/metrics.json"):
                 record = read_record(run_dir.parent) or {}
                 attempts = record.get("attempts") or [{}]
-                if attempts[-1].get("node") == node_id and before_kill(record):
+                if attempts[-1].get("node") == node_id and len(record.get("history") or []) == 1:
                     hit = int(run_dir.parent.name)
                     node.kill()
                     break
@@ -212,22 +203,21 @@ def test_a_node_lost_under_the_gpus_launcher_is_named_and_its_job_resumes_on_ano
     the node and the retry; the job resumes on a surviving node from its last.ckpt, with no epoch lost or trained
     twice, and its record keeps its first start and lists both attempts."""
     sweep_dir = tmp_path / "sweep"
-    command = [*TINY_MODEL, *TINY_SHAPES, "trainer.max_epochs=4", "trainer.limit_train_batches=4",
+    command = [*TINY_MODEL, *TINY_SHAPES, "trainer.max_epochs=3", "trainer.limit_train_batches=4",
                "trainer.limit_val_batches=1", f"data.root={shapes_root}", "seed=1,2,3", "hydra/launcher=gpus"]
-    result, hit = sweep_killing_a_node(nodes, sweep_dir, lambda record: len(record.get("history") or []) >= 1,
-                                       *command)
+    result, hit = sweep_killing_a_node(nodes, sweep_dir, *command)
     output = result.stdout
     assert result.returncode == 0, output[-5000:]
     assert re.search(rf"Job {hit} lost its (node|worker process)\S* .*node [0-9a-f]{{56}} \(host .*\).*It is queued "
-                     rf"for retry 1 of 3 \(hydra.launcher.ray.remote.max_retries\): it will resume after epoch \d "
+                     rf"for retry 1 of 3 \(hydra.launcher.ray.remote.max_retries\): it will resume after epoch 1 "
                      "from its last.ckpt", output), output[-5000:]
-    assert re.search(rf"\(job {hit} pid=\d+.*Job {hit} resumes after epoch \d from .*last.ckpt \(attempt 2, status "
+    assert re.search(rf"\(job {hit} pid=\d+.*Job {hit} resumes after epoch 1 from .*last.ckpt \(attempt 2, status "
                      r"was retrying\)", output), output[-5000:]
     record = read_record(sweep_dir / str(hit))
-    assert record["status"] == COMPLETED and [e["epoch"] for e in record["history"]] == [0, 1, 2, 3]
+    assert record["status"] == COMPLETED and [e["epoch"] for e in record["history"]] == [0, 1, 2]
     first, second = record["attempts"]
     assert first["ended"].startswith("lost") and second["ended"] == COMPLETED
-    assert first["node"] != second["node"] and second["from_epoch"] >= 1
+    assert first["node"] != second["node"] and second["from_epoch"] == 1
     assert record["started_at"] == first["started_at"] < second["started_at"]
     assert "retry" not in record and "Fatal Python error" not in output
     assert all(r["status"] == COMPLETED for r in (read_record(sweep_dir / str(n)) for n in range(3)))
@@ -241,25 +231,27 @@ def test_a_node_lost_under_the_gpus_launcher_is_named_and_its_job_resumes_on_ano
 
 def test_a_halving_trial_whose_node_dies_before_its_rung_is_retried_and_judged_there(
         nodes: RayNodes, shapes_root: Path, tmp_path: Path) -> None:
-    """4 trials of successive halving (one rung, after epoch 3, η 3) on three 1-GPU nodes; the node of one trial is
-    killed after its first epoch. Tune retries it on a surviving node; the rung waits for it and is decided over all
-    4 trials, and the trial's record lists both attempts."""
+    """A tune search joins the cluster named by $RAY_ADDRESS with the shipped config: 4 trials of successive halving
+    (one rung, after epoch 2, η 3) on three 1-GPU nodes. The node of one trial is killed after its first epoch; Tune
+    retries it on a surviving node, the rung waits for it and is decided over all 4 trials, and the trial's record
+    lists both attempts."""
     sweep_dir = tmp_path / "sweep"
     result, hit = sweep_killing_a_node(
-        nodes, sweep_dir, lambda record: len(record.get("history") or []) == 1,
-        *TINY_MODEL, *TINY_SHAPES, "trainer.max_epochs=5", "trainer.limit_train_batches=4",
+        nodes, sweep_dir, *TINY_MODEL, *TINY_SHAPES, "trainer.max_epochs=3", "trainer.limit_train_batches=4",
         "trainer.limit_val_batches=1", f"data.root={shapes_root}", "optimizer.lr=0.01,0.02,0.05,0.1",
-        "hydra/sweeper=tune", "hydra.sweeper.scheduler=sha", "hydra.sweeper.rungs=[3]")
+        "hydra/sweeper=tune", "hydra.sweeper.scheduler=sha", "hydra.sweeper.rungs=[2]")
     output = result.stdout
     assert result.returncode == 0, output[-5000:]
+    assert "hydra.sweeper.ray.init.object_store_memory" in output and "not applied" in output
+    assert "its 3 node(s) run this code" in output
     assert re.search(rf"Job {hit} lost its (node|worker process).*It is queued for retry 1 of 3 "
                      r"\(hydra.sweeper.ray.remote.max_retries\)", output), output[-5000:]
-    assert "Successive halving, rung 1 (epoch 3): 1 of 4 trial(s) go on" in output, output[-5000:]
+    assert "Successive halving, rung 1 (epoch 2): 1 of 4 trial(s) go on" in output, output[-5000:]
     state = json.loads((sweep_dir / ".tune" / "segx-halving.json").read_text())
     assert all("0" in job["scores"] for job in state["jobs"].values()), state  # all 4 judged at the rung
     record = read_record(sweep_dir / str(hit))
-    assert [e["epoch"] for e in record["history"]][:3] == [0, 1, 2]
-    assert record["attempts"][0]["ended"].startswith("lost") and record["attempts"][1]["from_epoch"] >= 1
+    assert [e["epoch"] for e in record["history"]][:2] == [0, 1]
+    assert record["attempts"][0]["ended"].startswith("lost") and record["attempts"][1]["from_epoch"] == 1
     assert record["started_at"] == record["attempts"][0]["started_at"]
     assert "Fatal Python error" not in output and "SIGABRT" not in output
     assert re.search(r"4 jobs, 1 completed, 0 failed, 3 stopped early by the scheduler, 1 retried after a lost "

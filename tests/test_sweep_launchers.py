@@ -290,7 +290,10 @@ def test_basic_launcher_isolates_a_failed_job_and_a_rerun_skips_the_completed_on
     assert "Job 1 completed earlier" in again.stdout + again.stderr
     failed_again, skipped = records(tmp_path)
     assert skipped == completed  # not retrained, not rewritten
-    assert failed_again["status"] == FAILED and failed_again["started_at"] != failed["started_at"]
+    # the failed job ran again: a second attempt, its first start kept
+    assert failed_again["status"] == FAILED and failed_again["started_at"] == failed["started_at"]
+    assert [a["started_at"] for a in failed_again["attempts"]][0] == failed["started_at"]
+    assert len(failed_again["attempts"]) == 2 and failed_again["attempts"][1]["ended"].startswith("failed: ")
 
     other = run_in_process(*command, "seed=3,4", check=False)  # another axis: another set of jobs
     assert other.returncode == 2 and "already holds a different sweep" in other.stdout + other.stderr

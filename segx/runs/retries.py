@@ -14,7 +14,7 @@ def lost_worker_errors() -> tuple[type[BaseException], ...]:
     from ray import exceptions
 
     return (exceptions.WorkerCrashedError, exceptions.NodeDiedError, exceptions.LocalRayletDiedError,
-            exceptions.OutOfMemoryError, exceptions.ActorDiedError)
+            exceptions.OutOfMemoryError)
 
 
 def retry_line(job: int, run_dir: Path, why: BaseException | str, retry: int, retries: int, option: str) -> str:
