@@ -306,7 +306,10 @@ def test_a_halving_grid_pauses_resumes_and_survives_ctrl_c_training_exactly_its_
     assert "Fatal Python error" not in interrupted.stdout + output and "SIGABRT" not in interrupted.stdout + output
     attempts = [a for r in records[:4] for a in r["attempts"]]
     assert all("ended" in a and "ended_at" in a for a in attempts), attempts
-    assert any(a["ended"].startswith("ended by Ray Tune after epoch 1: paused at a rung") for a in attempts)
+    # a pause, once the trial resumed, and a stop, once the search decided it, each say which it was
+    assert any(a["ended"] == "ended by Ray Tune after epoch 1: paused at a rung" for a in attempts), attempts
+    assert all(r["attempts"][-1]["ended"] == f"ended by Ray Tune after epoch {len(r['history'])}: stopped by "
+               "successive halving" for r in records[:4] if r["status"] == STOPPED), records
     assert all(r["started_at"] == r["attempts"][0]["started_at"] for r in records[:4])
     assert "resumes after epoch" in output and "Successive halving, rung 1 (epoch 1): 3 of 6" in output
     assert "6 jobs, 1 completed, 2 failed, 3 stopped early by the scheduler" in output

@@ -301,3 +301,24 @@ def test_a_running_record_whose_process_is_gone_says_so(tmp_path: Path) -> None:
                                                       "has ended without recording how")
     (tmp_path / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "x"}))
     assert find_runs([tmp_path])[0].reason.startswith("status running: still training")
+
+
+def test_an_attempt_ray_tune_ended_is_said_to_be_a_pause_or_a_stop_once_that_is_known(tmp_path: Path) -> None:
+    """The trial's process cannot tell a pause from a stop at Tune's report: its resume says pause, the scheduler's
+    verdict says stop."""
+    from segx.runs.record import TUNE_ENDED, write_stop_verdict
+
+    job = JobInfo(run_dir=tmp_path, multirun=True, num=0, overrides=[], launcher="tune")
+    first = JobRecord(job)
+    first.start()
+    first.end_attempt(f"ended by Ray Tune after epoch 2: {TUNE_ENDED}")
+    second = JobRecord(job, resumes=read_record(tmp_path))  # promoted: it was a pause
+    assert second.fields["attempts"][0]["ended"] == "ended by Ray Tune after epoch 2: paused at a rung"
+    second.start()
+    second.end_attempt(f"ended by Ray Tune after epoch 4: {TUNE_ENDED}")
+    write_stop_verdict(tmp_path, 4, "successive halving")
+    record = read_record(tmp_path)
+    assert record["status"] == STOPPED
+    assert [a["ended"] for a in record["attempts"]] == ["ended by Ray Tune after epoch 2: paused at a rung",
+                                                        "ended by Ray Tune after epoch 4: stopped by successive "
+                                                        "halving"]

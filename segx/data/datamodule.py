@@ -424,7 +424,8 @@ class CachedSegmentationDataModule(pl.LightningDataModule):
         images, masks = batch
         if training and self._augment_epoch != self._current_epoch():
             # Each epoch's augmentation stream starts from (seed, rank, epoch), as its batch order does, so a run
-            # resumed at an epoch boundary augments as if it had never stopped.
+            # resumed at an epoch boundary augments as if it had never stopped; each DDP rank has its own (the same
+            # flips on every rank would halve their variety).
             self._augment_epoch = self._current_epoch()
             rank_seed = self.seed + 1 + AUGMENT_SEED_STRIDE * self._rank_and_world()[0]
             self.augment.reseed(rank_seed * EPOCH_SEED_STRIDE + self._augment_epoch)

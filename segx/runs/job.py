@@ -23,7 +23,7 @@ from segx.core.job_console import ON_CONSOLE
 from segx.core.ranks import is_rank_zero
 from segx.runs.overrides import job_count, split_override, varying_keys
 from segx.runs.ownership import RunDirTakenError, claim_run_dir, release_run_dir
-from segx.runs.record import DEFAULT_MONITOR, JobRecord, best_value, read_record
+from segx.runs.record import DEFAULT_MONITOR, TUNE_ENDED, JobRecord, best_value, read_record
 from segx.runs.status import CTRL_C, EXIT_CODES, FINAL, StopRequested, describe_exit, interruption
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
         value = train(cfg, job, record)
     except StopRequested as stop:
         if stop.recorded_elsewhere:
-            record.end_attempt(f"ended by Ray Tune after epoch {stop.epoch}: paused at a rung, or stopped")
+            record.end_attempt(f"ended by Ray Tune after epoch {stop.epoch}: {TUNE_ENDED}")
             log.info("Job %s ended by Ray Tune after epoch %d: the search records why (its scheduler, or Ctrl-C)",
                      job.num, stop.epoch)
         else:

@@ -63,6 +63,7 @@ def check_nodes(sweep_dir: Path, paths: dict[str, Path]) -> int:
     refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
                          name="segx node check").remote(str(marker), wanted): node for node in nodes}
     failures: list[str] = []
+    left: list[str] = []  # nodes that died while they were checked (Ray marks a dead node only after a while)
     try:
         ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=ANSWER_TIMEOUT_S)
         code = code_fingerprint()
@@ -71,20 +72,39 @@ def check_nodes(sweep_dir: Path, paths: dict[str, Path]) -> int:
             try:
                 problems = _problems(ray.get(ref), code, sweep_dir)
             except ray.exceptions.RayError as error:  # e.g. segx not importable there
+                if _node_left(refs[ref]["NodeID"], error):
+                    left.append(f"{name} ({refs[ref]['NodeID'][:12]}…)")
+                    continue
                 problems = [f"a job cannot start there: {first_line(error)} (install the same environment)"]
             failures += [f"node {name}: " + "; ".join(problems)] if problems else []
-        failures += [f"node {refs[ref].get('NodeManagerAddress', '?')}: no answer within {ANSWER_TIMEOUT_S:.0f} s"
-                     for ref in late]
         for ref in late:
             ray.cancel(ref, force=True)
+            if _node_left(refs[ref]["NodeID"], None):
+                left.append(f"{refs[ref].get('NodeManagerAddress', '?')} ({refs[ref]['NodeID'][:12]}…)")
+            else:
+                failures.append(f"node {refs[ref].get('NodeManagerAddress', '?')}: no answer within "
+                                f"{ANSWER_TIMEOUT_S:.0f} s")
     finally:
         marker.unlink(missing_ok=True)
+    if left:
+        log.warning("%d node(s) of the Ray cluster left it while they were checked (dead or unreachable): %s; the "
+                    "jobs run on the others", len(left), ", ".join(left))
     if failures:
         raise ConfigError(
             f"{len(failures)} of the {len(nodes)} nodes of the Ray cluster cannot run this sweep's jobs: "
             + " | ".join(failures) + ". Every node needs the same code and environment at the same path, the "
             "sweep directory on shared storage, and the data where data.root says. Nothing was launched.")
-    return len(nodes)
+    return len(nodes) - len(left)
+
+
+def _node_left(node_id: str, error: BaseException | None) -> bool:
+    """Whether the node has left the cluster: Ray says its task cannot be placed there any more (the node is gone),
+    or no longer lists it as alive."""
+    import ray
+
+    if isinstance(error, (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError)):
+        return True
+    return not any(node.get("NodeID") == node_id and node.get("Alive") for node in ray.nodes())
 
 
 def job_paths(job_config: Any) -> dict[str, Path]:

@@ -30,6 +30,7 @@ DEFAULT_MONITOR = "val/miou"  # the score a run's best epoch is picked by when i
 ENDING_FIELDS = ("error", "ended_at", "stopped_at_epoch", "stopped_by", "interrupted_by")  # how a run ended
 LOST = "lost"  # how an attempt whose worker went away ended (the start of its `ended`)
 RETRY_FIELDS = ("retry", "retries")  # a job waiting for its launcher's next attempt: which one, of how many
+TUNE_ENDED = "paused at a rung, or stopped"  # the end of an attempt that Ray Tune ended at a report
 
 
 def utc_now() -> str:
@@ -45,6 +46,7 @@ def read_record(run_dir: str | Path) -> dict[str, Any] | None:
     verdict = _read_json(Path(run_dir) / STOP_FILE)
     if verdict is not None and record.get("status") != COMPLETED:  # a run that finished keeps its own ending
         record.update(status=STOPPED, stopped_at_epoch=verdict.get("epoch"), stopped_by=verdict.get("by"))
+        _say_how_tune_ended(record, f"stopped by {verdict.get('by')}")
         record.pop("error", None)  # what the dying worker may have written about its own end
         record.setdefault("ended_at", verdict.get("at"))
     return record
@@ -56,6 +58,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return loaded if isinstance(loaded, dict) else None
+
+
+def _say_how_tune_ended(record: dict[str, Any], how: str) -> None:
+    """The last attempt ended at a report by Ray Tune, which its process could not tell apart: say which it was."""
+    attempts = record.get("attempts") or []
+    if attempts and str(attempts[-1].get("ended", "")).endswith(TUNE_ENDED):
+        attempts[-1]["ended"] = attempts[-1]["ended"].removesuffix(TUNE_ENDED) + how
 
 
 def write_stop_verdict(run_dir: str | Path, epoch: int | None, by: str) -> None:
@@ -143,6 +152,8 @@ class JobRecord:
         attempts = [dict(a) for a in resumes.get("attempts") or []]
         if attempts and "ended_at" not in attempts[-1]:  # its process ended without a word (killed with its driver)
             attempts[-1]["ended"] = "its process ended without recording how (killed, or its driver was)"
+        if resumes.get("status") == RUNNING:  # Tune ended the attempt, and the trial goes on: it was paused
+            _say_how_tune_ended({"attempts": attempts}, "paused at a rung")
         history = resumes.get("history")
         attempts.append(new_attempt(now, len(history) if isinstance(history, list) else 0))
         self.fields: dict[str, Any] = {

@@ -20,7 +20,7 @@ def lost_worker_errors() -> tuple[type[BaseException], ...]:
 def retry_line(job: int, run_dir: Path, why: BaseException | str, retry: int, retries: int, option: str) -> str:
     """Record that `job` lost its worker and waits for retry `retry` of `retries`; the console's line saying so,
     naming the node it ran on and the epochs it keeps."""
-    said = first_line(why)
+    said = first_line(why).split(". ")[0].rstrip(".")  # Ray's first sentence: the rest names the node again
     attempts = (read_record(run_dir) or {}).get("attempts") or [{}]
     node, host = attempts[-1].get("node"), attempts[-1].get("host")
     node_died = isinstance(why, BaseException) and type(why).__name__ == "NodeDiedError" or \
