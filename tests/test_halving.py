@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import os
 import re
 import statistics
 from pathlib import Path
@@ -314,3 +315,25 @@ def test_a_halving_grid_pauses_resumes_and_survives_ctrl_c_training_exactly_its_
     assert "resumes after epoch" in output and "Successive halving, rung 1 (epoch 1): 3 of 6" in output
     assert "6 jobs, 1 completed, 2 failed, 3 stopped early by the scheduler" in output
     assert "start the search again in a new hydra.sweep.dir" in output
+
+
+@pytest.mark.slow
+def test_a_paused_trial_s_run_ends_before_its_process_does(tmp_path: Path) -> None:
+    """Tune's own cleanup stops a paused trial's actor without waiting for its training thread, which goes on with
+    native work after an asynchronous report: the process then aborts ("Fatal Python error: Aborted") and its
+    teardown never runs. With the sweeper's cleanup, each paused trial ends its run first."""
+    import subprocess
+    import sys
+    import uuid
+
+    from tests.ray_processes import ROOT, TAG, OwnProcesses
+
+    own = OwnProcesses(uuid.uuid4().hex)
+    result = subprocess.run([sys.executable, "-m", "tests.pause_trial", str(tmp_path)], cwd=ROOT,
+                            env={**os.environ, TAG: own.tag, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    own.wait_until_gone()
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Fatal Python error" not in output and "SIGABRT" not in output, output[-4000:]
+    assert len(list(tmp_path.glob("teardown-0-*"))) == 1 and len(list(tmp_path.glob("teardown-1-*"))) == 1
