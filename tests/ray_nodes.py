@@ -73,10 +73,7 @@ class RayNodes:
         return env
 
     def _start(self, command: list[str], env: dict[str, str]) -> None:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        self.own.record()
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        start(command, env, self.own)
 
     def running(self) -> dict[int, str]:
         """pid -> name of this cluster's processes still running."""
@@ -84,10 +81,23 @@ class RayNodes:
 
     def stop(self) -> None:
         """SIGKILL to every process of this cluster; waits until they are gone."""
-        self.own.kill()
-        deadline = time.monotonic() + 20
-        while self.own.alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        kill(self.own)
+
+
+def start(command: list[str], env: dict[str, str], own: OwnProcesses) -> None:
+    """Run a `ray start` command; the processes it leaves running are recorded in `own`."""
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    own.record()
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+
+
+def kill(own: OwnProcesses) -> None:
+    """SIGKILL to every process in `own`; waits until they are gone."""
+    own.kill()
+    deadline = time.monotonic() + 20
+    while own.alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 class KillableNode:
@@ -98,12 +108,13 @@ class KillableNode:
         env = {**cluster.env(), **env, "RAY_AUTH_MODE": "token", TAG: self.own.tag}
         command = [RAY, "start", f"--address={cluster.address}", f"--temp-dir={root}", f"--num-gpus={gpus}",
                    f"--num-cpus={cpus}", "--disable-usage-stats"]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        self.own.record()
-        cluster.own.known.update(self.own.known)  # the cluster's stop() ends it too
-        if result.returncode != 0:
-            self.kill()
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        try:
+            start(command, env, self.own)
+        except BaseException:
+            kill(self.own)
+            raise
+        finally:
+            cluster.own.known.update(self.own.known)  # the cluster's stop() ends it too
 
     @property
     def node_id(self) -> str:
@@ -116,7 +127,4 @@ class KillableNode:
 
     def kill(self) -> None:
         """SIGKILL to the raylet and every process it started; waits until they are gone."""
-        self.own.kill()
-        deadline = time.monotonic() + 20
-        while self.own.alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        kill(self.own)

@@ -52,11 +52,14 @@ def _finished(idx: int, overrides: list[str], sweep_config: DictConfig) -> JobRe
     run_dir = _run_dir(sweep_config)
     job = JobInfo(run_dir=run_dir, multirun=True, num=idx, overrides=list(overrides), launcher="gpus")
     previous = finished_earlier(job)
-    if previous is None:
-        return None
-    return JobReturn(overrides=list(overrides), cfg=sweep_config, hydra_cfg=sweep_config, working_dir=str(run_dir),
-                     task_name=str(sweep_config.hydra.job.name), status=JobStatus.COMPLETED,
-                     _return_value=skipped(job, previous))
+    return None if previous is None else _job_return(overrides, sweep_config, skipped(job, previous))
+
+
+def _job_return(overrides: list[str], sweep_config: DictConfig, value: float) -> JobReturn:
+    """A job the launcher ended itself (skipped, or failed with its worker), as Hydra gets a finished one back."""
+    return JobReturn(overrides=list(overrides), cfg=sweep_config, hydra_cfg=sweep_config,
+                     working_dir=str(_run_dir(sweep_config)), task_name=str(sweep_config.hydra.job.name),
+                     status=JobStatus.COMPLETED, _return_value=value)
 
 
 def _number(amount: float) -> str:
@@ -254,11 +257,12 @@ class GpuLauncher(RayLauncher):
                         continue
                 except ray.exceptions.RayError as error:
                     results[idx] = self._worker_died(idx, overrides, sweep_config, lost.get(idx, 0), error)
-                if pending and (read_record(_run_dir(sweep_config)) or {}).get("shared_failure"):
+                ended = read_record(_run_dir(sweep_config)) or {}
+                if pending and ended.get("shared_failure"):
                     self._stop(item, list(pending.values()))  # its paragraph names the job and its error
                 # the job's own lines stay in its log; a failure's line is its one error line on this console
-                ended = job_end_line(idx, _run_dir(sweep_config))
-                log.log(logging.ERROR if ended.startswith(f"Job {idx} {FAILED}") else logging.INFO, "%s", ended)
+                log.log(logging.ERROR if ended.get("status") == FAILED else logging.INFO, "%s",
+                        job_end_line(idx, _run_dir(sweep_config)))
         except KeyboardInterrupt:
             self._interrupted(list(pending.values()))
         if own_ray:  # now, not at interpreter exit: a process that runs more than one sweep gets a Ray each
@@ -305,15 +309,12 @@ class GpuLauncher(RayLauncher):
         sys.exit(EXIT_CODES[CTRL_C])
 
     @staticmethod
-    def _worker_died(idx: int, overrides: list[str], sweep_config: object, retried: int,
+    def _worker_died(idx: int, overrides: list[str], sweep_config: DictConfig, retried: int,
                      error: BaseException) -> JobReturn:
-        run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
         summary = first_line(error)
         message = (f"The Ray worker running job {idx} died and was retried {retried} time(s) "
                    f"(hydra.launcher.ray.remote.max_retries); Ray said: {summary}")
-        record_worker_death(run_dir, idx, list(filter_overrides(overrides)), "gpus", message)
+        record_worker_death(_run_dir(sweep_config), idx, list(filter_overrides(overrides)), "gpus", message)
         # Recorded as failed in its run directory; returned as a finished job so the sweep reports it
         # with the others (SweepSummary) instead of Hydra raising before the summary.
-        return JobReturn(overrides=list(overrides), cfg=sweep_config, hydra_cfg=sweep_config, working_dir=str(run_dir),
-                         task_name=str(sweep_config.hydra.job.name), status=JobStatus.COMPLETED,
-                         _return_value=float("nan"))
+        return _job_return(overrides, sweep_config, float("nan"))

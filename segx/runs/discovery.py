@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from segx.core.errors import first_line
 from segx.runs.ownership import gone_owner
-from segx.runs.record import RECORD_FILE, read_record
+from segx.runs.record import RECORD_FILE, epochs_recorded, read_record
 from segx.runs.status import COMPLETED, FAILED, RETRYING, RUNNING, STATUSES, STOPPED
 
 MISSING, UNREADABLE = "missing", "unreadable"  # no metrics.json / one that cannot be parsed
@@ -66,8 +66,7 @@ class RunDirectory:
             return (f"stopped by {self.record.get('stopped_by') or 'the search scheduler'} at epoch "
                     f"{self.record.get('stopped_at_epoch', '?')}")
         if self.status in (RUNNING, RETRYING):
-            epochs = self.record.get("history")
-            count = len(epochs) if isinstance(epochs, list) else 0
+            count = epochs_recorded(self.record)
             gone = gone_owner(self.run_dir)
             if gone is not None:
                 return (f"status {self.status}, but its process ({gone}) has ended without recording how: killed, or "

@@ -23,7 +23,7 @@ from segx.core.job_console import ON_CONSOLE
 from segx.core.ranks import is_rank_zero
 from segx.runs.overrides import job_count, split_override, varying_keys
 from segx.runs.ownership import RunDirTakenError, claim_run_dir, release_run_dir
-from segx.runs.record import DEFAULT_MONITOR, TUNE_ENDED, JobRecord, best_value, read_record
+from segx.runs.record import DEFAULT_MONITOR, TUNE_ENDED, JobRecord, best_value, epochs_recorded, read_record
 from segx.runs.status import CTRL_C, EXIT_CODES, FINAL, StopRequested, describe_exit, interruption
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,8 @@ def _run_job(cfg: DictConfig, job: JobInfo, train: TrainFunction) -> float:
         if previous.get("status") in FINAL:
             return skipped(job, previous)
         if cfg.get("ckpt_path") is None and (job.run_dir / LAST_CHECKPOINT).is_file():
-            history = previous.get("history")
             log.info("Job %s resumes after epoch %d from %s (attempt %d, status was %s)", job.num,
-                     len(history) if isinstance(history, list) else 0, job.run_dir / LAST_CHECKPOINT,
+                     epochs_recorded(previous), job.run_dir / LAST_CHECKPOINT,
                      len(previous.get("attempts") or []) + 1, previous.get("status"), extra=ON_CONSOLE)
             with open_dict(cfg):
                 cfg.ckpt_path = "last"

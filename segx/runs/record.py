@@ -125,6 +125,12 @@ def record_retry(run_dir: str | Path, why: str, retry: int, retries: int) -> dic
     return record
 
 
+def epochs_recorded(record: dict[str, Any]) -> int:
+    """How many epochs the record's history holds (0 when it has none, or none readable)."""
+    history = record.get("history")
+    return len(history) if isinstance(history, list) else 0
+
+
 def lost_attempts(record: dict[str, Any]) -> int:
     """How many times the run lost its worker (its process killed, its node dead) and was retried."""
     return sum(str(a.get("ended", "")).startswith(LOST) for a in record.get("attempts") or [])
@@ -154,8 +160,7 @@ class JobRecord:
             attempts[-1]["ended"] = "its process ended without recording how (killed, or its driver was)"
         if resumes.get("status") == RUNNING:  # Tune ended the attempt, and the trial goes on: it was paused
             _say_how_tune_ended({"attempts": attempts}, "paused at a rung")
-        history = resumes.get("history")
-        attempts.append(new_attempt(now, len(history) if isinstance(history, list) else 0))
+        attempts.append(new_attempt(now, epochs_recorded(resumes)))
         self.fields: dict[str, Any] = {
             "status": RUNNING, "host": socket.gethostname(), "launcher": job.launcher, "job": job.num,
             "overrides": job.overrides, "started_at": resumes.get("started_at", now), "attempts": attempts,

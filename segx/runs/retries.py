@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from segx.core.errors import first_line
-from segx.runs.record import read_record, record_retry
+from segx.runs.record import epochs_recorded, record_retry
 
 
 def lost_worker_errors() -> tuple[type[BaseException], ...]:
@@ -21,15 +21,14 @@ def retry_line(job: int, run_dir: Path, why: BaseException | str, retry: int, re
     """Record that `job` lost its worker and waits for retry `retry` of `retries`; the console's line saying so,
     naming the node it ran on and the epochs it keeps."""
     said = first_line(why).split(". ")[0].rstrip(".")  # Ray's first sentence: the rest names the node again
-    attempts = (read_record(run_dir) or {}).get("attempts") or [{}]
-    node, host = attempts[-1].get("node"), attempts[-1].get("host")
     node_died = isinstance(why, BaseException) and type(why).__name__ == "NodeDiedError" or \
         ("node" in said.lower() and ("dead" in said.lower() or "died" in said.lower()))
+    record = record_retry(run_dir, f"lost {'its node' if node_died else 'its worker'}: {said}", retry, retries) or {}
+    attempts = record.get("attempts") or [{}]  # the attempt just closed: where the job ran
+    node, host = attempts[-1].get("node"), attempts[-1].get("host")
     named = f"node {node} (host {host})" if node else f"host {host}" if host else "an unknown node"
     what = f"its node, {named}" if node_died else f"its worker process on {named}"
-    record = record_retry(run_dir, f"lost {'its node' if node_died else 'its worker'}: {said}", retry, retries)
-    history = (record or {}).get("history")
-    epochs = len(history) if isinstance(history, list) else 0
+    epochs = epochs_recorded(record)
     keeps = f"it will resume after epoch {epochs} from its last.ckpt" if epochs else "it will start again"
     return (f"Job {job} lost {what}; Ray said: {said}. It is queued for retry {retry} of {retries} ({option}): "
             f"{keeps}.")
